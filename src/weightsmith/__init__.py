@@ -1,0 +1,93 @@
+"""weightsmith: parameter management for PyTorch.
+
+Look at, change and move model weights with one safe, verifiable call each. The public API
+is listed in ``__all__``; it is imported lazily so that ``weightsmith inspect`` can read a
+checkpoint's header without paying for ``import torch``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (
+    AssignError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    ModelError,
+    RootError,
+    SaveError,
+    SelectorError,
+    TieError,
+    UnknownFormatError,
+    UnsafeCheckpointError,
+    WeightsmithError,
+)
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first use)
+_LAZY: dict[str, str] = {
+    # look
+    "open": "checkpoint",
+    "Checkpoint": "checkpoint",
+    "TensorInfo": "checkpoint",
+    "select": "selectors",
+    "compile_selector": "selectors",
+    "summary": "summary",
+    "Summary": "summary",
+    "stats": "stats",
+    "TensorStats": "stats",
+    "StatsReport": "stats",
+    "check": "health",
+    "HealthReport": "health",
+    # change
+    "init_": "init",
+    "InitReport": "init",
+    "assign_": "assign",
+    "update_": "assign",
+    "snapshot": "snapshot",
+    "restore_": "snapshot",
+    "Snapshot": "snapshot",
+    "ties": "tie",
+    "tie_": "tie",
+    "untie_": "tie",
+    "freeze_": "freeze",
+    "unfreeze_": "freeze",
+    "frozen": "freeze",
+    "param_groups": "groups",
+    "cast_": "cast",
+    # move
+    "save": "save",
+}
+
+__all__ = [
+    "__version__",
+    "WeightsmithError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "UnknownFormatError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "RootError",
+    "SaveError",
+    "SelectorError",
+    "ModelError",
+    "AssignError",
+    "TieError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'weightsmith' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

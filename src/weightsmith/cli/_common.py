@@ -1,0 +1,53 @@
+"""Helpers shared by the subcommands: output, exit codes, progress bars."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import click
+
+__all__ = ["abort", "emit", "progress_bar", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR"]
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+def abort(text: str) -> NoReturn:
+    """Print a one-line error and exit with code 2."""
+    click.echo(f"error: {text}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def emit(result: Any, *, as_json: bool) -> None:
+    """Print a result object as JSON or as a rich rendering."""
+    if as_json:
+        click.echo(result.to_json())
+        return
+    from rich.console import Console
+
+    Console().print(result)
+
+
+@contextmanager
+def progress_bar(description: str, *, quiet: bool = False) -> Iterator[Callable[[int, int, str], None]]:
+    """A ``progress(done, total, what)`` callback drawing a rich bar on a terminal.
+
+    Silent when stderr is not a terminal or with ``quiet``.
+    """
+    if quiet or not sys.stderr.isatty():
+        yield lambda done, total, what="": None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), TextColumn("{task.fields[what]}"),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None, what="")
+
+        def update(done: int, total: int, what: str = "") -> None:
+            bar.update(task, completed=done, total=total, what=what)
+
+        yield update
