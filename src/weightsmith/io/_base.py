@@ -1,0 +1,89 @@
+"""What every format reader provides: tensor infos from headers, tensors on demand."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CorruptCheckpointError
+
+__all__ = ["TensorInfo", "Reader", "map_file", "tensor_from_buffer"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a checkpoint header says about one tensor; reading it loads no data.
+
+    Attributes:
+        key: the tensor's name in the checkpoint.
+        shape: its shape.
+        dtype: the torch dtype name (``"float32"``, ``"bfloat16"``...).
+        nbytes: bytes of its data.
+        storage: an id shared by the keys whose data is one storage (tied), else ``None``.
+        file: the file holding its data, for folders of shards.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    storage: str | None = None
+    file: str | None = None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "shape": list(self.shape), "dtype": self.dtype,
+                "nbytes": self.nbytes, "numel": self.numel, "storage": self.storage}
+
+
+@dataclass
+class Reader:
+    """Base of the format readers; subclasses fill the fields and implement `tensor`."""
+
+    path: Path
+    format: str = "?"
+    infos: dict[str, TensorInfo] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    root: str = ""
+    roots: tuple[str, ...] = ()
+    other_objects: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def tensor(self, key: str) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def aliases(self) -> dict[str, str]:
+        """alias key -> key whose data it shares (ties recorded by the file)."""
+        return {}
+
+
+def map_file(path: Path) -> mmap.mmap:
+    """Map a file copy-on-write: tensors over it are writable and never change the file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise CorruptCheckpointError(f"{path}: the file is empty")
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def tensor_from_buffer(buf: Any, offset: int, nbytes: int, dtype: str) -> Any:
+    """A 1-D tensor of ``dtype`` over ``nbytes`` bytes of ``buf`` at ``offset``, without copying."""
+    import torch
+
+    from ._dtypes import to_torch
+
+    tdtype = to_torch(dtype)
+    if nbytes == 0:
+        return torch.empty(0, dtype=tdtype)
+    raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
+    return raw.view(tdtype)

@@ -1,0 +1,79 @@
+"""Naming a checkpoint's format by its content, and picking the reader for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointNotFoundError, UnknownFormatError
+from ._base import Reader
+
+__all__ = ["detect", "reader_for"]
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+
+
+def detect(path: str | Path) -> tuple[str, Path]:
+    """The format of ``path`` and the file or folder to read it from.
+
+    Formats: ``safetensors``, ``torch`` (zip or legacy), ``sharded`` (a Hugging Face index),
+    ``dcp`` (a torch.distributed.checkpoint folder).
+    """
+    from .dcp import METADATA_NAME
+    from .safetensors import looks_like_safetensors
+    from .sharded import INDEX_NAMES
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / METADATA_NAME).is_file():
+            return "dcp", p
+        for name in INDEX_NAMES:
+            if (p / name).is_file():
+                return "sharded", p / name
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (p / name).is_file():
+                return detect(p / name)
+        indexes = sorted(p.glob("*.index.json"))
+        if len(indexes) == 1:
+            return "sharded", indexes[0]
+        candidates = sorted(f for f in p.iterdir() if f.is_file()
+                            and (f.suffix == ".safetensors" or f.suffix in _TORCH_SUFFIXES))
+        if len(candidates) == 1:
+            return detect(candidates[0])
+        listing = ", ".join(f.name for f in sorted(p.iterdir())[:8]) or "nothing"
+        what = "several checkpoint files" if candidates else "no checkpoint"
+        raise UnknownFormatError(f"{p}: a folder with {what} (it holds {listing}); name the file to open")
+    if p.name.endswith(".index.json"):
+        return "sharded", p
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and p.suffix != ".safetensors"):
+        return "torch", p
+    if looks_like_safetensors(head, size) or p.suffix == ".safetensors":
+        return "safetensors", p
+    if head[:1] == b"\x80":
+        return "torch", p
+    raise UnknownFormatError(
+        f"{p}: unknown format (not safetensors, a torch.save file, a sharded index or a DCP folder)")
+
+
+def reader_for(path: str | Path, *, root: str | None = None, trust: bool = False) -> Reader:
+    """The reader for ``path``, having read its header (never its tensor data)."""
+    kind, target = detect(path)
+    if kind == "safetensors":
+        from .safetensors import SafetensorsReader
+
+        return SafetensorsReader(target)
+    if kind == "torch":
+        from .torchfile import TorchFileReader
+
+        return TorchFileReader(target, root=root, trust=trust)
+    if kind == "sharded":
+        from .sharded import ShardedReader
+
+        return ShardedReader(target)
+    from .dcp import DcpReader
+
+    return DcpReader(target)

@@ -1,0 +1,150 @@
+"""Crash-safe writes: a file or folder appears at its path complete, or not at all.
+
+One file: a temporary file in the same folder named for its writer, written, flushed and
+fsynced, renamed over the path, then the folder fsynced. A folder: staged beside the path,
+its index written last, then swapped into place. Temporary files of writers that died are
+removed by later saves; a live writer's files are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from ..errors import SaveError
+
+__all__ = ["atomic_file", "atomic_folder", "fsync_dir", "clean_stale"]
+
+_TMP = ".tmp-"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove temporary files and folders left at ``path`` by writers that are no longer running."""
+    removed: list[Path] = []
+    prefix = f".{path.name}{_TMP}"
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        if not p.name.startswith(prefix):
+            continue
+        pid_text = p.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _temp_name(path: Path) -> Path:
+    return path.parent / f".{path.name}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """Write ``path`` through a temporary file that replaces it only once complete and durable.
+
+    On any error the temporary file is removed, the previous file at ``path`` is left as it
+    was, and a `SaveError` naming the path is raised.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise SaveError(f"{path}: the folder {path.parent} does not exist")
+    clean_stale(path)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise SaveError(f"{path}: could not be written ({e.strerror or e}); the previous file is intact") from e
+        raise
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Build a folder in a staging folder beside ``path``, then swap it into place.
+
+    The caller writes its files into the yielded folder, its index or commit marker last.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise SaveError(f"{path}: the folder {path.parent} does not exist")
+    clean_stale(path)
+    stage = _temp_name(path)
+    try:
+        stage.mkdir()
+        yield stage
+        for f in stage.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(stage)
+        if path.exists() and not path.is_dir():
+            raise SaveError(f"{path}: exists and is not a folder; refusing to replace it with one")
+        if path.exists() and _exchange(stage, path):
+            shutil.rmtree(stage, ignore_errors=True)  # now holds the previous version
+        else:
+            if path.exists():
+                old = _temp_name(path)
+                os.rename(path, old)
+                os.rename(stage, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(stage, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SaveError(f"{path}: could not be written ({e.strerror or e}); the previous folder is intact") from e
+        raise

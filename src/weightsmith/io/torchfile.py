@@ -1,0 +1,296 @@
+"""``torch.save`` files, zip and legacy, read without unpickling anything from them.
+
+The pickle is walked by the restricted reader of `._pickle`, which records each tensor's
+storage key, dtype, offset, shape and stride; the storages are then memory-mapped straight
+from the file (entries are stored uncompressed). No torch import is needed to list keys.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import CorruptCheckpointError, RootError, UnknownFormatError, UnsafeCheckpointError
+from ._base import Reader, TensorInfo, map_file, tensor_from_buffer
+from ._dtypes import BITS, nbytes_of
+from ._pickle import PickleScan, StorageRef, TensorRecord, scan_pickle, scan_pickles
+from ._tree import choose_root, find_roots, flatten, other_objects, resolve_root
+
+__all__ = ["TorchFileReader", "LEGACY_MAGIC", "unsafe_message"]
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_MAX_PICKLE = 1 << 30  # a data.pkl beyond 1 GiB is no state dict
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+
+
+def unsafe_message(path: Path, called: tuple[str, ...]) -> str:
+    """The error text for a file whose pickle would call code."""
+    names = ", ".join(called[:8]) + (f" and {len(called) - 8} more" if len(called) > 8 else "")
+    return (f"{path}: loading it would call {names} (read from the pickle opcodes, not run). "
+            "Only tensors and plain containers are read by default; if you trust where the file "
+            "came from, open it with trust=True (CLI: --trust)")
+
+
+class TorchFileReader(Reader):
+    """A ``torch.save`` checkpoint (zip or legacy); tensors map copy-on-write from the file."""
+
+    def __init__(self, path: Path, *, root: str | None = None, trust: bool = False) -> None:
+        super().__init__(path=path, format="torch")
+        self._size = path.stat().st_size
+        self._spans: dict[str, tuple[int, int]] = {}  # storage key -> (file offset, bytes)
+        self._bases: dict[str, Any] = {}
+        self._map: Any = None
+        self._trusted = False
+        if zipfile.is_zipfile(path):
+            tree, self.scan = self._read_zip()
+        else:
+            self.format = "torch-legacy"
+            tree, self.scan = self._read_legacy()
+        if self.scan.called:
+            if not trust:
+                raise UnsafeCheckpointError(unsafe_message(path, self.scan.called), globals=self.scan.called)
+            tree = self._load_trusted()
+        self._records = self._select_root(tree, root)
+        self.infos = self._infos()
+
+    # -- zip ------------------------------------------------------------------------------
+    def _read_zip(self) -> tuple[Any, PickleScan]:
+        path = self.path
+        try:
+            with zipfile.ZipFile(path) as zf:
+                entries = {i.filename: i for i in zf.infolist()}
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+            raise CorruptCheckpointError(f"{path}: damaged zip archive ({e})") from e
+        pkls = [n for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not pkls:
+            raise UnknownFormatError(f"{path}: a zip file without data.pkl, not a torch.save checkpoint")
+        prefix = pkls[0][: -len("data.pkl")]
+        if f"{prefix}constants.pkl" in entries or any(n.startswith(f"{prefix}code/") for n in entries):
+            raise UnsafeCheckpointError(
+                f"{path}: a TorchScript archive, which carries code; weightsmith reads state dicts. "
+                "If you trust it, load it with torch.jit.load and save its state_dict()",
+                globals=("torch.jit",))
+        byteorder = entries.get(f"{prefix}byteorder")
+        if byteorder is not None and self._raw(byteorder).strip() not in (b"little", b""):
+            raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported")
+        info = entries[pkls[0]]
+        if info.file_size > _MAX_PICKLE:
+            raise CorruptCheckpointError(f"{path}: data.pkl declares {info.file_size:,} bytes, too large")
+        data = self._raw(info) if info.compress_type == zipfile.ZIP_STORED else self._inflate(info)
+        try:
+            scan = scan_pickle(data)
+        except pickle.UnpicklingError as e:
+            raise CorruptCheckpointError(f"{path}: data.pkl cannot be read ({e})") from e
+        for ref in _storage_refs(scan.objects[0]):
+            name = f"{prefix}data/{ref.key}"
+            entry = entries.get(name)
+            if entry is None:
+                raise CorruptCheckpointError(f"{path}: storage {ref.key!r} is missing from the archive")
+            if entry.compress_type != zipfile.ZIP_STORED:
+                raise CorruptCheckpointError(
+                    f"{path}: storage {ref.key!r} is compressed ({entry.compress_size:,} bytes inflating to "
+                    f"{entry.file_size:,}); torch.save stores storages uncompressed, refusing to inflate it")
+            need = nbytes_of(ref.dtype, ref.numel)
+            if entry.file_size < need:
+                raise CorruptCheckpointError(
+                    f"{path}: storage {ref.key!r} holds {entry.file_size:,} bytes, its tensors need {need:,}")
+            self._spans[ref.key] = (self._data_offset(entry), need)
+        return scan.objects[0], scan
+
+    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            head = f.read(_LOCAL_HEADER.size)
+        if len(head) < _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
+            raise CorruptCheckpointError(f"{self.path}: zip entry {info.filename!r} has a damaged local header")
+        fields = _LOCAL_HEADER.unpack(head)
+        start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
+        if start + info.file_size > self._size:
+            raise CorruptCheckpointError(
+                f"{self.path}: zip entry {info.filename!r} runs past the end of the file (truncated?)")
+        return start
+
+    def _raw(self, info: zipfile.ZipInfo) -> bytes:
+        start = self._data_offset(info)
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            return f.read(info.file_size)
+
+    def _inflate(self, info: zipfile.ZipInfo) -> bytes:
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(info) as member:
+                data = member.read(_MAX_PICKLE + 1)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise CorruptCheckpointError(f"{self.path}: {info.filename!r} cannot be inflated ({e})") from e
+        if len(data) > _MAX_PICKLE:
+            raise CorruptCheckpointError(f"{self.path}: {info.filename!r} inflates past 1 GiB")
+        return data
+
+    # -- legacy ---------------------------------------------------------------------------
+    def _read_legacy(self) -> tuple[Any, PickleScan]:
+        path = self.path
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":
+                raise UnknownFormatError(f"{path}: not a safetensors, torch.save or folder checkpoint")
+            f.seek(0)
+            try:
+                scan = scan_pickles(f, count=5, legacy=True)
+            except pickle.UnpicklingError as e:
+                raise CorruptCheckpointError(f"{path}: legacy torch file cannot be read ({e})") from e
+            magic, _proto, _sysinfo, tree, keys = scan.objects
+            if magic != LEGACY_MAGIC:
+                raise UnknownFormatError(f"{path}: a pickle file, not a torch.save checkpoint")
+            if not isinstance(keys, list):
+                raise CorruptCheckpointError(f"{path}: legacy storage key list is damaged")
+            dtypes = {r.key: r.dtype for r in _storage_refs(tree)}
+            pos = f.tell()
+            for key in keys:
+                f.seek(pos)
+                head = f.read(8)
+                if len(head) < 8 or str(key) not in dtypes:
+                    raise CorruptCheckpointError(f"{path}: storage {key!r} is missing (truncated?)")
+                (numel,) = struct.unpack("<q", head)
+                nbytes = nbytes_of(dtypes[str(key)], numel) if numel >= 0 else -1
+                if nbytes < 0 or pos + 8 + nbytes > self._size:
+                    raise CorruptCheckpointError(f"{path}: storage {key!r} runs past the end (truncated?)")
+                self._spans[str(key)] = (pos + 8, nbytes)
+                pos += 8 + nbytes
+        self.notes.append("legacy (pre-1.6) torch.save format")
+        return tree, scan
+
+    # -- trusted --------------------------------------------------------------------------
+    def _load_trusted(self) -> Any:
+        import torch
+
+        self._trusted = True
+        self.notes.append("opened with trust=True: the file's pickle was executed")
+        obj = torch.load(self.path, map_location="cpu", weights_only=False,
+                         mmap=self.format == "torch")
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.state_dict()
+        return obj
+
+    # -- common ---------------------------------------------------------------------------
+    def _is_tensor(self, value: Any) -> bool:
+        if self._trusted:
+            import torch
+
+            return isinstance(value, torch.Tensor)
+        return isinstance(value, TensorRecord)
+
+    def _select_root(self, tree: Any, root: str | None) -> dict[str, Any]:
+        found = find_roots(tree, self._is_tensor)
+        self.roots = tuple(p for p, _ in found)
+        chosen = root if root is not None else choose_root(found)
+        if chosen is None:
+            held = ", ".join(self.scan.constructed[:5]) or "no tensors"
+            raise RootError(
+                f"{self.path}: no state dict found (the file holds {held}); if it is a pickled model "
+                "you trust, open it with trust=True")
+        try:
+            node = resolve_root(tree, chosen)
+        except (KeyError, IndexError, ValueError) as e:
+            alts = ", ".join(repr(r) for r in self.roots[:10]) or "none"
+            raise RootError(f"{self.path}: no root {chosen!r}; roots holding tensors: {alts}") from e
+        records, others = flatten(node, self._is_tensor)
+        if not records:
+            alts = ", ".join(repr(r) for r in self.roots[:10]) or "none"
+            raise RootError(f"{self.path}: root {chosen!r} holds no tensors; roots holding tensors: {alts}")
+        self.root = chosen
+        self.other_objects = {**{f"{chosen}/{k}" if chosen else k: v for k, v in others.items()},
+                              **other_objects(tree, self._is_tensor, chosen)}
+        if not self._trusted:
+            for key, rec in records.items():
+                self._check_extent(key, rec)
+        return records
+
+    def _check_extent(self, key: str, rec: TensorRecord) -> None:
+        if rec.storage is None:
+            return
+        if len(rec.shape) != len(rec.stride) or any(d < 0 for d in rec.shape) or rec.offset < 0:
+            raise CorruptCheckpointError(f"{self.path}: tensor {key!r} has an invalid shape {rec.shape}")
+        numel = 1
+        last = rec.offset
+        for d, s in zip(rec.shape, rec.stride):
+            numel *= d
+            last += (d - 1) * s if d else 0
+        available = rec.storage.numel - rec.storage.view_offset
+        if numel and (last >= available or any(s < 0 for s in rec.stride)):
+            raise CorruptCheckpointError(
+                f"{self.path}: tensor {key!r} {list(rec.shape)} reaches element {last} of a storage "
+                f"of {available} elements")
+
+    def _infos(self) -> dict[str, TensorInfo]:
+        views: dict[tuple[Any, ...], list[str]] = {}
+        specs: dict[str, tuple[tuple[int, ...], str]] = {}
+        for key, rec in self._records.items():
+            if self._trusted:
+                shape, dtype = tuple(rec.shape), str(rec.dtype).removeprefix("torch.")
+                ident: tuple[Any, ...] = (rec.untyped_storage().data_ptr(), rec.storage_offset(),
+                                          shape, tuple(rec.stride())) if rec.device.type != "meta" else (key,)
+            else:
+                shape, dtype = rec.shape, rec.dtype
+                ident = ((rec.storage.key, rec.storage.view_offset + rec.offset, rec.shape, rec.stride)
+                         if rec.storage else (key,))
+            views.setdefault(ident, []).append(key)
+            specs[key] = (shape, dtype)
+        storage_of = {k: group[0] for group in views.values() if len(group) > 1 for k in group}
+        infos = {}
+        for key, (shape, dtype) in specs.items():
+            numel = 1
+            for d in shape:
+                numel *= d
+            infos[key] = TensorInfo(key, shape, dtype, nbytes_of(dtype, numel) if dtype in BITS else 0,
+                                    storage=storage_of.get(key))
+        return infos
+
+    def tensor(self, key: str) -> Any:
+        import torch
+
+        rec = self._records[key]
+        if self._trusted:
+            return rec
+        if rec.storage is None:
+            return torch.empty(rec.shape, dtype=_torch_dtype(rec.dtype), device="meta")
+        base = self._base(rec.storage)
+        return torch.as_strided(base, rec.shape, rec.stride, rec.storage.view_offset + rec.offset)
+
+    def _base(self, ref: StorageRef) -> Any:
+        base = self._bases.get(ref.key)
+        if base is None:
+            if self._map is None:
+                self._map = map_file(self.path)
+            offset, nbytes = self._spans[ref.key]
+            base = tensor_from_buffer(self._map, offset, nbytes, ref.dtype)
+            self._bases[ref.key] = base
+        return base
+
+
+def _torch_dtype(name: str) -> Any:
+    from ._dtypes import to_torch
+
+    return to_torch(name)
+
+
+def _storage_refs(tree: Any) -> list[StorageRef]:
+    refs: dict[str, StorageRef] = {}
+    stack = [tree]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, TensorRecord):
+            if node.storage is not None:
+                refs.setdefault(node.storage.key, node.storage)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif hasattr(node, "ws_children"):
+            stack.extend(v for _, v in node.ws_children)
+    return list(refs.values())

@@ -1,0 +1,205 @@
+"""`save`: a model or state dict to safetensors, a torch file or a sharded folder, atomically."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._result import Result
+from .errors import SaveError
+
+__all__ = ["save", "SaveReport", "parse_size"]
+
+Progress = Callable[[int, int, str], None]
+_TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass
+class SaveReport(Result):
+    """What `save` wrote."""
+
+    SCHEMA = "weightsmith.save/1"
+    path: str
+    format: str
+    files: list[str]
+    tensors: int
+    nbytes: int
+    ties: dict[str, str] = field(default_factory=dict)
+
+    def _rich_(self) -> str:
+        tied = f", {len(self.ties)} tied key(s) stored once" if self.ties else ""
+        return (f"saved {self.tensors} tensors ({self.nbytes:,} bytes{tied}) as {self.format} "
+                f"to {self.path}")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5_000_000``, ``"5GB"``, ``"500MiB"``."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise SaveError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+    if not m:
+        raise SaveError(f"cannot read size {size!r}: write it like 5GB, 500MB or 2GiB")
+    return parse_size(int(float(m.group(1)) * _UNITS[m.group(2) or "B"]))
+
+
+def save(obj: Any, path: str | Path, *, format: str | None = None, metadata: Mapping[str, str] | None = None,
+         max_shard_size: int | str | None = None, checksums: bool = True,
+         progress: Progress | None = None) -> SaveReport:
+    """Save a model, a state dict or an open checkpoint, atomically.
+
+    Tied tensors (one tensor under several keys) are stored once and the tie is recorded,
+    so loading restores it. A crash never leaves a half-written file at ``path``.
+
+    Args:
+        obj: an ``nn.Module`` (its ``state_dict()``), a mapping of key -> tensor, or a
+            `Checkpoint` (streamed tensor by tensor).
+        path: the file, or the folder for sharded output.
+        format: ``"safetensors"`` (default), ``"torch"``, or ``"sharded"``; inferred from the
+            suffix (``.pt``/``.pth``/``.bin``/``.ckpt`` -> torch) and from ``max_shard_size``.
+        metadata: string metadata (safetensors only).
+        max_shard_size: write a Hugging Face sharded folder with shards of at most this size
+            (``"5GB"``); the index is written last.
+        checksums: store a CRC-32 per tensor (safetensors), checked by ``check --verify``.
+        progress: called as ``progress(done_bytes, total_bytes, key)``.
+
+    Returns:
+        a `SaveReport`.
+
+    >>> import torch, weightsmith                                   # doctest: +SKIP
+    >>> weightsmith.save(torch.nn.Linear(4, 8), "linear.safetensors")   # doctest: +SKIP
+    """
+    path = Path(path)
+    tensors = _tensors_of(obj)
+    stored, ties = _dedupe(tensors)
+    fmt = _format_for(path, format, max_shard_size)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if fmt == "torch":
+        if metadata:
+            raise SaveError(f"{path}: torch files carry no string metadata; save as safetensors to keep it")
+        return _save_torch(tensors, stored, ties, path)
+    if fmt == "sharded":
+        if max_shard_size is None:
+            raise SaveError(f"{path}: a sharded folder needs max_shard_size (e.g. '5GB')")
+        return _save_sharded(stored, ties, path, meta, parse_size(max_shard_size), checksums, progress)
+    return _save_single(stored, ties, path, meta, checksums, progress)
+
+
+def _tensors_of(obj: Any) -> Mapping[str, Any]:
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return obj.state_dict()
+    if hasattr(obj, "reader") and hasattr(obj, "tensor"):  # a Checkpoint: load lazily
+        return obj.load()
+    if not isinstance(obj, Mapping):
+        raise SaveError(f"cannot save a {type(obj).__name__}: give an nn.Module or a mapping of tensors")
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)]
+    if bad:
+        raise SaveError(f"only string keys and tensors can be saved; offending keys: {', '.join(bad[:5])}")
+    return obj
+
+
+def _dedupe(tensors: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    """Stored entries (each shared tensor once) and the ties: alias key -> stored key."""
+    first: dict[tuple[Any, ...], str] = {}
+    stored: list[tuple[str, Any]] = []
+    ties: dict[str, str] = {}
+    for key, t in tensors.items():
+        ident = None
+        if t.device.type != "meta" and t.numel():
+            ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                     tuple(t.stride()), t.dtype)
+        if ident is not None and ident in first:
+            ties[key] = first[ident]
+            continue
+        if ident is not None:
+            first[ident] = key
+        stored.append((key, t))
+    return stored, ties
+
+
+def _format_for(path: Path, fmt: str | None, max_shard_size: Any) -> str:
+    if fmt is None:
+        if max_shard_size is not None:
+            fmt = "sharded"
+        elif path.suffix in _TORCH_SUFFIXES:
+            fmt = "torch"
+        else:
+            fmt = "safetensors"
+    if fmt not in {"safetensors", "torch", "sharded"}:
+        raise SaveError(f"{path}: unknown format {fmt!r}; use safetensors, torch or sharded")
+    return fmt
+
+
+def _tie_meta(meta: dict[str, str], ties: dict[str, str]) -> dict[str, str]:
+    from .io.safetensors import TIES_KEY
+
+    return {**meta, TIES_KEY: json.dumps(ties, separators=(",", ":"))} if ties else meta
+
+
+def _save_single(stored: list[tuple[str, Any]], ties: dict[str, str], path: Path, meta: dict[str, str],
+                 checksums: bool, progress: Progress | None) -> SaveReport:
+    from .io.atomic import atomic_file
+    from .io.safetensors import write_safetensors
+
+    with atomic_file(path) as f:
+        write_safetensors(f, stored, _tie_meta(meta, ties), checksums=checksums, progress=progress)
+    nbytes = sum(t.numel() * t.element_size() for _, t in stored)
+    return SaveReport(str(path), "safetensors", [str(path)], len(stored) + len(ties), nbytes, ties)
+
+
+def _save_torch(tensors: Mapping[str, Any], stored: list[tuple[str, Any]], ties: dict[str, str],
+                path: Path) -> SaveReport:
+    import torch
+
+    from .io.atomic import atomic_file
+
+    with atomic_file(path) as f:
+        torch.save(dict(tensors), f)  # torch.save keeps ties: shared storages are written once
+    nbytes = sum(t.numel() * t.element_size() for _, t in stored)
+    return SaveReport(str(path), "torch", [str(path)], len(tensors), nbytes, ties)
+
+
+def _save_sharded(stored: list[tuple[str, Any]], ties: dict[str, str], folder: Path, meta: dict[str, str],
+                  limit: int, checksums: bool, progress: Progress | None) -> SaveReport:
+    from .io.atomic import atomic_folder
+    from .io.sharded import INDEX_NAMES
+    from .io.safetensors import write_safetensors
+
+    shards: list[list[tuple[str, Any]]] = [[]]
+    size = 0
+    for key, t in stored:
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, t))
+        size += n
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    shard_of = {key: names[i] for i, shard in enumerate(shards) for key, _ in shard}
+    total = sum(t.numel() * t.element_size() for _, t in stored)
+    done = 0
+    with atomic_folder(folder) as stage:
+        for name, shard in zip(names, shards):
+            keys = {k for k, _ in shard}
+            shard_ties = {a: s for a, s in ties.items() if s in keys}
+
+            def step(d: int, _t: int, key: str, base: int = done) -> None:
+                if progress is not None:
+                    progress(base + d, total, key)
+
+            with open(stage / name, "wb") as f:
+                write_safetensors(f, shard, _tie_meta(meta, shard_ties), checksums=checksums, progress=step)
+            done += sum(t.numel() * t.element_size() for _, t in shard)
+        index = {"metadata": {"total_size": total, **meta}, "weight_map": shard_of}
+        (stage / INDEX_NAMES[0]).write_text(json.dumps(index, indent=2, sort_keys=True))
+    return SaveReport(str(folder), "sharded", [str(folder / n) for n in names] + [str(folder / INDEX_NAMES[0])],
+                      len(stored) + len(ties), total, ties)
