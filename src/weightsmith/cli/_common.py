@@ -27,7 +27,10 @@ def emit(result: Any, *, as_json: bool) -> None:
         return
     from rich.console import Console
 
-    Console().print(result)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))  # piped: do not wrap names at 80 columns
+    console.print(result)
 
 
 @contextmanager

@@ -1,0 +1,51 @@
+"""Shared helpers for the benchmark scripts: timing, medians, state dicts of a given size."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def state_dict(total_gb: float, *, tensors: int = 50, seed: int = 0) -> dict[str, Any]:
+    """A float32 state dict of about ``total_gb`` GB in ``tensors`` equal 2-D tensors."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    per = max(1, int(total_gb * 1e9 / 4 / tensors))
+    cols = 1024
+    rows = max(1, per // cols)
+    return {f"layers.{i}.weight": torch.randn(rows, cols, generator=g) for i in range(tensors)}
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_process(args: list[str]) -> float:
+    """Wall time of a whole process, start-up and imports included."""
+    start = time.perf_counter()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def medians(named: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
+    """Median time of each contender, runs interleaved so drift hits all alike."""
+    samples: dict[str, list[float]] = {k: [] for k in named}
+    for _ in range(repeat):
+        for name, fn in named.items():
+            samples[name].append(fn())
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+PY = sys.executable
