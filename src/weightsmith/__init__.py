@@ -8,6 +8,8 @@ checkpoint's header without paying for ``import torch``.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from .errors import (
@@ -67,6 +69,16 @@ _LAZY: dict[str, str] = {
     "cast_": "cast",
     # move
     "save": "save",
+    "SaveReport": "save",
+    "plan": "plan",
+    "LoadPlan": "plan",
+    "PlanError": "plan",
+    "Rule": "keymap",
+    "load_rules": "keymap",
+    "load_": "load",
+    "build": "load",
+    "LoadReport": "load",
+    "empty_init": "load",
 }
 
 __all__ = [
@@ -98,3 +110,19 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``weightsmith.plan`` the function when the submodule ``weightsmith.plan`` is imported.
+
+    Importing a submodule binds it on its package under its own name; several modules are named
+    after the function they define (``plan``, ``save``, ``stats``, ``summary``, ``snapshot``).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

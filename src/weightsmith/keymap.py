@@ -1,0 +1,344 @@
+"""Pure key transforms for warm-starting: wrapper prefixes, rename rules, tensor transforms.
+
+Nothing here touches a model or reads a tensor's data except `apply_transform`, which turns
+source tensors into a target tensor.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SelectorError, WeightsmithError
+from .selectors import glob_to_regex
+
+__all__ = ["WRAPPER_PREFIXES", "PrefixMap", "align_prefixes", "Rule", "as_rules", "load_rules",
+           "Transform", "parse_transforms", "apply_transform", "natural_key"]
+
+# Prefixes that training wrappers put in front of every key; any nesting of them is handled.
+WRAPPER_PREFIXES = (
+    "module.",            # DataParallel / DistributedDataParallel
+    "_orig_mod.",         # torch.compile
+    "_forward_module.",   # Lightning Fabric / DeepSpeed wrappers
+    "model.",             # Lightning modules holding `self.model`
+    "base_model.model.",  # PEFT
+    "backbone.",          # detection / segmentation frameworks
+    "encoder.",
+)
+
+
+@dataclass(frozen=True)
+class PrefixMap:
+    """``strip`` is removed from source keys that start with it, then ``add`` is put in front."""
+
+    strip: str = ""
+    add: str = ""
+
+    def __call__(self, key: str) -> str:
+        if self.strip and key.startswith(self.strip):
+            key = key[len(self.strip):]
+        return self.add + key
+
+    def describe(self) -> str:
+        parts = []
+        if self.strip:
+            parts.append(f"strip {self.strip!r}")
+        if self.add:
+            parts.append(f"add {self.add!r}")
+        return ", ".join(parts) or "none"
+
+
+def _leading_prefixes(keys: Iterable[str], depth: int = 3) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, min(depth, len(parts) - 1) + 1):
+            p = ".".join(parts[:n]) + "."
+            counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def align_prefixes(source: Iterable[str], target: Iterable[str]) -> PrefixMap:
+    """The prefix change that makes the most source keys name target keys.
+
+    Tries stripping any leading segments shared by source keys (``module.``, ``_orig_mod.module.``,
+    ``bert.``, ``base_model.model.``) and adding any shared by target keys; prefers no change,
+    then known wrapper prefixes, when several do equally well.
+    """
+    src, tgt = list(source), set(target)
+    strips = [""] + [p for p, n in _leading_prefixes(src).items() if n * 4 >= len(src) or n >= 2]
+    adds = [""] + [p for p, n in _leading_prefixes(tgt).items() if n * 4 >= len(tgt) or n >= 2]
+    best, best_score = PrefixMap(), -1
+    for strip in strips:
+        stripped = [k[len(strip):] if strip and k.startswith(strip) else k for k in src]
+        for add in adds:
+            hits = sum(1 for k in stripped if add + k in tgt)
+            known = all(_is_wrapper(p) for p in (strip, add) if p)
+            score = hits * 4 + (2 if known else 0) - (len(strip) + len(add) > 0)
+            if hits and score > best_score:
+                best, best_score = PrefixMap(strip, add), score
+    return best
+
+
+def _is_wrapper(prefix: str) -> bool:
+    rest = prefix
+    while rest:
+        for w in WRAPPER_PREFIXES:
+            if rest.startswith(w):
+                rest = rest[len(w):]
+                break
+        else:
+            return False
+    return True
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key that orders ``layer.2`` before ``layer.10`` (file order is not module order)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
+# -- tensor transforms -----------------------------------------------------------------------
+_TRANSFORMS = {"transpose", "t", "cat", "chunk", "split", "reshape", "permute", "slice", "flatten"}
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One tensor transform, e.g. ``cat(0)``, ``chunk(3, 0)``, ``transpose``, ``slice(0, 0, 768)``."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+
+    def __str__(self) -> str:
+        return self.name + (f"({', '.join(map(str, self.args))})" if self.args else "")
+
+
+def parse_transforms(text: str | None) -> tuple[Transform, ...]:
+    """Parse ``"transpose | reshape(768, 3, 64)"`` (``|`` chains) without evaluating code."""
+    if not text:
+        return ()
+    out = []
+    for part in text.split("|"):
+        part = part.strip()
+        m = re.fullmatch(r"([a-z_]+)\s*(?:\((.*)\))?", part)
+        if not m or m.group(1) not in _TRANSFORMS:
+            raise WeightsmithError(
+                f"unknown tensor transform {part!r}; known: {', '.join(sorted(_TRANSFORMS))}")
+        args: tuple[Any, ...] = ()
+        if m.group(2):
+            try:
+                value = ast.literal_eval(f"({m.group(2)},)")
+            except (ValueError, SyntaxError) as e:
+                raise WeightsmithError(f"bad arguments in transform {part!r}: {e}") from e
+            args = tuple(value)
+        out.append(Transform(m.group(1), args))
+    return tuple(out)
+
+
+def apply_transform(tensors: Sequence[Any], transforms: Sequence[Transform], *, index: int = 0) -> Any:
+    """Turn the source tensor(s) into one target tensor.
+
+    Many-to-one: ``cat(dim)`` joins the sources. One-to-many: ``chunk(n, dim)`` / ``split`` takes
+    piece ``index`` (the position of the target in the rule). Others apply to one tensor.
+    """
+    import torch
+
+    current: Any = list(tensors)
+    for tr in transforms:
+        if tr.name == "cat":
+            current = [torch.cat(current, dim=tr.args[0] if tr.args else 0)]
+            continue
+        if len(current) != 1:
+            raise WeightsmithError(f"transform {tr} needs one tensor, got {len(current)}: add cat(dim) first")
+        t = current[0]
+        if tr.name in ("transpose", "t"):
+            t = t.transpose(*(tr.args or (0, 1)))
+        elif tr.name in ("chunk", "split"):
+            n, dim = (tr.args + (0,))[:2] if tr.args else (1, 0)
+            t = torch.chunk(t, int(n), dim=int(dim))[index]
+        elif tr.name == "reshape":
+            t = t.reshape(*tr.args)
+        elif tr.name == "permute":
+            t = t.permute(*tr.args)
+        elif tr.name == "flatten":
+            t = t.flatten(*tr.args)
+        elif tr.name == "slice":
+            dim, start, stop = tr.args
+            t = t.narrow(int(dim), int(start), int(stop) - int(start))
+        current = [t]
+    if len(current) != 1:
+        raise WeightsmithError(f"{len(current)} source tensors for one target: add cat(dim) to the rule")
+    return current[0]
+
+
+def expected_shape(shapes: Sequence[tuple[int, ...]], transforms: Sequence[Transform], *, index: int = 0
+                   ) -> tuple[int, ...]:
+    """The shape `apply_transform` would produce, computed on meta tensors (no data)."""
+    import torch
+
+    metas = [torch.empty(s, device="meta") for s in shapes]
+    return tuple(apply_transform(metas, transforms, index=index).shape)
+
+
+# -- rename rules ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """A rename from source names to target names, with an optional tensor transform.
+
+    ``source`` and ``target`` are dotted-name patterns matched by whole segments, with ``{name}``
+    capturing one segment; a pattern that names a module renames every tensor under it
+    (``.weight``, ``.bias``). Several sources with ``cat(dim)`` fuse (q, k, v -> qkv); several
+    targets with ``chunk(n, dim)`` split. A source starting with ``re:`` is a regular expression
+    and the target its replacement (``\\1``).
+
+    >>> Rule("encoder.layer.{i}.attention.self.query", "blocks.{i}.attn.q").rename("encoder.layer.3.attention.self.query.bias")
+    'blocks.3.attn.q.bias'
+    """
+
+    source: str | tuple[str, ...]
+    target: str | tuple[str, ...]
+    transform: str | None = None
+    transforms: tuple[Transform, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transforms", parse_transforms(self.transform))
+        regex = any(p.startswith("re:") for p in self.sources)
+        if regex and (len(self.sources) > 1 or len(self.targets) > 1):
+            raise SelectorError(f"rule {self}: a regex rule renames one source to one target")
+        for pat in self.sources if regex else (*self.sources, *self.targets):
+            if not pat.startswith("re:"):
+                glob_to_regex(pat)  # raises SelectorError on a malformed pattern
+        if len(self.sources) > 1 and len(self.targets) > 1:
+            raise SelectorError(f"rule {self}: several sources and several targets at once is not supported")
+        if len(self.sources) > 1 and not any(t.name == "cat" for t in self.transforms):
+            raise SelectorError(f"rule {self}: several sources need a cat(dim) transform")
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.source if isinstance(self.source, tuple) else (self.source,)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.target if isinstance(self.target, tuple) else (self.target,)
+
+    def __str__(self) -> str:
+        s = self.sources[0] if len(self.sources) == 1 else "(" + ", ".join(self.sources) + ")"
+        t = self.targets[0] if len(self.targets) == 1 else "(" + ", ".join(self.targets) + ")"
+        return f"{s} -> {t}" + (f" [{self.transform}]" if self.transform else "")
+
+    def match(self, key: str, which: int = 0) -> tuple[dict[str, str], str] | None:
+        """Captures and the remaining suffix when source pattern ``which`` matches ``key``."""
+        pat = self.sources[which]
+        if pat.startswith("re:"):
+            return ({}, "") if re.search(pat[3:], key) else None
+        m = glob_to_regex(pat, subtree=False).match(key)
+        if m:
+            return m.groupdict(), ""
+        rx = _prefix_regex(pat)
+        m = rx.match(key)
+        if m:
+            return m.groupdict(), key[m.end():]
+        return None
+
+    def rename(self, key: str) -> str | None:
+        """The target name for a one-to-one rule, or ``None`` when the rule does not apply."""
+        if len(self.sources) != 1 or len(self.targets) != 1:
+            return None
+        pat = self.sources[0]
+        if pat.startswith("re:"):
+            new, n = re.subn(pat[3:], self.targets[0], key)
+            return new if n else None
+        hit = self.match(key)
+        if hit is None:
+            return None
+        caps, suffix = hit
+        return fill(self.targets[0], caps) + suffix
+
+    def source_names(self, caps: Mapping[str, str], suffix: str) -> tuple[str, ...]:
+        return tuple(fill(p, caps) + suffix for p in self.sources)
+
+    def target_names(self, caps: Mapping[str, str], suffix: str) -> tuple[str, ...]:
+        return tuple(fill(p, caps) + suffix for p in self.targets)
+
+
+def _prefix_regex(pattern: str) -> re.Pattern[str]:
+    rx = glob_to_regex(pattern, subtree=False)
+    return re.compile(rx.pattern.rstrip("$") + r"(?=\.)")
+
+
+def fill(pattern: str, caps: Mapping[str, str]) -> str:
+    """Put captured segments into ``{name}`` placeholders."""
+    try:
+        return re.sub(r"\{(\w+)\}", lambda m: caps[m.group(1)], pattern)
+    except KeyError as e:
+        raise SelectorError(f"pattern {pattern!r} uses {{{e.args[0]}}}, which its source does not capture") from e
+
+
+def as_rules(rename: Any) -> tuple[Rule, ...]:
+    """Rules from a `Rule`, a (source, target[, transform]) tuple, a mapping, a list, or a file path."""
+    if not rename:
+        return ()
+    if isinstance(rename, (str, Path)):
+        return load_rules(rename)
+    if isinstance(rename, Rule):
+        return (rename,)
+    if isinstance(rename, Mapping):
+        return tuple(Rule(str(k), str(v)) for k, v in rename.items())
+    rules: list[Rule] = []
+    for item in rename:
+        if isinstance(item, Rule):
+            rules.append(item)
+        elif isinstance(item, Mapping):
+            rules.append(_rule_from_mapping(item))
+        elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            src, tgt = (tuple(x) if isinstance(x, list) else x for x in item[:2])
+            rules.append(Rule(src, tgt, item[2] if len(item) == 3 else None))
+        else:
+            raise SelectorError(f"cannot read rename rule {item!r}: give (source, target[, transform])")
+    return tuple(rules)
+
+
+def _rule_from_mapping(item: Mapping[str, Any]) -> Rule:
+    if "source" not in item or "target" not in item:
+        raise SelectorError(f"rename rule {dict(item)!r} needs 'source' and 'target'")
+    src, tgt = item["source"], item["target"]
+    return Rule(tuple(src) if isinstance(src, list) else src, tuple(tgt) if isinstance(tgt, list) else tgt,
+                item.get("transform"))
+
+
+def load_rules(path: str | Path) -> tuple[Rule, ...]:
+    """Read rules from a ``.toml`` (``[[rename]]`` tables) or ``.json`` (a list) file.
+
+    ::
+
+        [[rename]]
+        source = "encoder.layer.{i}.attention.self.query"
+        target = "blocks.{i}.attn.q"
+
+        [[rename]]
+        source = ["a.{i}.q", "a.{i}.k", "a.{i}.v"]
+        target = "b.{i}.qkv"
+        transform = "cat(0)"
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise WeightsmithError(f"{p}: cannot read the rules file ({e.strerror or e})") from e
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data: Any = tomllib.loads(text).get("rename", [])
+        else:
+            data = json.loads(text)
+            data = data.get("rename", []) if isinstance(data, dict) else data
+    except ValueError as e:
+        raise WeightsmithError(f"{p}: the rules file is not valid {p.suffix.lstrip('.') or 'JSON'} ({e})") from e
+    if not isinstance(data, list):
+        raise WeightsmithError(f"{p}: expected a list of rename rules")
+    return tuple(_rule_from_mapping(item) for item in data)

@@ -1,0 +1,360 @@
+"""`load_` and `build`: execute a `LoadPlan`, all or nothing, with a report of where each value came from."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._result import Result
+from .errors import ModelError
+from .keymap import apply_transform, parse_transforms
+from .plan import LoadPlan, PlanError, Source, Step, as_source, plan as make_plan
+
+__all__ = ["load_", "build", "LoadReport", "empty_init"]
+
+
+@dataclass
+class LoadReport(Result):
+    """What a load did: each target key's provenance, and what the source had that was not used."""
+
+    SCHEMA = "weightsmith.load/1"
+    source: str
+    target: str
+    loaded: int
+    filled: int
+    coverage: float
+    provenance: dict[str, str]
+    unused: dict[str, str] = field(default_factory=dict)
+
+    def _rich_(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        from .listing import fold_name
+
+        table = Table(title=f"loaded {self.source} -> {self.target}", title_justify="left")
+        table.add_column("target (# = any index)")
+        table.add_column("value from")
+        counts: dict[tuple[str, str], int] = {}
+        for t, how in self.provenance.items():
+            key = (fold_name(t), _fold_text(how))
+            counts[key] = counts.get(key, 0) + 1
+        for (t, how), n in counts.items():
+            table.add_row(t + (f"  ×{n}" if n > 1 else ""), how)
+        lines = [f"{self.loaded} loaded from the source, {self.filled} filled otherwise; "
+                 f"coverage {self.coverage:.0%} of target parameters"]
+        lines += [f"unused {k}: {why}" for k, why in self.unused.items()]
+        return Group(table, Text("\n".join(lines)))
+
+
+def _fold_text(text: str) -> str:
+    from .listing import fold_name
+
+    return " + ".join(fold_name(p) if i == 0 else p for i, p in enumerate(text.split(" + ", 1)))
+
+
+def _provenance(step: Step) -> str:
+    if step.how == "missing":
+        return step.fill or "current value"
+    if step.how == "tied":
+        return step.note
+    text = ", ".join(step.sources)
+    return text + (" + " + ", ".join(step.transforms) if step.transforms else "")
+
+
+def _check(p: LoadPlan, *, strict: bool, min_coverage: float) -> None:
+    problems = list(p.problems)
+    if strict:
+        problems += [f"missing: {s.target} {list(s.shape)} has no value in the source (pass init= rules "
+                     "for it, or strict=False to keep its current value)"
+                     for s in p.missing if (s.fill or "current value") == "current value"]
+        problems += [f"unexpected: source {u.key} {list(u.shape)}: {u.reason}"
+                     for u in p.unused if not u.expected]
+        problems += [f"ambiguous: {a}" for a in p.ambiguous]
+    if not p.loaded:
+        problems.append(f"nothing in {p.source} matches {p.target}: refusing a load that loads nothing")
+    elif p.coverage < min_coverage:
+        problems.append(f"only {p.coverage:.0%} of {p.target}'s parameters come from {p.source} "
+                        f"(min_coverage={min_coverage:.0%})")
+    if problems:
+        head = f"cannot load {p.source} into {p.target}; nothing was changed ({len(problems)} problem(s)):"
+        raise PlanError("\n  - ".join([head, *problems[:50]]) + ("\n  ..." if len(problems) > 50 else ""),
+                        problems=problems)
+
+
+def _resolve(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, Any]) -> tuple[LoadPlan, Source]:
+    if plan is not None:
+        if options:
+            raise PlanError(f"pass either plan= or plan options ({', '.join(options)}), not both")
+        src = as_source(source)
+        if src.fingerprint != plan.fingerprint:
+            raise PlanError(f"the plan was made for another source ({plan.source}, fingerprint "
+                            f"{plan.fingerprint}), not {src.name} ({src.fingerprint}); make a new plan")
+        return plan, src
+    root, trust = options.pop("root", None), options.pop("trust", False)
+    src = as_source(source, root=root, trust=trust)
+    return make_plan(model, src, **options), src
+
+
+def _value(step: Step, src: Source, current: Any) -> Any:
+    """The value a loaded step writes: source tensor(s) through the rule transforms and any adapter."""
+    from .adapt import find_adapter
+
+    tensors = [src.get(src.aliases.get(k, k)) for k in step.sources]
+    rule = [t for t in step.transforms if not t.startswith(("adapt:", "cast "))]
+    value = apply_transform(tensors, parse_transforms(" | ".join(rule)), index=step.index) if rule else tensors[0]
+    if any(t.startswith("adapt:") for t in step.transforms):
+        adapter = find_adapter(step.target, tuple(value.shape), step.shape)
+        if adapter is None:  # plan and execution disagree: a bug, not bad input
+            raise ModelError(f"{step.target}: no adapter for {tuple(value.shape)} -> {step.shape}")
+        value = adapter.fn(value, current)
+    return value
+
+
+def _stage(p: LoadPlan, src: Source, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Read and transform every value before anything is written; an error here changes nothing."""
+    staged = {}
+    for step in p.loaded:
+        try:
+            staged[step.target] = _value(step, src, state[step.target])
+        except (OSError, RuntimeError, ValueError) as e:
+            raise PlanError(f"cannot read {', '.join(step.sources)} from {src.name} for {step.target}: {e}; "
+                            "nothing was changed") from e
+    return staged
+
+
+def _fill_missing(model: Any, p: LoadPlan, *, seed: int | None, device: Any = None) -> None:
+    from .init import init_
+
+    by_rule: dict[str, set[str]] = {}
+    for s in p.missing:
+        if s.fill and s.fill.startswith("init: "):
+            by_rule.setdefault(s.fill[len("init: "):], set()).add(s.target)
+    for how, names in by_rule.items():
+        init_(model, [(lambda n, _p, names=names: n in names, how)], seed=seed, device=device)
+
+
+def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool = True,
+          min_coverage: float = 0.5, seed: int | None = None, **plan_options: Any) -> LoadReport:
+    """Load a checkpoint into a live model by a plan, all or nothing.
+
+    The whole plan is checked first; every value is then read and transformed; only then is
+    anything written, through the model's own ``load_state_dict`` (so modules that customize
+    loading keep working), into the existing Parameters (optimizers holding them keep working,
+    ties survive). Values are cast to each target's dtype and moved to its device. On any error
+    the model is restored bit for bit.
+
+    Args:
+        model: the target ``nn.Module``.
+        source: a path, a `Checkpoint`, a state dict or a model.
+        plan: a `LoadPlan` made earlier for this source (refused if made from another one).
+        strict: every target key must get a value (from the source or an ``init`` rule) and
+            every source key must be used or explained.
+        min_coverage: even when not strict, refuse a load that fills less than this fraction
+            of the target's parameters from the source (a load that matches nothing is always
+            refused).
+        seed: seed for ``init`` rules filling missing keys.
+        **plan_options: `plan` options (``rename``, ``match``, ``on_mismatch``, ``init``, ``root``,
+            ``trust``).
+
+    Returns:
+        a `LoadReport` with each target key's provenance.
+
+    >>> import weightsmith as ws                                            # doctest: +SKIP
+    >>> ws.load_(model_b, "a.safetensors", rename=[("conv1", "backbone_conv")], strict=False)  # doctest: +SKIP
+    """
+    import torch
+
+    p, src = _resolve(model, source, plan, dict(plan_options))
+    _check(p, strict=strict, min_coverage=min_coverage)
+    state = model.state_dict(keep_vars=True)
+    meta = [s.target for s in p.steps if state[s.target].is_meta and s.how != "tied"]
+    if meta:
+        raise ModelError(f"{len(meta)} target tensor(s) are on the meta device (e.g. {meta[0]!r}); "
+                         "use weightsmith.build() to construct and load in one step")
+    staged = _stage(p, src, state)
+    touched = [s.target for s in p.steps if s.loaded or (s.fill or "").startswith("init: ")]
+    backup = {k: state[k].detach().clone() for k in touched}
+    flags = {k: v.requires_grad for k, v in state.items()}
+    try:
+        with torch.no_grad():
+            result = model.load_state_dict(staged, strict=False)
+        if result.unexpected_keys:
+            raise ModelError(f"the model refused keys {result.unexpected_keys[:5]}")
+        _fill_missing(model, p, seed=seed)
+    except BaseException:
+        with torch.no_grad():
+            for k, v in backup.items():
+                state[k].copy_(v)
+        for k, v in state.items():
+            v.requires_grad_(flags[k]) if v.is_leaf and v.is_floating_point() else None
+        raise
+    return _report(p)
+
+
+def _report(p: LoadPlan) -> LoadReport:
+    return LoadReport(source=p.source, target=p.target, loaded=len(p.loaded),
+                      filled=len(p.steps) - len(p.loaded), coverage=p.coverage,
+                      provenance={s.target: _provenance(s) for s in p.steps},
+                      unused={u.key: u.reason for u in p.unused})
+
+
+# -- build -------------------------------------------------------------------------------------
+_INIT_NAMES = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+               "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+               "sparse_")
+
+
+@contextlib.contextmanager
+def empty_init() -> Iterator[None]:
+    """Construct modules with parameters on the meta device and no initialization run.
+
+    Buffers stay real (a non-persistent buffer such as BERT's ``position_ids`` is in no checkpoint
+    and must not be left on meta). ``torch.nn.init`` functions do nothing inside the block: values
+    that a checkpoint will overwrite are not worth computing.
+    """
+    import torch
+    from torch import nn
+
+    original_register = nn.Module.register_parameter
+    originals = {name: getattr(nn.init, name) for name in _INIT_NAMES}
+
+    def register(self: nn.Module, name: str, param: Any) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original_register(self, name, param)
+
+    def skip(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    for name in _INIT_NAMES:
+        setattr(nn.init, name, skip)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        nn.Module.register_parameter = original_register  # type: ignore[method-assign]
+        for name, fn in originals.items():
+            setattr(nn.init, name, fn)
+
+
+def _slots(model: Any) -> dict[int, list[tuple[Any, str]]]:
+    """Every (module, attribute) registering each Parameter object, by object id."""
+    out: dict[int, list[tuple[Any, str]]] = {}
+    for mod in model.modules():
+        for attr, param in mod._parameters.items():
+            if param is not None:
+                out.setdefault(id(param), []).append((mod, attr))
+    return out
+
+
+def _owner(model: Any, name: str) -> tuple[Any, str]:
+    mod_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init: Any = None,
+          strict: bool = True, min_coverage: float = 0.5, seed: int | None = None,
+          **plan_options: Any) -> tuple[Any, LoadReport]:
+    """Construct a model and load a checkpoint into it, with one copy of the parameters.
+
+    The model is built with its parameters on the meta device and no initialization run
+    (`empty_init`); what the checkpoint has is put in place directly (memory-mapped from the
+    file when no cast or transform is needed: no second copy); only what is missing is
+    initialized — by ``init`` rules, else by the owning module's ``reset_parameters``.
+
+    Args:
+        factory: a callable returning the ``nn.Module`` (a class, or a function).
+        source: a path, a `Checkpoint`, a state dict or a model.
+        device: where the parameters end up.
+        init: ``(selector, initializer)`` rules for missing keys (as for `init_`).
+        strict, min_coverage, seed, **plan_options: as for `load_`.
+
+    Returns:
+        ``(model, report)``.
+    """
+    import torch
+    from torch import nn
+
+    with empty_init():
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"the factory returned a {type(model).__name__}, not an nn.Module")
+    target = torch.device(device)
+    options = dict(plan_options)
+    root, trust = options.pop("root", None), options.pop("trust", False)
+    src = as_source(source, root=root, trust=trust)
+    p = make_plan(model, src, init=init, **options)
+    for s in p.missing:
+        if s.fill == "current value":
+            s.fill = "reset_parameters" if s.kind == "parameter" else "current value"
+    _check(p, strict=strict, min_coverage=min_coverage)
+    state = model.state_dict(keep_vars=True)
+    slots = _slots(model)
+    # 1. what is missing or adapted: materialize empty, then initialize
+    pending = [s for s in p.steps if s.kind == "parameter" and state[s.target].is_meta
+               and (s.how == "missing" or any(t.startswith("adapt:") for t in s.transforms))]
+    _materialize(model, [state[s.target] for s in pending], slots, target)
+    _initialize(model, p, pending, slots, seed=seed, device=target)
+    state = model.state_dict(keep_vars=True)
+    # 2. what the checkpoint has: put in place, mapped from the file where possible
+    with torch.no_grad():
+        for step in p.loaded:
+            value = _value(step, src, state[step.target])
+            value = value.to(device=target, dtype=state[step.target].dtype)
+            old = state[step.target]
+            if step.kind == "parameter":
+                new = nn.Parameter(value, requires_grad=old.requires_grad)
+                for mod, attr in slots.get(id(old), [_owner(model, step.target)]):
+                    mod._parameters[attr] = new
+                slots[id(new)] = slots.pop(id(old), [])
+            else:
+                mod, attr = _owner(model, step.target)
+                mod._buffers[attr] = value
+    model.to(target)
+    left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise ModelError(f"{len(left)} tensor(s) were neither loaded nor initialized, e.g. {left[0]!r}")
+    return model, _report(p)
+
+
+def _materialize(model: Any, tensors: list[Any], slots: dict[int, list[tuple[Any, str]]], device: Any) -> None:
+    import torch
+    from torch import nn
+
+    for old in {id(t): t for t in tensors}.values():
+        new = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device), requires_grad=old.requires_grad)
+        for mod, attr in slots.get(id(old), []):
+            mod._parameters[attr] = new
+        slots[id(new)] = slots.pop(id(old), [])
+
+
+def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, list[tuple[Any, str]]],
+                *, seed: int | None, device: Any) -> None:
+    """``init`` rules where given; else each owning module's ``reset_parameters``.
+
+    A module with some parameters loaded and some missing is reset whole first (its loaded
+    parameters are put in place afterwards); a parameter whose module has no
+    ``reset_parameters`` is zeroed, and the plan says so.
+    """
+    import torch
+
+    _fill_missing(model, p, seed=seed, device=device)
+    rest = {s.target: s for s in pending if not (s.fill or "").startswith("init: ")}
+    for mod_name, mod in model.named_modules():
+        own = {f"{mod_name}.{n}" if mod_name else n: t for n, t in mod.named_parameters(recurse=False)}
+        mine = [n for n in own if n in rest]
+        if not mine:
+            continue
+        if hasattr(mod, "reset_parameters"):
+            _materialize(model, [t for t in own.values() if t.is_meta], slots, device)
+            mod.reset_parameters()
+            continue
+        with torch.no_grad():
+            for n in mine:
+                model.get_parameter(n).zero_()
+                rest[n].fill = "zeros (its module has no reset_parameters)"
