@@ -77,6 +77,7 @@ _LAZY: dict[str, str] = {
     "load_rules": "keymap",
     "load_": "load",
     "build": "load",
+    "transfer": "load",
     "LoadReport": "load",
     "empty_init": "load",
 }

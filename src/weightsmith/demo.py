@@ -47,7 +47,40 @@ def step_save_and_inspect(out: Path, console: Any) -> None:
     console.print(list_checkpoint(ckpt))
 
 
-STEPS: list[Step] = [step_save_and_inspect]
+def step_warmstart(out: Path, console: Any) -> None:
+    """S23: warm-start model B (renamed layer, new head) from model A's checkpoint, plan first."""
+    import torch
+
+    import weightsmith as ws
+    from weightsmith.examples import model_a, model_b
+
+    torch.manual_seed(0)
+    a = model_a()
+    ws.save({f"module.{k}": v for k, v in a.state_dict().items()}, out / "model-a-ddp.safetensors")
+    _section(console, "Move: warm-start B from A's DataParallel checkpoint — the plan, before anything is written")
+    b = model_b()
+    rules = [("conv1", "backbone_conv"), ("head", "classifier")]
+    plan = ws.plan(b, out / "model-a-ddp.safetensors", rename=rules, on_mismatch=[("classifier", "adapt")])
+    console.print(plan)
+    _section(console, "Move: apply it, all or nothing")
+    report = ws.load_(b, out / "model-a-ddp.safetensors", plan=plan)
+    console.print(report)
+    same = torch.equal(b.fc.weight, a.fc.weight) and torch.equal(b.classifier.weight[:3], a.head.weight)
+    console.print(f"B.fc equals A.fc and B.classifier keeps A.head's 3 rows: {same}")
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    try:
+        ws.load_(b, out / "model-a-ddp.safetensors")  # no rules: strict load must refuse
+    except ws.WeightsmithError as e:
+        console.print(f"[yellow]refused as expected:[/] {str(e).splitlines()[0]}")
+    untouched = all(torch.equal(before[k], v) for k, v in b.state_dict().items())
+    console.print(f"model untouched after the refused load: {untouched}")
+    _section(console, "Move: build B directly from the file (parameters mapped, nothing initialized twice)")
+    built, report = ws.build(model_b, out / "model-a-ddp.safetensors", rename=rules,
+                             on_mismatch=[("classifier", "adapt")])
+    console.print(report)
+
+
+STEPS: list[Step] = [step_save_and_inspect, step_warmstart]
 
 
 def run(out: Path, console: Any) -> None:

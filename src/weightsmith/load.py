@@ -12,7 +12,7 @@ from .errors import ModelError
 from .keymap import apply_transform, parse_transforms
 from .plan import LoadPlan, PlanError, Source, Step, as_source, plan as make_plan
 
-__all__ = ["load_", "build", "LoadReport", "empty_init"]
+__all__ = ["load_", "build", "transfer", "LoadReport", "empty_init"]
 
 
 @dataclass
@@ -127,12 +127,14 @@ def _stage(p: LoadPlan, src: Source, state: Mapping[str, Any]) -> dict[str, Any]
 
 
 def _fill_missing(model: Any, p: LoadPlan, *, seed: int | None, device: Any = None) -> None:
-    from .init import init_
-
     by_rule: dict[str, set[str]] = {}
     for s in p.missing:
         if s.fill and s.fill.startswith("init: "):
             by_rule.setdefault(s.fill[len("init: "):], set()).add(s.target)
+    if not by_rule:
+        return
+    from .init import init_
+
     for how, names in by_rule.items():
         init_(model, [(lambda n, _p, names=names: n in names, how)], seed=seed, device=device)
 
@@ -200,6 +202,35 @@ def _report(p: LoadPlan) -> LoadReport:
                       filled=len(p.steps) - len(p.loaded), coverage=p.coverage,
                       provenance={s.target: _provenance(s) for s in p.steps},
                       unused={u.key: u.reason for u in p.unused})
+
+
+def transfer(source: Any, target: Any, *, strict: bool = False, min_coverage: float = 0.5,
+             **plan_options: Any) -> tuple[dict[str, Any], LoadReport]:
+    """A state dict shaped like ``target`` (a checkpoint, path or state dict) with values from ``source``.
+
+    The checkpoint-to-checkpoint form of `load_`: keys the source cannot fill keep the target's
+    own values. Used by ``weightsmith warmstart`` when the target is a file.
+    """
+    from pathlib import Path
+
+    from .checkpoint import Checkpoint, open as open_checkpoint
+
+    if plan_options.get("init") is not None:
+        raise PlanError("init rules need a model; with a checkpoint target, missing keys keep its values")
+    tgt = open_checkpoint(target) if isinstance(target, (str, Path)) else target
+    options = dict(plan_options)
+    root, trust = options.pop("root", None), options.pop("trust", False)
+    src = as_source(source, root=root, trust=trust)
+    p = make_plan(tgt, src, **options)
+    _check(p, strict=strict, min_coverage=min_coverage)
+    current = tgt.load() if isinstance(tgt, Checkpoint) else dict(tgt)
+    out = dict(current)
+    for key, value in _stage(p, src, current).items():
+        out[key] = value.to(dtype=current[key].dtype)
+    for step in p.steps:
+        if step.tied_to is not None:
+            out[step.target] = out[step.tied_to]
+    return out, _report(p)
 
 
 # -- build -------------------------------------------------------------------------------------
@@ -289,9 +320,6 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     root, trust = options.pop("root", None), options.pop("trust", False)
     src = as_source(source, root=root, trust=trust)
     p = make_plan(model, src, init=init, **options)
-    for s in p.missing:
-        if s.fill == "current value":
-            s.fill = "reset_parameters" if s.kind == "parameter" else "current value"
     _check(p, strict=strict, min_coverage=min_coverage)
     state = model.state_dict(keep_vars=True)
     slots = _slots(model)

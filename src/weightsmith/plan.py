@@ -48,6 +48,7 @@ class Step:
     index: int = 0                   # which piece of a one-to-many rule
     confidence: float = 1.0
     fill: str | None = None          # for missing keys: "init: ...", "current value", "reset_parameters"
+    tied_to: str | None = None       # for tied keys: the key whose value they share
     note: str = ""
 
     @property
@@ -200,7 +201,13 @@ def _digest(base: str, specs: Mapping[str, Any], ids: Sequence[int] = ()) -> str
 
 # -- the plan ----------------------------------------------------------------------------------
 def _targets(model: Any) -> tuple[dict[str, Any], dict[str, str], set[str], list[list[str]]]:
-    """Target tensors by name, their kind, non-persistent buffer names, and tie groups."""
+    """Target tensors by name, their kind, non-persistent buffer names, and tie groups.
+
+    ``model`` is an ``nn.Module``, or a checkpoint / state dict standing for one (its tensors
+    then count as parameters, and a checkpoint's ties as ties).
+    """
+    if not hasattr(model, "named_modules"):
+        return _mapping_targets(model)
     state = model.state_dict(keep_vars=True)
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     kinds = {k: "parameter" if k in params else "buffer" for k in state}
@@ -212,6 +219,22 @@ def _targets(model: Any) -> tuple[dict[str, Any], dict[str, str], set[str], list
     for k, v in state.items():
         groups.setdefault(id(v), []).append(k)
     return state, kinds, persistent_free, [g for g in groups.values() if len(g) > 1]
+
+
+def _mapping_targets(target: Any) -> tuple[dict[str, Any], dict[str, str], set[str], list[list[str]]]:
+    import torch
+
+    from .io._dtypes import to_torch
+
+    state: dict[str, Any] = {}
+    for k in target.keys():
+        v = target[k]
+        if isinstance(v, torch.Tensor):
+            state[k] = v
+        else:  # a TensorInfo: shape and dtype only
+            state[k] = torch.empty(v.shape, dtype=to_torch(v.dtype), device="meta")
+    ties = [list(g) for g in getattr(target, "ties", [])]
+    return state, {k: "parameter" for k in state}, set(), ties
 
 
 def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
@@ -340,17 +363,24 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
         loaded = [n for n in group if n in steps]
         for n in group:
             if n not in steps and loaded:
-                steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", note=f"tied to {loaded[0]}")
+                steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
+                                note=f"tied to {loaded[0]}")
             elif n in steps and loaded and n != loaded[0]:
                 s = steps.pop(n)
                 for k in s.sources:
                     unused[k] = Unused(k, src.specs[k][0], f"{n!r} is tied to {loaded[0]!r}, loaded from "
                                        f"{', '.join(steps[loaded[0]].sources)}", expected=True)
-                steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", note=f"tied to {loaded[0]}")
+                steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
+                                note=f"tied to {loaded[0]}")
     fill = _fill(model, init)
     ordered = []
     for t in state:
-        step = steps.get(t) or Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill=fill(t))
+        step = steps.get(t)
+        if step is None:
+            how = fill(t)
+            if how == "current value" and state[t].is_meta and kinds[t] == "parameter":
+                how = "reset_parameters"  # what build() does for a module constructed on meta
+            step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill=how)
         ordered.append(step)
     used = {k for s in ordered for k in s.sources}
     for k in src_keys:
@@ -360,7 +390,8 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
     for k, base in src.aliases.items():
         unused.setdefault(k, Unused(k, src.specs[k][0], f"tied to {base!r} in the source", expected=True))
     return LoadPlan(
-        source=src.name, fingerprint=src.fingerprint, target=type(model).__name__,
+        source=src.name, fingerprint=src.fingerprint,
+        target=type(model).__name__ if hasattr(model, "named_modules") else str(getattr(model, "path", "<state dict>")),
         prefix=prefix.describe(), steps=ordered,
         unused=sorted(unused.values(), key=lambda u: natural_key(u.key)),
         ambiguous=ambiguous, problems=problems)
@@ -412,7 +443,7 @@ def _fill(model: Any, init: Any) -> Callable[[str], str]:
     if isinstance(init, str):
         return lambda _t: f"init: {init}"
     rules = [(compile_selector(sel), how) for sel, how in init]
-    owners = {n: m for n, m in _owners(model).items()}
+    owners = _owners(model) if hasattr(model, "named_modules") else {}
 
     def fill(t: str) -> str:
         for m, how in rules:

@@ -18,6 +18,8 @@ __all__ = ["main", "cli"]
 _COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "Show the parameter table of a checkpoint or a model."),
     "check": ("check", "Check a checkpoint's health (NaN/Inf, dead or exploding tensors)."),
+    "plan": ("plan", "Show where each target key's value would come from."),
+    "warmstart": ("warmstart", "Write a checkpoint shaped for a target model, warm-started from a source."),
     "demo": ("demo", "Run the built-in example end to end."),
 }
 

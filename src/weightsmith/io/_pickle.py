@@ -17,6 +17,7 @@ How a global is used decides whether a file is safe to load:
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 from collections.abc import Callable
@@ -172,8 +173,12 @@ def _rebuild_from_type_v2(func: Any, _new_type: Any, args: Any, _state: Any) -> 
     return func(*args) if callable(func) else func
 
 
+class _AttrDict(dict):  # type: ignore[type-arg]
+    """A plain dict that also takes attributes: ``state_dict()`` pickles its ``_metadata`` as one."""
+
+
 def _ordered_dict(*args: Any) -> dict[Any, Any]:
-    return dict(*args)
+    return _AttrDict(*args)
 
 
 def _size(*args: Any) -> tuple[int, ...]:
@@ -250,6 +255,12 @@ class _Unpickler(pickle.Unpickler):
         self._placeholders: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # torch.save writes protocol 2, which spells Python 3 names the Python 2 way
+        # (``__builtin__.set``, ``copy_reg._reconstructor``); map them as pickle itself does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         full = f"{module}.{name}"
         if full in _TORCH_FUNCS:
             self._scan.note(full, "allowed")

@@ -46,6 +46,8 @@ class TorchFileReader(Reader):
         self._trusted = False
         if zipfile.is_zipfile(path):
             tree, self.scan = self._read_zip()
+        elif _starts_with(path, b"PK\x03\x04"):
+            raise CorruptCheckpointError(f"{path}: a zip archive without its central directory (truncated?)")
         else:
             self.format = "torch-legacy"
             tree, self.scan = self._read_legacy()
@@ -137,12 +139,15 @@ class TorchFileReader(Reader):
                 raise UnknownFormatError(f"{path}: not a safetensors, torch.save or folder checkpoint")
             f.seek(0)
             try:
+                # the magic number first: a plain pickle is another format, not a damaged file
+                magic = scan_pickles(f, count=1, legacy=True).objects[0]
+                if magic != LEGACY_MAGIC:
+                    raise UnknownFormatError(f"{path}: a pickle file, not a torch.save checkpoint")
+                f.seek(0)
                 scan = scan_pickles(f, count=5, legacy=True)
             except pickle.UnpicklingError as e:
                 raise CorruptCheckpointError(f"{path}: legacy torch file cannot be read ({e})") from e
-            magic, _proto, _sysinfo, tree, keys = scan.objects
-            if magic != LEGACY_MAGIC:
-                raise UnknownFormatError(f"{path}: a pickle file, not a torch.save checkpoint")
+            _magic, _proto, _sysinfo, tree, keys = scan.objects
             if not isinstance(keys, list):
                 raise CorruptCheckpointError(f"{path}: legacy storage key list is damaged")
             dtypes = {r.key: r.dtype for r in _storage_refs(tree)}
@@ -267,6 +272,11 @@ class TorchFileReader(Reader):
             base = tensor_from_buffer(self._map, offset, nbytes, ref.dtype)
             self._bases[ref.key] = base
         return base
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 def _torch_dtype(name: str) -> Any:

@@ -1,0 +1,41 @@
+"""``weightsmith warmstart SOURCE --into TARGET -o OUT``: a checkpoint shaped for TARGET, with its report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import abort, emit
+
+
+@click.command("warmstart")
+@click.argument("source")
+@click.option("--into", "target", required=True, help="Target: a checkpoint, or package.module:factory.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Checkpoint to write.")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False), help="Rename rules (.toml or .json).")
+@click.option("--exact", is_flag=True, help="No structural matching: names only.")
+@click.option("--on-mismatch", type=click.Choice(["error", "skip", "adapt"]), default="error", show_default=True)
+@click.option("--strict", is_flag=True, help="Every target key from the source, every source key used.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema weightsmith.load/1).")
+def command(source: str, target: str, out: Path, rules: str | None, exact: bool, on_mismatch: str,
+            strict: bool, force: bool, as_json: bool) -> None:
+    """Warm-start TARGET from SOURCE and write the result to OUT (plus OUT.report.json)."""
+    from ..load import build, transfer
+    from ..save import save
+    from ._target import is_factory, load_factory
+
+    if out.exists() and not force:
+        abort(f"{out} exists; pass --force to overwrite it")
+    options = {"rename": rules or (), "match": "exact" if exact else "auto", "on_mismatch": on_mismatch,
+               "strict": strict}
+    if is_factory(target):
+        model, report = build(load_factory(target), source, **options)
+        state = model.state_dict()
+    else:
+        state, report = transfer(source, target, **options)
+    save(state, out, metadata={"weightsmith.warmstart": f"{source} -> {target}"}
+         if out.suffix not in {".pt", ".pth", ".bin", ".ckpt"} else None)
+    Path(f"{out}.report.json").write_text(report.to_json())
+    emit(report, as_json=as_json)
