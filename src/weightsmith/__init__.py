@@ -49,6 +49,7 @@ _LAZY: dict[str, str] = {
     "InitReport": "init",
     "assign_": "assign",
     "update_": "assign",
+    "AssignReport": "assign",
     "snapshot": "snapshot",
     "restore_": "snapshot",
     "Snapshot": "snapshot",
@@ -67,6 +68,7 @@ _LAZY: dict[str, str] = {
     "ParamGroups": "groups",
     "GroupsReport": "groups",
     "cast_": "cast",
+    "CastReport": "cast",
     # move
     "save": "save",
     "SaveReport": "save",

@@ -1,0 +1,336 @@
+"""Safe, all-or-nothing writes into a live model.
+
+Every entry is checked before anything is written (name, shape, dtype), then values are copied
+in place with ``tensor.copy_`` under ``no_grad``: each Parameter object stays the same one, so an
+optimizer holding it keeps working, and a tie (one tensor under several names) stays a tie.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+
+from ._result import Result
+from .errors import AssignError
+from . import selectors
+from .selectors import Selector
+
+__all__ = ["AssignReport", "assign_", "update_"]
+
+
+@dataclass(frozen=True)
+class AssignReport(Result):
+    """What `assign_`, `update_` or `restore_` wrote.
+
+    Attributes:
+        written: the names whose values were given and written, in the order given.
+        through_ties: names not given that changed because they share a tensor with a written name.
+        skipped: ``(name, reason)`` for entries left alone (unknown names with ``strict=False``).
+    """
+
+    SCHEMA = "weightsmith.assign/1"
+
+    written: tuple[str, ...]
+    through_ties: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def _rich_(self) -> Group:
+        summary = f"{len(self.written)} written, {len(self.skipped)} skipped"
+        table = Table()
+        table.add_column("name")
+        table.add_column("result")
+        for name in self.written:
+            table.add_row(name, "written")
+        for name in self.through_ties:
+            table.add_row(name, "written (tied)")
+        for name, reason in self.skipped:
+            table.add_row(name, f"skipped: {reason}")
+        return Group(Text(summary), table)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One tensor of the model and every name it is registered under (more than one when tied)."""
+
+    names: tuple[str, ...]
+    tensor: torch.Tensor
+    is_buffer: bool
+
+
+def _slots(model: nn.Module, *, buffers: bool = True, persistent_only: bool = False) -> dict[str, _Slot]:
+    """Map every parameter (and buffer) name to its slot; tied names map to one shared slot.
+
+    Names come in ``state_dict`` order: each module's parameters, then its buffers, then its children.
+    """
+    found: dict[int, tuple[list[str], torch.Tensor, bool]] = {}
+    order: dict[str, None] = {}  # an ordered set
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        entries = [(k, t, False) for k, t in mod._parameters.items()]
+        if buffers:
+            entries += [
+                (k, t, True) for k, t in mod._buffers.items()
+                if not (persistent_only and k in mod._non_persistent_buffers_set)
+            ]
+        for short, tensor, is_buffer in entries:
+            name = prefix + short
+            if tensor is None or name in order:
+                continue
+            found.setdefault(id(tensor), ([], tensor, is_buffer))[0].append(name)
+            order[name] = None
+    slots = {id_: _Slot(tuple(names), tensor, is_buffer) for id_, (names, tensor, is_buffer) in found.items()}
+    by_name = {name: slots[id_] for id_, (names, _, _) in found.items() for name in names}
+    return {name: by_name[name] for name in order}
+
+
+def _fmt(shape: torch.Size | tuple[int, ...]) -> str:
+    return str(tuple(shape))
+
+
+def _same_value(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b or _same_view(a, b):  # e.g. both names of a tied tensor in a state dict
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or a.is_meta or b.is_meta:
+        return False
+    return torch.equal(a, b.to(a.device))
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory."""
+    return (
+        a.layout == b.layout == torch.strided and a.device == b.device and not a.is_meta
+        and a.dtype == b.dtype and a.shape == b.shape
+        and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+    )
+
+
+@dataclass
+class _Write:
+    slot: _Slot
+    value: torch.Tensor
+    given: list[str]
+
+
+def _plan(
+    model: nn.Module,
+    mapping: Mapping[str, Any],
+    *,
+    strict: bool,
+    slots: dict[str, _Slot] | None = None,
+    what: str = "value",
+) -> tuple[list[_Write], list[tuple[str, str]], list[str]]:
+    """Check every entry of ``mapping`` against ``model``; return the writes, skips and problems."""
+    slots = _slots(model) if slots is None else slots
+    writes: dict[int, _Write] = {}
+    skipped: list[tuple[str, str]] = []
+    problems: list[str] = []
+    for name, value in mapping.items():
+        slot = slots.get(name)
+        if slot is None:
+            if strict:
+                close = difflib.get_close_matches(name, list(slots), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{name!r}: no such parameter or buffer in {type(model).__name__}{hint}")
+            else:
+                skipped.append((name, "not in the model"))
+            continue
+        if not isinstance(value, torch.Tensor):
+            try:
+                value = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError) as e:
+                problems.append(f"{name!r}: the {what} is a {type(value).__name__}, not a tensor ({e})")
+                continue
+        target = slot.tensor
+        if value.layout != torch.strided:
+            problems.append(f"{name!r}: the {what} is a {value.layout} tensor; pass a dense one")
+        elif value.is_meta:
+            problems.append(f"{name!r}: the {what} is on the meta device and holds no data")
+        elif target.is_meta:
+            problems.append(
+                f"{name!r}: the model's tensor is on the meta device; materialize it first "
+                "(e.g. init_(model, rules, device='cpu'))"
+            )
+        elif value.shape != target.shape:
+            problems.append(f"{name!r}: expected shape {_fmt(target.shape)}, got {_fmt(value.shape)}")
+        elif not torch.can_cast(value.dtype, target.dtype):
+            problems.append(
+                f"{name!r}: cannot cast {value.dtype} to the model's {target.dtype} without losing "
+                f"values; convert it explicitly if that is intended"
+            )
+        write = writes.get(id(target))
+        if write is None:
+            writes[id(target)] = _Write(slot, value, [name])
+        elif _same_value(write.value, value):
+            write.given.append(name)
+        else:
+            problems.append(
+                f"{name!r} and {write.given[0]!r} are tied (one tensor) but were given different {what}s"
+            )
+    return list(writes.values()), skipped, problems
+
+
+def _raise(problems: list[str], total: int, *, verb: str = "assign") -> None:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    raise AssignError(
+        f"cannot {verb}: {len(problems)} problem(s) among {total} entries; nothing was written\n{lines}",
+        problems=tuple(problems),
+    )
+
+
+def _shares_memory(value: torch.Tensor, targets: list[torch.Tensor]) -> bool:
+    try:
+        ptr = value.untyped_storage().data_ptr()
+        return any(t.untyped_storage().data_ptr() == ptr for t in targets)
+    except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
+        return False
+
+
+def _write(writes: list[_Write]) -> None:
+    """Copy every value into its slot; on any failure put back what was already written."""
+    targets = [w.slot.tensor for w in writes]
+    for w in writes:
+        if _same_view(w.value, w.slot.tensor):
+            w.value = w.slot.tensor  # already in place: copying a tensor onto itself is a no-op
+        elif _shares_memory(w.value, targets):
+            # e.g. swapping two weights: the second read would see the first write
+            w.value = w.value.clone()
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    current = ""
+    try:
+        for w in writes:
+            current = w.given[0]
+            if w.value is w.slot.tensor:
+                continue
+            saved.append((w.slot.tensor, _copy(w.slot.tensor, None)))
+            w.slot.tensor.copy_(w.value)
+    except Exception as e:
+        for target, old in saved:
+            target.copy_(old)
+        raise AssignError(
+            f"writing {current!r} failed ({type(e).__name__}: {e}); every entry written before it "
+            "was restored, the model is unchanged",
+            problems=(f"{current!r}: {e}",),
+        ) from e
+
+
+def _report(writes: list[_Write], skipped: list[tuple[str, str]]) -> AssignReport:
+    given = [n for w in writes for n in w.given]
+    given_set = set(given)
+    tied = [n for w in writes for n in w.slot.names if n not in given_set]
+    return AssignReport(tuple(given), tuple(tied), tuple(skipped))
+
+
+def assign_(model: nn.Module, mapping: Mapping[str, Any], *, strict: bool = True) -> AssignReport:
+    """Write new values into parameters and buffers, checked first, all or nothing.
+
+    Every entry is checked before anything is written: the name exists, the shape is equal and the
+    dtype casts without losing values (integer → float is fine; float → integer and complex → real
+    are not). Values land on each tensor's own device and dtype, and each Parameter object stays
+    the same (an optimizer holding it keeps working). Names the mapping leaves out are not touched.
+    Writing one name of a tied group writes the shared tensor.
+
+    Args:
+        model: the live model.
+        mapping: dotted name → tensor (or anything ``torch.as_tensor`` accepts).
+        strict: names the model does not have are errors; with ``False`` they are skipped and
+            reported.
+
+    Returns:
+        An `AssignReport` of what was written, written through ties, and skipped.
+
+    Raises:
+        AssignError: listing every problem (name, expected vs given shape or dtype); the model is
+            unchanged. A write failing midway restores every entry written before it.
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> assign_(model, {"2.bias": torch.tensor([0.5])}).written
+    ('2.bias',)
+    """
+    writes, skipped, problems = _plan(model, mapping, strict=strict)
+    if problems:
+        _raise(problems, len(mapping))
+    with torch.no_grad():
+        _write(writes)
+    return _report(writes, skipped)
+
+
+def update_(
+    model: nn.Module,
+    fn: Callable[[torch.Tensor], torch.Tensor | None],
+    *,
+    select: Selector | None = None,
+    buffers: bool = False,
+) -> AssignReport:
+    """Change selected parameters through a function, checked and written like `assign_`.
+
+    ``fn`` receives a detached copy of each selected tensor (once per tied group). It may return a
+    new tensor of the same shape, or change its argument in place and return ``None``; either way
+    the result is checked and then written into the model's own tensor. Rebinding a name — the
+    classic ``param = torch.zeros(...)`` that silently does nothing — cannot happen here.
+    Nothing is written unless ``fn`` succeeds and every result fits.
+
+    Args:
+        model: the live model.
+        fn: ``fn(tensor) -> Tensor | None``.
+        select: which tensors (see `weightsmith.selectors`); every parameter by default.
+        buffers: also offer buffers to ``select`` (and change them when selected).
+
+    Returns:
+        An `AssignReport`; ``written`` names one name per tied group.
+
+    Raises:
+        AssignError: ``fn`` raised or returned something that does not fit; the model is unchanged.
+        SelectorError: ``select`` matched nothing.
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> report = update_(model, lambda t: t * 0.5, select=lambda name, t: t.ndim > 1)
+    >>> report.written
+    ('0.weight', '2.weight')
+    """
+    slots = _slots(model, buffers=buffers)
+    names = list(slots) if select is None else selectors.select(model, select, buffers=buffers)
+    results: dict[str, Any] = {}
+    problems: list[str] = []
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name in names:
+            slot = slots[name]
+            if id(slot.tensor) in seen:
+                continue  # a tied tensor is changed once, not once per name
+            seen.add(id(slot.tensor))
+            if slot.tensor.is_meta:
+                problems.append(f"{name!r}: the model's tensor is on the meta device and holds no data")
+                continue
+            copy = slot.tensor.detach().clone()
+            try:
+                out = fn(copy)
+            except Exception as e:
+                raise AssignError(
+                    f"fn raised on {name!r} ({type(e).__name__}: {e}); nothing was written",
+                    problems=(f"{name!r}: {e}",),
+                ) from e
+            if out is not None and not isinstance(out, torch.Tensor):
+                problems.append(f"{name!r}: fn returned a {type(out).__name__}; return a tensor or None")
+                continue
+            results[name] = copy if out is None else out
+        writes, _, more = _plan(model, results, strict=True, slots=slots, what="result")
+        problems += more
+        if problems:
+            _raise(problems, len(seen), verb="update")
+        _write(writes)
+    return _report(writes, [])
+
+
+def _copy(tensor: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+    """A detached copy of ``tensor`` on ``device`` (``None``: its own), in fresh memory."""
+    out = torch.empty_like(tensor, device=device or tensor.device, requires_grad=False)
+    out.copy_(tensor.detach())
+    return out
