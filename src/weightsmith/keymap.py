@@ -71,8 +71,8 @@ def align_prefixes(source: Iterable[str], target: Iterable[str]) -> PrefixMap:
     then known wrapper prefixes, when several do equally well.
     """
     src, tgt = list(source), set(target)
-    strips = [""] + [p for p, n in _leading_prefixes(src).items() if n * 4 >= len(src) or n >= 2]
-    adds = [""] + [p for p, n in _leading_prefixes(tgt).items() if n * 4 >= len(tgt) or n >= 2]
+    strips = [""] + [p for p, n in _leading_prefixes(src).items() if _prefix_like(p, n, len(src))]
+    adds = [""] + [p for p, n in _leading_prefixes(tgt).items() if _prefix_like(p, n, len(tgt))]
     best, best_score = PrefixMap(), -1
     for strip in strips:
         stripped = [k[len(strip):] if strip and k.startswith(strip) else k for k in src]
@@ -83,6 +83,14 @@ def align_prefixes(source: Iterable[str], target: Iterable[str]) -> PrefixMap:
             if hits and score > best_score:
                 best, best_score = PrefixMap(strip, add), score
     return best
+
+
+def _prefix_like(prefix: str, count: int, total: int) -> bool:
+    # A known wrapper may cover part of the keys (a backbone inside a detector); any other shared
+    # segment must cover most of them, or renaming one module ("q." -> "qk.") would pass for a prefix.
+    if _is_wrapper(prefix):
+        return count * 4 >= total or count >= 2
+    return count * 2 > total
 
 
 def _is_wrapper(prefix: str) -> bool:
@@ -205,13 +213,21 @@ class Rule:
     transforms: tuple[Transform, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
+        bad = [p for p in (*self.sources, *self.targets) if not isinstance(p, str) or not p]
+        if bad or not isinstance(self.transform, (str, type(None))):
+            raise SelectorError(f"rule {self.source!r} -> {self.target!r}: patterns must be non-empty strings "
+                                f"and the transform a string, got {(bad or [self.transform])[0]!r}")
         object.__setattr__(self, "transforms", parse_transforms(self.transform))
         regex = any(p.startswith("re:") for p in self.sources)
         if regex and (len(self.sources) > 1 or len(self.targets) > 1):
             raise SelectorError(f"rule {self}: a regex rule renames one source to one target")
-        for pat in self.sources if regex else (*self.sources, *self.targets):
-            if not pat.startswith("re:"):
+        try:
+            if regex:  # compiles the pattern and checks the replacement's group references
+                re.compile(self.sources[0][3:]).sub(self.targets[0], "")
+            for pat in () if regex else (*self.sources, *self.targets):
                 glob_to_regex(pat)  # raises SelectorError on a malformed pattern
+        except re.error as e:  # a bad regex, or one capture name used twice in a pattern
+            raise SelectorError(f"rule {self}: {e}") from e
         if len(self.sources) > 1 and len(self.targets) > 1:
             raise SelectorError(f"rule {self}: several sources and several targets at once is not supported")
         if len(self.sources) > 1 and not any(t.name == "cat" for t in self.transforms):
@@ -288,6 +304,9 @@ def as_rules(rename: Any) -> tuple[Rule, ...]:
         return (rename,)
     if isinstance(rename, Mapping):
         return tuple(Rule(str(k), str(v)) for k, v in rename.items())
+    if not isinstance(rename, Iterable):
+        raise SelectorError(f"cannot read rename rules from a {type(rename).__name__}: give Rule objects, "
+                            "(source, target[, transform]) tuples, a mapping or a rules file path")
     rules: list[Rule] = []
     for item in rename:
         if isinstance(item, Rule):
@@ -303,6 +322,8 @@ def as_rules(rename: Any) -> tuple[Rule, ...]:
 
 
 def _rule_from_mapping(item: Mapping[str, Any]) -> Rule:
+    if not isinstance(item, Mapping):
+        raise SelectorError(f"rename rule {item!r} must be a table with 'source' and 'target'")
     if "source" not in item or "target" not in item:
         raise SelectorError(f"rename rule {dict(item)!r} needs 'source' and 'target'")
     src, tgt = item["source"], item["target"]
@@ -341,4 +362,10 @@ def load_rules(path: str | Path) -> tuple[Rule, ...]:
         raise WeightsmithError(f"{p}: the rules file is not valid {p.suffix.lstrip('.') or 'JSON'} ({e})") from e
     if not isinstance(data, list):
         raise WeightsmithError(f"{p}: expected a list of rename rules")
-    return tuple(_rule_from_mapping(item) for item in data)
+    rules = []
+    for i, item in enumerate(data, 1):
+        try:
+            rules.append(_rule_from_mapping(item))
+        except WeightsmithError as e:  # say which file and which rule
+            raise type(e)(f"{p}: rule {i}: {e}") from e
+    return tuple(rules)

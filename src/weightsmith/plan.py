@@ -17,7 +17,7 @@ from typing import Any
 
 from ._result import Result
 from .adapt import find_adapter
-from .errors import WeightsmithError
+from .errors import CheckpointError, CheckpointNotFoundError, WeightsmithError
 from .keymap import Rule, align_prefixes, as_rules, expected_shape, natural_key, parse_transforms
 from .selectors import compile_selector
 
@@ -173,7 +173,11 @@ def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> S
         source = open_checkpoint(source, root=root, trust=trust)
     if isinstance(source, Checkpoint):
         specs = {k: (tuple(i.shape), i.dtype) for k, i in source.items()}
-        stat = Path(source.path).stat()
+        try:
+            stat = Path(source.path).stat()
+        except OSError as e:  # moved or deleted since it was opened
+            raise CheckpointNotFoundError(f"{source.path}: the checkpoint is gone since it was opened "
+                                          f"({e.strerror or e}); open it again") from e
         fp = f"{Path(source.path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{source.root}"
         aliases = {k: g[0] for g in source.ties for k in g[1:]}
         return Source(str(source.path), _digest(fp, specs), specs, source.tensor, aliases)
@@ -185,9 +189,12 @@ def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> S
     else:
         raise WeightsmithError(f"cannot load from a {type(source).__name__}: give a path, a checkpoint, "
                                "a state dict or a model")
-    specs = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()
-             if hasattr(v, "shape")}
-    return Source(name, _digest(name, specs, ids=[id(state[k]) for k in specs]), specs, state.__getitem__)
+    try:  # one pass over the values: a mapping that reads lazily may fail here
+        values = {k: v for k, v in state.items() if hasattr(v, "shape")}
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot read the {name}: {e}") from e
+    specs = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in values.items()}
+    return Source(name, _digest(name, specs, ids=[id(v) for v in values.values()]), specs, state.__getitem__)
 
 
 def _digest(base: str, specs: Mapping[str, Any], ids: Sequence[int] = ()) -> str:
@@ -424,7 +431,8 @@ def _apply_rule(rule: Rule, name: str, mapped: Mapping[str, str]) -> list[Step] 
             continue
         if rule.sources[j].startswith("re:"):
             new = rule.rename(name)
-            return [Step(new, "", (), "", "rule", (mapped[name],), note=str(rule))] if new else None
+            transforms = tuple(str(t) for t in rule.transforms)
+            return [Step(new, "", (), "", "rule", (mapped[name],), transforms, note=str(rule))] if new else None
         caps, suffix = hit
         names = rule.source_names(caps, suffix)
         missing = [n for n in names if n not in mapped]

@@ -163,7 +163,10 @@ def _save_torch(tensors: Mapping[str, Any], stored: list[tuple[str, Any]], ties:
     from .io.atomic import atomic_file
 
     with atomic_file(path) as f:
-        torch.save(dict(tensors), f)  # torch.save keeps ties: shared storages are written once
+        try:
+            torch.save(dict(tensors), f)  # torch.save keeps ties: shared storages are written once
+        except RuntimeError as e:  # torch's zip writer turns a failed write (disk full) into this
+            raise SaveError(f"{path}: torch.save failed ({e}); the previous file is intact") from e
     nbytes = sum(t.numel() * t.element_size() for _, t in stored)
     return SaveReport(str(path), "torch", [str(path)], len(tensors), nbytes, ties)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import pickle
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,7 +192,22 @@ def _encode(text: Any, encoding: str = "utf-8") -> bytes:
     return str(text).encode(encoding)
 
 
-def _reconstructor(cls: Any, _base: Any = None, _state: Any = None) -> Any:
+def _bytearray(*args: Any) -> bytearray:
+    # pickles rebuild a bytearray from its bytes; bytearray(<int>) would let a few bytes of
+    # file allocate and zero-fill any amount of memory
+    if args and not isinstance(args[0], (bytes, str)):
+        raise pickle.UnpicklingError(f"refusing bytearray({type(args[0]).__name__})")
+    return bytearray(*args)
+
+
+# bases whose __init__ copyreg._reconstructor may call without running anything of note
+_PLAIN_BASES = {"builtins.object", "builtins.dict", "builtins.list", "builtins.set", "builtins.tuple"}
+
+
+def _reconstructor(cls: Any, base: Any = None, _state: Any = None) -> Any:
+    # a real unpickler calls base.__init__(obj, state): code, unless the base is a plain type
+    if isinstance(base, type) and issubclass(base, Opaque) and base._ws_global not in _PLAIN_BASES:
+        _scan_of(base).note(base._ws_global, "called")
     if isinstance(cls, type) and issubclass(cls, Opaque):
         return cls.__new__(cls)
     return cls
@@ -228,7 +244,7 @@ _TORCH_FUNCS: dict[str, Callable[..., Any]] = {
     "builtins.frozenset": frozenset,
     "builtins.slice": slice,
     "builtins.complex": complex,
-    "builtins.bytearray": bytearray,
+    "builtins.bytearray": _bytearray,
 }
 
 _TORCH_DTYPE_NAMES = {
@@ -245,6 +261,25 @@ def is_allowed(module: str, name: str) -> bool:
     return (full in _TORCH_FUNCS
             or (module == "torch" and (name in STORAGE_TO_NAME or name == "UntypedStorage"
                                        or name in _TORCH_DTYPE_NAMES)))
+
+
+class _Sealed:
+    """An allowlisted function as a pickle sees it: callable, but closed to ``BUILD``.
+
+    Handing out the function itself would let a pickle ``BUILD`` onto it (``setattr`` of
+    ``__defaults__`` and the like), changing how every later file in the process is read.
+    """
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError(f"the pickle sets state on the function {self._fn.__name__}")
 
 
 class _Unpickler(pickle.Unpickler):
@@ -264,7 +299,8 @@ class _Unpickler(pickle.Unpickler):
         full = f"{module}.{name}"
         if full in _TORCH_FUNCS:
             self._scan.note(full, "allowed")
-            return _TORCH_FUNCS[full]
+            fn = _TORCH_FUNCS[full]
+            return _Sealed(fn) if isinstance(fn, types.FunctionType) else fn
         if module == "torch" and (name in STORAGE_TO_NAME or name == "UntypedStorage"):
             self._scan.note(full, "allowed")
             return _Token(STORAGE_TO_NAME.get(name, "uint8"))
@@ -311,8 +347,19 @@ def scan_pickles(stream: Any, *, count: int | None = None, legacy: bool = False)
         try:
             scan.objects.append(unpickler.load())
         except EOFError:
-            raise pickle.UnpicklingError("the pickle stream ends early (truncated?)") from None
+            raise _failed("the pickle stream ends early (truncated?)", scan) from None
         except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError,
                 IndexError, UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as e:
-            raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from e
+            raise _failed(f"{type(e).__name__}: {e}", scan) from e
     return scan
+
+
+def _failed(message: str, scan: PickleScan) -> pickle.UnpicklingError:
+    """The error for an unreadable pickle, carrying what was read before it (``.scan``).
+
+    A real unpickler runs each call as it reaches it, so a pickle that calls code and is then
+    malformed is as unsafe as a well-formed one; callers check ``error.scan.called``.
+    """
+    error = pickle.UnpicklingError(message)
+    error.scan = scan  # type: ignore[attr-defined]
+    return error

@@ -93,13 +93,17 @@ def flatten(node: Any, is_tensor: Callable[[Any], bool]) -> tuple[dict[str, Any]
     """Tensors under ``node`` with dotted keys (nested dicts joined by ``.``), and the rest by type."""
     tensors: dict[str, Any] = {}
     others: dict[str, str] = {}
+    # a pickle can share one dict under many names or nest it in itself: walking each dict
+    # once keeps a few bytes of pickle from unfolding into billions of keys
+    walked: set[int] = {id(node)}
 
     def walk(prefix: str, cur: Any, depth: int) -> None:
         for name, child in _children(cur):
             key = f"{prefix}.{name}" if prefix else name
             if is_tensor(child):
                 tensors[key] = child
-            elif isinstance(child, dict) and depth < 32:
+            elif isinstance(child, dict) and depth < 32 and id(child) not in walked:
+                walked.add(id(child))
                 walk(key, child, depth + 1)
             else:
                 others[key] = describe(child)
@@ -112,10 +116,12 @@ def other_objects(tree: Any, is_tensor: Callable[[Any], bool], root: str) -> dic
     """Objects outside the root that are not plain data, by path: class names, never constructed."""
     out: dict[str, str] = {}
     stack: list[tuple[str, Any]] = [("", tree)]
+    seen: set[int] = set()
     while stack:
         path, node = stack.pop()
-        if path == root:
+        if path == root or id(node) in seen:
             continue
+        seen.add(id(node))
         if isinstance(node, Opaque):
             out[path or "/"] = node._ws_global
             continue

@@ -79,16 +79,21 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
         raise SaveError(f"{path}: the folder {path.parent} does not exist")
     clean_stale(path)
     tmp = _temp_name(path)
+    replaced = False
     try:
         with open(tmp, "xb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        replaced = True
         fsync_dir(path.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and replaced:
+            raise SaveError(f"{path}: written, but the folder could not be synced ({e.strerror or e}); "
+                            "the new file is in place and may not survive a power loss") from e
         if isinstance(e, OSError):
             raise SaveError(f"{path}: could not be written ({e.strerror or e}); the previous file is intact") from e
         raise

@@ -12,7 +12,7 @@ from ._base import Reader, TensorInfo
 from ._dtypes import nbytes_of
 from ._pickle import Opaque, scan_pickle
 from .sharded import confine
-from .torchfile import unsafe_message
+from .torchfile import unreadable, unsafe_message
 
 __all__ = ["DcpReader", "Chunk", "METADATA_NAME"]
 
@@ -49,7 +49,7 @@ class DcpReader(Reader):
         try:
             scan = scan_pickle(meta_path.read_bytes())
         except pickle.UnpicklingError as e:
-            raise CorruptCheckpointError(f"{meta_path}: cannot be read ({e})") from e
+            raise unreadable(meta_path, "the metadata", e) from e
         if scan.called:
             raise UnsafeCheckpointError(unsafe_message(meta_path, scan.called), globals=scan.called)
         try:

@@ -7,6 +7,7 @@ from the file (entries are stored uncompressed). No torch import is needed to li
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 import zipfile
@@ -19,7 +20,7 @@ from ._dtypes import BITS, nbytes_of
 from ._pickle import PickleScan, StorageRef, TensorRecord, scan_pickle, scan_pickles
 from ._tree import choose_root, find_roots, flatten, other_objects, resolve_root
 
-__all__ = ["TorchFileReader", "LEGACY_MAGIC", "unsafe_message"]
+__all__ = ["TorchFileReader", "LEGACY_MAGIC", "unsafe_message", "unreadable"]
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_PICKLE = 1 << 30  # a data.pkl beyond 1 GiB is no state dict
@@ -34,6 +35,19 @@ def unsafe_message(path: Path, called: tuple[str, ...]) -> str:
             "came from, open it with trust=True (CLI: --trust)")
 
 
+def unreadable(path: Path, what: str, error: pickle.UnpicklingError, *, trust: bool = False) -> Exception:
+    """The error for a pickle the restricted reader could not finish.
+
+    If it called code before the point where it broke, a real unpickler would have run that
+    code: the file is unsafe rather than merely damaged.
+    """
+    partial = getattr(error, "scan", None)
+    called = partial.called if isinstance(partial, PickleScan) else ()
+    if called and not trust:
+        return UnsafeCheckpointError(unsafe_message(path, called), globals=called)
+    return CorruptCheckpointError(f"{path}: {what} cannot be read ({error})")
+
+
 class TorchFileReader(Reader):
     """A ``torch.save`` checkpoint (zip or legacy); tensors map copy-on-write from the file."""
 
@@ -44,6 +58,7 @@ class TorchFileReader(Reader):
         self._bases: dict[str, Any] = {}
         self._map: Any = None
         self._trusted = False
+        self._trust = trust
         if zipfile.is_zipfile(path):
             tree, self.scan = self._read_zip()
         elif _starts_with(path, b"PK\x03\x04"):
@@ -51,9 +66,10 @@ class TorchFileReader(Reader):
         else:
             self.format = "torch-legacy"
             tree, self.scan = self._read_legacy()
-        if self.scan.called:
-            if not trust:
-                raise UnsafeCheckpointError(unsafe_message(path, self.scan.called), globals=self.scan.called)
+        if self.scan.called and not trust:
+            raise UnsafeCheckpointError(unsafe_message(path, self.scan.called), globals=self.scan.called)
+        # a pickled nn.Module keeps its tensors inside objects the restricted reader never builds
+        if trust and (self.scan.called or not find_roots(tree, self._is_tensor)):
             tree = self._load_trusted()
         self._records = self._select_root(tree, root)
         self.infos = self._infos()
@@ -76,7 +92,9 @@ class TorchFileReader(Reader):
                 "If you trust it, load it with torch.jit.load and save its state_dict()",
                 globals=("torch.jit",))
         byteorder = entries.get(f"{prefix}byteorder")
-        if byteorder is not None and self._raw(byteorder).strip() not in (b"little", b""):
+        order = byteorder and (self._raw(byteorder) if byteorder.compress_type == zipfile.ZIP_STORED
+                               else self._inflate(byteorder))  # re-zipped files deflate it too
+        if order and order.strip() not in (b"little", b""):
             raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported")
         info = entries[pkls[0]]
         if info.file_size > _MAX_PICKLE:
@@ -85,7 +103,9 @@ class TorchFileReader(Reader):
         try:
             scan = scan_pickle(data)
         except pickle.UnpicklingError as e:
-            raise CorruptCheckpointError(f"{path}: data.pkl cannot be read ({e})") from e
+            raise unreadable(path, "data.pkl", e, trust=self._trust) from e
+        if not self._trust and not scan.called:
+            self._refuse_hidden_pickles(entries, pkls[0])
         for ref in _storage_refs(scan.objects[0]):
             name = f"{prefix}data/{ref.key}"
             entry = entries.get(name)
@@ -101,6 +121,30 @@ class TorchFileReader(Reader):
                     f"{path}: storage {ref.key!r} holds {entry.file_size:,} bytes, its tensors need {need:,}")
             self._spans[ref.key] = (self._data_offset(entry), need)
         return scan.objects[0], scan
+
+    def _refuse_hidden_pickles(self, entries: dict[str, zipfile.ZipInfo], data_pkl: str) -> None:
+        """Refuse an archive carrying another ``.pkl`` member that would call code.
+
+        torch.load never reads such a member, but a file that hides one is not a plain
+        checkpoint, and the next tool to open it may unpickle it.
+        """
+        for name, info in entries.items():
+            if name == data_pkl or not name.endswith(".pkl") or info.file_size > _MAX_PICKLE:
+                continue
+            try:
+                data = self._raw(info) if info.compress_type == zipfile.ZIP_STORED else self._inflate(info)
+                called = scan_pickles(io.BytesIO(data)).called
+            except pickle.UnpicklingError as e:
+                partial = getattr(e, "scan", None)
+                called = partial.called if isinstance(partial, PickleScan) else ()
+            except CorruptCheckpointError:
+                continue  # unreadable bytes that nothing reads
+            if called:
+                raise UnsafeCheckpointError(
+                    f"{self.path}: member {name!r} is a pickle that would call {', '.join(called[:8])} "
+                    "(read from its opcodes, not run); torch.load skips it, but a checkpoint that hides "
+                    "one is not plain data. If you trust where the file came from, open it with trust=True",
+                    globals=called)
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         with open(self.path, "rb") as f:
@@ -140,13 +184,16 @@ class TorchFileReader(Reader):
             f.seek(0)
             try:
                 # the magic number first: a plain pickle is another format, not a damaged file
-                magic = scan_pickles(f, count=1, legacy=True).objects[0]
+                first = scan_pickles(f, count=1, legacy=True)
+                if first.called and not self._trust:
+                    raise UnsafeCheckpointError(unsafe_message(path, first.called), globals=first.called)
+                magic = first.objects[0]
                 if magic != LEGACY_MAGIC:
                     raise UnknownFormatError(f"{path}: a pickle file, not a torch.save checkpoint")
                 f.seek(0)
                 scan = scan_pickles(f, count=5, legacy=True)
             except pickle.UnpicklingError as e:
-                raise CorruptCheckpointError(f"{path}: legacy torch file cannot be read ({e})") from e
+                raise unreadable(path, "the legacy torch file", e, trust=self._trust) from e
             _magic, _proto, _sysinfo, tree, keys = scan.objects
             if not isinstance(keys, list):
                 raise CorruptCheckpointError(f"{path}: legacy storage key list is damaged")

@@ -1,0 +1,164 @@
+"""Health checks: turn per-tensor statistics into named findings (NaN, Inf, dead, exploding)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ._result import Result
+from .selectors import Selector
+from .stats import CHUNK_BYTES, Progress, StatsReport, TensorStats, stats
+
+__all__ = ["Finding", "HealthReport", "check", "CHECKS", "MAX_ABS"]
+
+# every kind of finding, in the order they are reported for one tensor
+CHECKS: tuple[str, ...] = ("nan", "inf", "all_zero", "constant", "exploding")
+MAX_ABS = 1e4  # trained weights rarely leave |w| < 100; 1e4 means something diverged
+
+_FLOATING = ("float", "bfloat", "complex")
+
+
+@dataclass
+class Finding:
+    """One problem in one tensor.
+
+    Attributes:
+        key: the tensor's name.
+        kind: one of `CHECKS`.
+        value: the count (``nan``, ``inf``), the constant value (``all_zero``, ``constant``)
+            or the largest magnitude (``exploding``).
+        message: a sentence saying what was found.
+    """
+
+    key: str
+    kind: str
+    value: float
+    message: str
+
+
+@dataclass
+class HealthReport(Result):
+    """Findings over every tensor checked; ``ok`` when there are none.
+
+    Attributes:
+        source: what was checked.
+        checked: how many tensors were checked.
+        findings: the problems, tensor by tensor.
+        max_abs: the magnitude above which a tensor counts as exploding.
+        skipped: names that could not be read (meta, sharded) -> why.
+    """
+
+    SCHEMA: ClassVar[str] = "weightsmith.health/1"
+
+    source: str
+    checked: int
+    findings: list[Finding] = field(default_factory=list)
+    max_abs: float = MAX_ABS
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no check found anything."""
+        return not self.findings
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready builtins, ``ok`` included."""
+        return {**super().to_dict(), "ok": self.ok}
+
+    def _rich_(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        skipped = (f" ({len(self.skipped)} skipped: {', '.join(self.skipped)})"
+                   if self.skipped else "")
+        if self.ok:
+            return Text(f"healthy: {_tensors(self.checked)} checked{skipped}")
+        table = Table(title=f"health of {self.source}")
+        for col in ("tensor", "finding", "value", "detail"):
+            table.add_column(col)
+        for f in self.findings:
+            table.add_row(f.key, f.kind, f"{f.value:.6g}", f.message)
+        tensors = len({f.key for f in self.findings})
+        return Group(table, Text(f"{len(self.findings)} finding{'s' * (len(self.findings) != 1)}"
+                                 f" in {tensors} of {_tensors(self.checked)} checked{skipped}"))
+
+
+def _tensors(n: int) -> str:
+    return f"{n:,} tensor{'s' * (n != 1)}"
+
+
+def check(
+    target: nn.Module | Mapping[str, Any] | StatsReport,
+    *,
+    select: Selector | None = None,
+    max_abs: float = MAX_ABS,
+    checks: Collection[str] = CHECKS,
+    chunk_bytes: int = CHUNK_BYTES,
+    progress: Progress | None = None,
+) -> HealthReport:
+    """Check every floating-point tensor for NaN, Inf, all-zero, constant and exploding values.
+
+    Integer and bool tensors (step counters, index buffers) are measured but not judged.
+
+    Args:
+        target: a model, a state dict, an opened checkpoint, or a `StatsReport` already made.
+        select: only these names (see `weightsmith.selectors`); not with a `StatsReport`.
+        max_abs: a tensor whose largest finite magnitude exceeds this is ``exploding``.
+        checks: the kinds of finding to look for, a subset of `CHECKS`. A freshly built
+            model has all-zero biases and constant norm weights by design; leave out
+            ``"all_zero"`` and ``"constant"`` to check one.
+        chunk_bytes: passed to `stats`.
+        progress: passed to `stats`: ``progress(done_bytes, total_bytes, key)``.
+
+    Returns:
+        A `HealthReport`; ``report.ok`` is the verdict.
+
+    Raises:
+        ValueError: an unknown check, a bad ``max_abs``, or ``select`` with a `StatsReport`.
+
+    >>> import torch
+    >>> r = check({"w": torch.tensor([1.0, float("nan")]), "b": torch.tensor([0.5, -0.5])})
+    >>> r.ok, [(f.key, f.kind, f.value) for f in r.findings]
+    (False, [('w', 'nan', 1)])
+    """
+    problems = []
+    unknown = sorted(set(checks) - set(CHECKS))
+    if unknown or isinstance(checks, str):
+        problems.append(f"unknown checks {unknown or checks!r}; choose from {', '.join(CHECKS)}")
+    if not isinstance(max_abs, (int, float)) or not max_abs > 0:
+        problems.append(f"max_abs must be a positive number, got {max_abs!r}")
+    if isinstance(target, StatsReport) and select is not None:
+        problems.append("select= cannot narrow a StatsReport; pass select= to stats() instead")
+    if problems:
+        raise ValueError("; ".join(problems))
+    report = target if isinstance(target, StatsReport) else stats(
+        target, select=select, chunk_bytes=chunk_bytes, progress=progress)
+    wanted = set(checks)
+    findings = [f for s in report.tensors for f in _judge(s, max_abs) if f.kind in wanted]
+    return HealthReport(report.source, len(report.tensors), findings, float(max_abs),
+                        dict(report.skipped))
+
+
+def _judge(s: TensorStats, max_abs: float) -> list[Finding]:
+    if not s.dtype.startswith(_FLOATING):
+        return []
+    out = []
+    if s.nan_count:
+        out.append(Finding(s.key, "nan", s.nan_count,
+                           f"{s.nan_count:,} of {s.numel:,} values are NaN"))
+    if s.inf_count:
+        out.append(Finding(s.key, "inf", s.inf_count,
+                           f"{s.inf_count:,} of {s.numel:,} values are infinite"))
+    if s.numel and s.zero_fraction == 1.0:
+        out.append(Finding(s.key, "all_zero", 0.0, f"all {s.numel:,} values are zero"))
+    elif s.numel > 1 and s.std == 0.0 and s.finite:
+        out.append(Finding(s.key, "constant", s.mean,
+                           f"all {s.numel:,} values equal {s.mean:.6g}"))
+    if s.absmax > max_abs:
+        out.append(Finding(s.key, "exploding", s.absmax,
+                           f"largest magnitude {s.absmax:.6g} exceeds {max_abs:g}"))
+    return out

@@ -1,0 +1,564 @@
+"""Per-tensor statistics in one chunked pass: mean, std, range, norm, zeros, NaN and Inf counts.
+
+Each tensor is read once, in chunks of a flattened view on its own device, so a huge tensor
+never doubles memory; a checkpoint is streamed tensor by tensor. Moments are combined across
+chunks in float64 (Chan et al.'s parallel update); where a chunk's mean dominates its spread,
+its squares are taken about that mean, so data with mean 1 and std 1e-3 keeps its std to float
+precision where a plain float32 sum of squares is off by percents.
+
+On the CPU, chunks are measured by a few worker threads at once, each with single-threaded
+numpy kernels (BLAS dot products, SIMD min/max): a handful of short operations per chunk, with
+no thread barrier inside any of them, keeps pace with memory even on a busy machine, where
+multi-threaded torch reductions each wait for their slowest thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._result import Result
+from .selectors import Selector, select as select_names
+from .summary import _dtype_name, _is_checkpoint, _is_dtensor, _module_tensors, _storage_key
+
+__all__ = ["TensorStats", "StatsReport", "stats", "CHUNK_BYTES", "MAX_WORKERS"]
+
+# Elements per step, in bytes of the working dtype. Small enough that the chunks in flight stay
+# in a typical L3 cache between the passes over them, large enough to amortize per-call overhead.
+CHUNK_BYTES = 4 * 2**20
+MAX_WORKERS = 8  # memory bandwidth, not cores, bounds the pass; more threads add only buffers
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class TensorStats:
+    """Statistics of one tensor.
+
+    ``mean``, ``std`` (population: divides by n), ``min``, ``max``, ``absmax`` and ``l2`` are
+    over the finite values; ``nan_count`` and ``inf_count`` count the others. They are
+    ``nan`` when there is no finite value. Complex tensors are measured over their real and
+    imaginary parts.
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    absmax: float
+    l2: float
+    zero_fraction: float
+    nan_count: int
+    inf_count: int
+
+    @property
+    def finite(self) -> bool:
+        """Whether every value is finite."""
+        return self.nan_count == 0 and self.inf_count == 0
+
+
+@dataclass
+class StatsReport(Result):
+    """`TensorStats` for each tensor measured, in the target's order.
+
+    Attributes:
+        source: what was measured (a class name or a checkpoint path).
+        tensors: one entry per distinct tensor.
+        aliases: tied names -> the name they were measured under (a shared tensor is read once).
+        skipped: names that hold no readable data (meta, lazy, sharded) -> why.
+        nbytes: bytes read.
+    """
+
+    SCHEMA: ClassVar[str] = "weightsmith.stats/1"
+
+    source: str
+    tensors: list[TensorStats]
+    aliases: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def __getitem__(self, key: str) -> TensorStats:
+        key = self.aliases.get(key, key)
+        for s in self.tensors:
+            if s.key == key:
+                return s
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[TensorStats]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def _rich_(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"statistics of {self.source}",
+                      caption=f"{len(self.tensors)} tensors, {self.nbytes:,} bytes read"
+                      + (f"; skipped: {', '.join(self.skipped)}" if self.skipped else ""))
+        for col in ("name", "dtype", "shape", "mean ± std", "min", "max", "l2", "zeros", "nan",
+                    "inf"):
+            table.add_column(col, justify="left" if col in ("name", "dtype", "shape") else "right")
+        for s in self.tensors:
+            table.add_row(s.key, s.dtype, str(s.shape), f"{s.mean:.4g} ± {s.std:.4g}",
+                          f"{s.min:.4g}", f"{s.max:.4g}", f"{s.l2:.4g}", f"{s.zero_fraction:.1%}",
+                          str(s.nan_count), str(s.inf_count))
+        return table
+
+
+def stats(
+    target: nn.Module | Mapping[str, Any] | torch.Tensor,
+    *,
+    select: Selector | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> StatsReport:
+    """Measure every tensor of a model, state dict or checkpoint in one chunked pass each.
+
+    Parameters and buffers of a model are both measured; a tied tensor is measured once,
+    under its first name (the other names go to ``aliases``). Checkpoint tensors are loaded
+    one at a time with ``.tensor(key)`` and released once measured.
+
+    Args:
+        target: an ``nn.Module``, a mapping of names to tensors, an opened checkpoint, or a
+            single tensor (reported under the name ``""``).
+        select: only these names (see `weightsmith.selectors`).
+        chunk_bytes: size of one chunk in its working dtype (float32, or float64 for 64-bit
+            types). Extra memory is about ``(workers / 4 + 1) × chunk_bytes`` for dense
+            float32 tensors, and at most ``(3.5 × workers + 1) × chunk_bytes``.
+        workers: threads measuring CPU chunks at once; default ``torch.get_num_threads()``,
+            at most 8.
+        progress: called as ``progress(done_bytes, total_bytes, key)`` after each chunk.
+
+    Returns:
+        A `StatsReport`; ``report["0.weight"].std`` and friends.
+
+    Raises:
+        TypeError: ``target`` is none of the above.
+        ValueError: ``chunk_bytes`` is below 64, ``workers`` below 1, ``progress`` is not
+            callable, or ``select`` is given with a single tensor.
+        SelectorError: ``select`` is malformed or matched nothing.
+
+    >>> import torch
+    >>> r = stats({"w": torch.tensor([1.0, 2.0, 0.0, float("nan")])})
+    >>> r["w"].mean, r["w"].nan_count, r["w"].zero_fraction
+    (1.0, 1, 0.25)
+    """
+    problems = []
+    if not isinstance(chunk_bytes, int) or chunk_bytes < 64:
+        problems.append(f"chunk_bytes must be an integer >= 64, got {chunk_bytes!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        problems.append(f"workers must be a positive integer, got {workers!r}")
+    if isinstance(target, torch.Tensor) and select is not None:
+        problems.append("select= needs named tensors; a single tensor has no names")
+    if progress is not None and not callable(progress):
+        problems.append(f"progress must be callable, got {type(progress).__name__}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    source, items = _items(target, select)
+    seen: set[Any] = set()
+    total = 0
+    for _, key, _, nbytes in items:  # each tied tensor is read once
+        if key is None or key not in seen:
+            total += nbytes
+            seen.add(key)
+    report = StatsReport(source, [])
+    workers = workers or min(torch.get_num_threads(), MAX_WORKERS)
+    done = 0
+    with torch.no_grad(), _Runner(workers, chunk_bytes) as run:
+        for tensor, nbytes in run(_load(items, report)):
+            if nbytes is None:  # the tensor's last chunk is in
+                report.tensors.append(tensor.result())
+                report.nbytes += tensor.nbytes
+                continue
+            done += nbytes
+            if progress is not None:
+                progress(done, total, tensor.name)
+    return report
+
+
+# ---------------------------------------------------------------- what to measure
+
+_Item = tuple[str, Any, Callable[[], torch.Tensor], int]  # name, tie key or None, load, nbytes
+
+
+def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
+    """``(source, items)``: what to measure, in order, each loadable on its own."""
+    if isinstance(target, torch.Tensor):
+        return "tensor", [("", None, _const(target), _nbytes(target))]
+    wanted = None if selector is None else set(select_names(target, selector, buffers=True))
+    if isinstance(target, nn.Module):
+        items = [(full, _storage_key(t), _const(t), _nbytes(t))
+                 for full, *_, t, _is_param in _module_tensors(target)
+                 if wanted is None or full in wanted]
+        return type(target).__name__, items
+    if _is_checkpoint(target):
+        items = []
+        for name in target.keys():
+            if wanted is None or name in wanted:
+                info = target[name]
+                storage = getattr(info, "storage", None)
+                items.append((name, None if storage is None else ("storage", storage),
+                              _lazy(target, name), int(getattr(info, "nbytes", 0))))
+        return str(getattr(target, "path", None) or type(target).__name__), items
+    if isinstance(target, Mapping):
+        bad = [f"{k!r} is {type(v).__name__}" for k, v in target.items()
+               if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError("stats() needs every value of a mapping to be a tensor; "
+                            + "; ".join(bad[:10]))
+        return "state dict", [(k, _storage_key(v), _const(v), _nbytes(v))
+                              for k, v in target.items() if wanted is None or k in wanted]
+    raise TypeError(f"stats() takes an nn.Module, a mapping of tensors, a checkpoint or a tensor, "
+                    f"not {type(target).__name__}")
+
+
+def _load(items: list[_Item], report: StatsReport) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors to measure, loaded one at a time; ties and unreadable ones go to ``report``."""
+    first: dict[Any, str] = {}
+    for name, key, load, _ in items:
+        if key is not None and key in first:  # tied: known before loading anything
+            report.aliases[name] = first[key]
+            continue
+        t = load()
+        why = _unreadable(t)
+        if why:
+            report.skipped[name] = why
+            continue
+        if key is not None:
+            first[key] = name
+        yield name, t
+
+
+def _const(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: t
+
+
+def _lazy(ckpt: Any, name: str) -> Callable[[], torch.Tensor]:
+    return lambda: ckpt.tensor(name)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes that will be read: none for a tensor without readable data."""
+    if _unreadable(t):
+        return 0
+    return t.numel() * t.element_size()
+
+
+def _unreadable(t: torch.Tensor) -> str:
+    if nn.parameter.is_lazy(t):
+        return "uninitialized lazy parameter"
+    if t.device.type == "meta":
+        return "meta tensor: no data"
+    if _is_dtensor(t) and t.to_local().numel() != t.numel():  # type: ignore[attr-defined]
+        return "sharded DTensor: this rank holds part of it; measure shards with t.to_local()"
+    if t.dtype in _UNSUPPORTED:
+        return f"dtype {_dtype_name(t.dtype)} cannot be converted for measuring"
+    return ""
+
+
+_UNSUPPORTED = {getattr(torch, n) for n in ("float4_e2m1fn_x2", "bits8", "bits16", "bits1x8",
+                                             "bits2x4", "bits4x2", "uint1", "int1")
+                if hasattr(torch, n)}
+
+
+# ---------------------------------------------------------------- the one pass
+
+
+class _Chunk(NamedTuple):
+    """What one chunk contributes: moments of its finite values, and counts."""
+
+    n: int  # finite values
+    mean: float
+    m2: float  # sum of squared deviations from `mean`
+    lo: float
+    hi: float
+    zeros: int
+    nans: int = 0
+    infs: int = 0
+
+
+# Above this share of the sum of squares, the squared mean would cost more than one bit of the
+# variance (error grows as 1 / (1 - share)), so the chunk is shifted before squaring.
+_CANCELLATION = 0.5
+
+# 64-bit values need float64 to keep their digits; everything narrower fits float32
+_WIDE = {torch.float64, torch.int64, torch.int32, torch.uint32, torch.uint64}
+# dtypes numpy reads directly (others are converted by torch, or by a bit shift for bfloat16)
+_NUMPY = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+          torch.int64, torch.uint8, torch.bool}
+
+
+class _Tensor:
+    """One tensor being measured: its chunks' contributions folded in with Chan's update."""
+
+    def __init__(self, name: str, t: torch.Tensor) -> None:
+        self.name, self.numel, self.shape = name, t.numel(), tuple(t.shape)
+        self.dtype, self.nbytes = _dtype_name(t.dtype), _nbytes(t)
+        if _is_dtensor(t):
+            t = t.to_local()  # type: ignore[attr-defined]
+        t = t.detach()
+        if t.is_quantized:
+            t = t.dequantize()
+        if t.is_complex():  # a lazily conjugated view is copied: its stored values differ
+            t = torch.view_as_real(t.resolve_conj())
+        self.data = t.resolve_neg()
+        self.work = torch.float64 if self.data.dtype in _WIDE else torch.float32
+        self.n, self.mean, self.m2, self.lo, self.hi = 0, 0.0, 0.0, math.inf, -math.inf
+        self.zeros = self.nans = self.infs = 0
+
+    def add(self, c: _Chunk) -> None:
+        self.zeros += c.zeros
+        self.nans += c.nans
+        self.infs += c.infs
+        if c.n == 0:
+            return
+        total = self.n + c.n
+        delta = c.mean - self.mean
+        self.mean += delta * c.n / total
+        self.m2 += c.m2 + delta * delta * self.n * c.n / total
+        self.n = total
+        self.lo, self.hi = min(self.lo, c.lo), max(self.hi, c.hi)
+
+    def result(self) -> TensorStats:
+        n, nan = self.n, math.nan
+        lo, hi = (self.lo, self.hi) if n else (nan, nan)
+        elements = self.data.numel()
+        return TensorStats(
+            self.name, self.dtype, self.shape, self.numel,
+            mean=self.mean if n else nan,
+            std=math.sqrt(self.m2 / n) if n else nan,
+            min=lo, max=hi, absmax=max(abs(lo), abs(hi)),
+            l2=math.sqrt(self.m2 + n * self.mean * self.mean) if n else nan,
+            zero_fraction=self.zeros / elements if elements else nan,
+            nan_count=self.nans, inf_count=self.infs)
+
+
+class _Runner:
+    """Measures the chunks of a stream of tensors on a few threads, handing results back in order.
+
+    ``run(tensors)`` yields ``(tensor, nbytes)`` after each chunk and ``(tensor, None)`` once a
+    tensor is complete. At most ``2 × workers`` chunks are in flight, so copies made for
+    non-contiguous tensors stay bounded.
+    """
+
+    def __init__(self, workers: int, chunk_bytes: int) -> None:
+        self.workers, self.chunk_bytes = workers, chunk_bytes
+        self.scratch = _Scratch()
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> _Runner:
+        if self.workers > 1:
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="weightsmith-stats")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+        self.scratch = _Scratch()  # let the buffers go
+
+    def __call__(self, tensors: Iterable[tuple[str, torch.Tensor]]
+                 ) -> Iterator[tuple[_Tensor, int | None]]:
+        pending: deque[tuple[_Tensor, Future[tuple[int, _Chunk]] | None]] = deque()
+        for tensor, piece in self._chunks(tensors):
+            pending.append((tensor, None if piece is None else self._submit(piece)))
+            while pending and (len(pending) > 2 * self.workers or pending[0][1] is None):
+                yield self._finish(*pending.popleft())
+        while pending:
+            yield self._finish(*pending.popleft())
+
+    def _chunks(self, tensors: Iterable[tuple[str, torch.Tensor]]
+                ) -> Iterator[tuple[_Tensor, torch.Tensor | None]]:
+        for name, t in tensors:
+            tensor = _Tensor(name, t)
+            step = max(1, self.chunk_bytes // (8 if tensor.work == torch.float64 else 4))
+            for piece in _pieces(tensor.data, step):
+                yield tensor, piece
+            yield tensor, None
+
+    def _submit(self, piece: torch.Tensor) -> Future[tuple[int, _Chunk]]:
+        if self.pool is not None:
+            return self.pool.submit(_measure_chunk, piece, self.scratch)
+        done: Future[tuple[int, _Chunk]] = Future()
+        done.set_result(_measure_chunk(piece, self.scratch))
+        return done
+
+    @staticmethod
+    def _finish(tensor: _Tensor, outcome: Future[tuple[int, _Chunk]] | None
+                ) -> tuple[_Tensor, int | None]:
+        if outcome is None:
+            return tensor, None
+        nbytes, chunk = outcome.result()
+        tensor.add(chunk)
+        return tensor, nbytes
+
+
+def _measure_chunk(piece: torch.Tensor, scratch: _Scratch) -> tuple[int, _Chunk]:
+    """``(bytes read, contribution)`` of one 1-D piece."""
+    nbytes = piece.numel() * piece.element_size()
+    if piece.device.type == "cpu":
+        return nbytes, _numpy_chunk(_as_numpy(piece, scratch), scratch)
+    return nbytes, _torch_chunk(piece, scratch)
+
+
+class _Scratch:
+    """Buffers reused from chunk to chunk: one set per worker thread, plus shared ones."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._ones: dict[Any, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def ones(self, n: int, dtype: Any) -> np.ndarray:
+        """A read-only vector of ``n`` ones, shared by the threads."""
+        with self._lock:
+            ones = self._ones.get(dtype)
+            if ones is None or len(ones) < n:
+                ones = self._ones[dtype] = np.ones(n, dtype)
+                ones.flags.writeable = False
+        return ones[:n]
+
+    def get(self, name: str, n: int, dtype: Any, device: Any = None) -> Any:
+        """A numpy buffer (or a torch one, given a device) of ``n`` elements."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        key = (name, dtype, device)
+        buf = buffers.get(key)
+        if buf is None or len(buf) < n:
+            buf = (np.empty(n, dtype) if device is None
+                   else torch.empty(n, dtype=dtype, device=device))
+            buffers[key] = buf
+        return buf[:n]
+
+
+def _as_numpy(piece: torch.Tensor, scratch: _Scratch) -> np.ndarray:
+    """The piece as a float32 or float64 numpy array: a view when it is one, else a conversion."""
+    if piece.dtype in (torch.float32, torch.float64):
+        return piece.numpy()
+    m = piece.numel()
+    buf = scratch.get("upcast", m, np.float64 if piece.dtype in _WIDE else np.float32)
+    if piece.dtype == torch.bfloat16:  # bfloat16 is the top half of a float32
+        wide = buf.view(np.uint32)
+        np.copyto(wide, piece.view(torch.int16).numpy().view(np.uint16))
+        np.left_shift(wide, 16, out=wide)
+    elif piece.dtype in _NUMPY:
+        np.copyto(buf, piece.numpy(), casting="unsafe")
+    else:  # float8 and other kinds numpy lacks
+        torch.from_numpy(buf).copy_(piece)
+    return buf
+
+
+def _numpy_chunk(a: np.ndarray, scratch: _Scratch) -> _Chunk:
+    m = a.size
+    s = float(np.dot(a, scratch.ones(m, a.dtype)))  # BLAS: the fastest exact-enough sum
+    if not math.isfinite(s):  # a NaN or Inf always makes the sum non-finite: find them now
+        return _numpy_nonfinite(a, scratch)
+    lo, hi = float(np.minimum.reduce(a)), float(np.maximum.reduce(a))
+    if lo == hi:  # constant: exact, so a constant tensor gets a std of exactly 0
+        return _Chunk(m, lo, 0.0, lo, hi, m if lo == 0 else 0)
+    mean, ss = s / m, float(np.dot(a, a))
+    if m * mean * mean > _CANCELLATION * ss:
+        # the mean dominates: squares about zero would cancel away the spread, so take them
+        # about the chunk's mean (as rounded to the work dtype) instead
+        k = float(a.dtype.type(mean))
+        d = np.subtract(a, a.dtype.type(k), out=scratch.get("shifted", m, a.dtype))
+        ss, mean_k = float(np.dot(d, d)), mean - k
+    else:
+        mean_k = mean
+    zeros = 0
+    if lo <= 0.0 <= hi:
+        hits = np.equal(a, 0, out=scratch.get("flags", m, np.bool_))
+        zeros = int(np.count_nonzero(hits))
+    return _Chunk(m, mean, max(ss - m * mean_k * mean_k, 0.0), lo, hi, zeros)
+
+
+def _numpy_nonfinite(a: np.ndarray, scratch: _Scratch) -> _Chunk:
+    finite = np.isfinite(a)
+    nans = int(np.count_nonzero(np.isnan(a)))
+    f = a[finite].astype(np.float64)
+    zeros = int(np.count_nonzero(f == 0))
+    if not f.size:
+        return _Chunk(0, 0.0, 0.0, math.inf, -math.inf, zeros, nans, a.size - nans)
+    mean = float(f.mean())
+    return _Chunk(f.size, mean, float(np.square(f - mean).sum()), float(f.min()), float(f.max()),
+                  zeros, nans, a.size - f.size - nans)
+
+
+def _torch_chunk(w: torch.Tensor, scratch: _Scratch) -> _Chunk:
+    """The same measurement with torch ops, for tensors off the CPU; one sync per chunk."""
+    work = torch.float64 if w.dtype in _WIDE else torch.float32
+    m = w.numel()
+    if w.dtype != work:
+        w = scratch.get("upcast", m, work, w.device).copy_(w)
+    s, lo, hi, ss, nonzero = torch.stack([
+        p.double() for p in (w.sum(), *torch.aminmax(w), torch.dot(w, w), torch.count_nonzero(w))
+    ]).tolist()
+    if not math.isfinite(s):
+        finite = w[torch.isfinite(w)]
+        nans = int(torch.isnan(w).sum())
+        return _torch_nonfinite(finite, m, nans)
+    zeros = m - int(nonzero)
+    if lo == hi:
+        return _Chunk(m, lo, 0.0, lo, hi, zeros)
+    mean = s / m
+    if m * mean * mean > _CANCELLATION * ss:
+        k = float(np.float32(mean)) if work == torch.float32 else mean
+        d = torch.sub(w, k, out=scratch.get("shifted", m, work, w.device))
+        ss, mean_k = torch.dot(d, d).item(), mean - k
+    else:
+        mean_k = mean
+    return _Chunk(m, mean, max(ss - m * mean_k * mean_k, 0.0), lo, hi, zeros)
+
+
+def _torch_nonfinite(finite: torch.Tensor, m: int, nans: int) -> _Chunk:
+    f = finite.double()
+    zeros = int((f == 0).sum())
+    if not f.numel():
+        return _Chunk(0, 0.0, 0.0, math.inf, -math.inf, zeros, nans, m - nans)
+    mean = f.mean()
+    lo, hi = torch.aminmax(f)
+    return _Chunk(f.numel(), mean.item(), float(((f - mean) ** 2).sum()), lo.item(), hi.item(),
+                  zeros, nans, m - f.numel() - nans)
+
+
+def _pieces(t: torch.Tensor, step: int) -> Iterator[torch.Tensor]:
+    """1-D pieces of at most ``step`` elements covering ``t``: views when the memory is dense
+    (in any dim order, since the statistics do not depend on order), else copies of few rows."""
+    if t.dim() == 0:
+        yield t.reshape(1)
+        return
+    if t.numel() == 0:
+        return
+    t = _dense_order(t)
+    if t.is_contiguous():
+        flat = t.view(-1)
+        for i in range(0, flat.numel(), step):
+            yield flat[i:i + step]
+        return
+    row = t[0].numel()
+    if row > step:
+        for i in range(t.shape[0]):
+            yield from _pieces(t[i], step)
+        return
+    rows = step // row
+    for i in range(0, t.shape[0], rows):
+        yield t[i:i + rows].reshape(-1)  # a copy of at most `step` elements
+
+
+def _dense_order(t: torch.Tensor) -> torch.Tensor:
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    permuted = t.permute(order)
+    return permuted if permuted.is_contiguous() else t
