@@ -23,6 +23,7 @@ from .errors import (
     SelectorError,
     TieError,
     UnknownFormatError,
+    UsageError,
     UnsafeCheckpointError,
     WeightsmithError,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "RootError",
     "SaveError",
+    "UsageError",
     "SelectorError",
     "ModelError",
     "AssignError",

@@ -10,6 +10,7 @@
     │   ├── UnsafeCheckpointError    reading it would execute code; needs ``trust=True``
     │   └── RootError                the chosen root holds no tensors or does not exist
     ├── SaveError                    a checkpoint could not be written (the old file is kept)
+    ├── UsageError                   an argument has the wrong type or value (also TypeError, ValueError)
     ├── SelectorError                a selector is malformed or matched nothing
     └── ModelError                   a live model cannot take the requested change
         ├── AssignError              values do not fit the parameters (names, shapes, dtypes)
@@ -29,6 +30,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "RootError",
     "SaveError",
+    "UsageError",
     "SelectorError",
     "ModelError",
     "AssignError",
@@ -74,6 +76,10 @@ class RootError(CheckpointError):
 
 class SaveError(WeightsmithError):
     """A checkpoint could not be written; any previous file at the path is left intact."""
+
+
+class UsageError(WeightsmithError, TypeError, ValueError):
+    """An argument has the wrong type or value; the message lists every problem."""
 
 
 class SelectorError(WeightsmithError):

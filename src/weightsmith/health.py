@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from .errors import UsageError
 from ._result import Result
 from .selectors import Selector
 from .stats import CHUNK_BYTES, Progress, StatsReport, TensorStats, stats
@@ -134,7 +135,7 @@ def check(
     if isinstance(target, StatsReport) and select is not None:
         problems.append("select= cannot narrow a StatsReport; pass select= to stats() instead")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UsageError("; ".join(problems))
     report = target if isinstance(target, StatsReport) else stats(
         target, select=select, chunk_bytes=chunk_bytes, progress=progress)
     wanted = set(checks)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import UsageError
 from ._result import Result
 from .selectors import Selector, select as select_names
 from .summary import _dtype_name, _is_checkpoint, _is_dtensor, _module_tensors, _storage_key
@@ -168,7 +169,7 @@ def stats(
     if progress is not None and not callable(progress):
         problems.append(f"progress must be callable, got {type(progress).__name__}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UsageError("; ".join(problems))
     source, items = _items(target, select)
     seen: set[Any] = set()
     total = 0
@@ -219,11 +220,11 @@ def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
         bad = [f"{k!r} is {type(v).__name__}" for k, v in target.items()
                if not isinstance(v, torch.Tensor)]
         if bad:
-            raise TypeError("stats() needs every value of a mapping to be a tensor; "
+            raise UsageError("stats() needs every value of a mapping to be a tensor; "
                             + "; ".join(bad[:10]))
         return "state dict", [(k, _storage_key(v), _const(v), _nbytes(v))
                               for k, v in target.items() if wanted is None or k in wanted]
-    raise TypeError(f"stats() takes an nn.Module, a mapping of tensors, a checkpoint or a tensor, "
+    raise UsageError(f"stats() takes an nn.Module, a mapping of tensors, a checkpoint or a tensor, "
                     f"not {type(target).__name__}")
 
 

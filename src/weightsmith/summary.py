@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .errors import UsageError
 from ._result import Result
 
 __all__ = ["Summary", "Entry", "ModuleEntry", "Totals", "Rollup", "summary"]
@@ -355,7 +356,7 @@ def summary(target: nn.Module | Mapping[str, Any], *, depth: int | None = None) 
     (49, (1,), '1 (ReLU): no parameters')
     """
     if depth is not None and (not isinstance(depth, int) or depth < 0):
-        raise ValueError(f"depth must be a non-negative integer, got {depth!r}")
+        raise UsageError(f"depth must be a non-negative integer, got {depth!r}")
     if isinstance(target, nn.Module):
         rows, keys, modules = _from_module(target)
         source = type(target).__name__
@@ -368,7 +369,7 @@ def summary(target: nn.Module | Mapping[str, Any], *, depth: int | None = None) 
         modules = []
         source = "state dict" if isinstance(target, dict) else type(target).__name__
     else:
-        raise TypeError(f"summary() takes an nn.Module, a mapping of tensors or a checkpoint, "
+        raise UsageError(f"summary() takes an nn.Module, a mapping of tensors or a checkpoint, "
                         f"not {type(target).__name__}")
     _mark_ties(rows, keys)
     totals = _totals(rows, keys, unique=True)
@@ -425,7 +426,7 @@ def _from_tensors(mapping: Mapping[str, Any]) -> tuple[list[Entry], list[Any]]:
     bad = [f"{k!r} is {type(v).__name__}" for k, v in mapping.items()
            if not isinstance(v, torch.Tensor)]
     if bad:
-        raise TypeError("summary() needs every value of a mapping to be a tensor; "
+        raise UsageError("summary() needs every value of a mapping to be a tensor; "
                         + "; ".join(bad[:10])
                         + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "")
                         + ". For a nested checkpoint pass its tensor dict, e.g. ckpt['state_dict']")
