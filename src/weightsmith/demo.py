@@ -80,7 +80,101 @@ def step_warmstart(out: Path, console: Any) -> None:
     console.print(report)
 
 
-STEPS: list[Step] = [step_save_and_inspect, step_warmstart]
+def step_look(out: Path, console: Any) -> None:
+    """S1-S5: names, per-module holdings, state dict entries, the table, statistics and health."""
+    import torch
+    from torch import nn
+
+    import weightsmith as ws
+    from weightsmith.examples import mlp, tied_mlp
+
+    torch.manual_seed(0)
+    model = mlp()
+    _section(console, "Look S1/S4: every parameter, with totals (a tied parameter counted once)")
+    console.print(ws.summary(tied_mlp()))
+    _section(console, "Look S2/S3: what each layer holds, buffers included")
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+    console.print(ws.summary(bn).modules_table())
+    _section(console, "Look S5: statistics, and a named failure for NaN/Inf")
+    console.print(ws.stats(model))
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")
+    console.print(ws.check(model))
+
+
+def step_change(out: Path, console: Any) -> None:
+    """S6-S14, S24: initialize, assign, update, tie, snapshot, cast."""
+    import torch
+    from torch import nn
+
+    import weightsmith as ws
+    from weightsmith.examples import mlp, tied_mlp
+
+    model = mlp()
+    _section(console, "Change S6/S7: initialize by rules (first match wins), reproducibly")
+    console.print(ws.init_(model, [(nn.Linear, {"weight": "xavier_uniform", "bias": "zeros"})], seed=0))
+
+    def custom(t: torch.Tensor) -> None:  # S8: uniform in [-10, 10], then zero |w| < 5
+        t.uniform_(-10, 10)
+        t[t.abs() < 5] = 0
+
+    ws.init_(model, [("0.weight", custom)], seed=0)
+    console.print(f"S8 custom init: {float((model[0].weight == 0).float().mean()):.0%} of 0.weight zeroed")
+    _section(console, "Change S9/S10: assign checked tensors in place; the optimizer keeps working")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    console.print(ws.assign_(model, {"2.bias": torch.tensor([0.5]), "0.bias": torch.zeros(8, dtype=torch.float64)}))
+    try:
+        ws.assign_(model, {"2.bias": torch.zeros(1), "0.weight": torch.zeros(4, 8)})
+    except ws.AssignError as e:
+        console.print(f"[yellow]refused, nothing written:[/] {e}")
+    model(torch.randn(2, 4)).sum().backward()
+    before = model[2].bias.detach().clone()
+    opt.step()
+    console.print(f"optimizer step after assign_ moved 2.bias: {not torch.equal(before, model[2].bias)}")
+    _section(console, "Change S11/S12: update in place through a function (no rebinding mistake)")
+    console.print(ws.update_(model, lambda t: t * 0.5, select=lambda name, p: p.ndim > 1))
+    _section(console, "Change S13: make layer 4 use layer 2's parameters; list the tied groups")
+    untied = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 1))
+    console.print(ws.tie_(untied, "4", "2"))
+    console.print(f"ties: {ws.ties(untied)}; same as the model built tied: {ws.ties(tied_mlp())}")
+    _section(console, "Change S14: a true snapshot (state_dict() aliases the live model), then restore")
+    snap = ws.snapshot(model)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ws.restore_(model, snap)
+    console.print(f"restored bit for bit: {torch.equal(model[0].weight, snap['0.weight'])}")
+    _section(console, "Change S24: half precision for a subset, norms kept in float32")
+    normed = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+    console.print(ws.cast_(normed, torch.float16))
+
+
+def step_train_setup(out: Path, console: Any) -> None:
+    """S20-S22: freeze all but the head, schedule freezing, param groups."""
+    import torch
+    from torch import nn
+
+    import weightsmith as ws
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
+    _section(console, "Change S20: freeze everything except the head (layer 4), BatchNorm statistics held too")
+    console.print(ws.freeze_(model, "!4", norm_eval=True))
+    opt = torch.optim.AdamW(ws.param_groups(model, lr=1e-3, weight_decay=0.01))
+    console.print(f"optimizer gets only what trains: {sum(len(g['params']) for g in opt.param_groups)} tensors")
+    _section(console, "Change S21: a schedule: freeze block 3 at epoch 5, unfreeze and re-initialize at 10")
+    ws.unfreeze_(model)
+    for epoch in (5, 10):
+        if epoch == 5:
+            console.print(f"epoch 5: {ws.freeze_(model, '3')}")
+        else:
+            console.print(f"epoch 10: {ws.unfreeze_(model, '3')}")
+            ws.init_(model, [("3.weight", "xavier_uniform"), ("3.bias", "zeros")], seed=0)
+    _section(console, "Change S22: low lr for pretrained layers, high for the head, no decay on biases/norms")
+    groups = ws.param_groups(model, lr=1e-4, weight_decay=0.05, rules=[("4", {"lr": 1e-2})])
+    console.print(groups.explain() if hasattr(groups, "explain") else groups)
+
+
+STEPS: list[Step] = [step_look, step_change, step_train_setup, step_save_and_inspect, step_warmstart]
 
 
 def run(out: Path, console: Any) -> None:

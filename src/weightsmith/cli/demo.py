@@ -17,4 +17,5 @@ def command(out: Path) -> None:
     from ..demo import run
 
     out.mkdir(parents=True, exist_ok=True)
-    run(out, Console())
+    console = Console()
+    run(out, console if console.is_terminal else Console(width=120))

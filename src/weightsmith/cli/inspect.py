@@ -7,7 +7,7 @@ import click
 from ._common import emit
 
 
-@click.command("inspect")
+@click.command("inspect", short_help="Show the parameter table of a checkpoint or a model.")
 @click.argument("target")
 @click.option("--filter", "pattern", help="Only keys matching this selector (glob, or re:REGEX).")
 @click.option("--sort", type=click.Choice(["name", "size"]), help="Sort rows (default: file order).")
@@ -17,7 +17,19 @@ from ._common import emit
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema weightsmith.inspect/1).")
 def command(target: str, pattern: str | None, sort: str | None, fold: bool, root: str | None,
             trust: bool, as_json: bool) -> None:
-    """Show the parameter table of a checkpoint file or folder, without loading its tensors."""
+    """Show the parameter table of a checkpoint (read from its header, without loading tensors),
+    or of a model built by a factory given as package.module:function (on the meta device)."""
+    from ._target import is_factory
+
+    if is_factory(target):
+        from ..load import empty_init
+        from ..summary import summary
+        from ._target import load_factory
+
+        with empty_init():
+            model = load_factory(target)()
+        emit(summary(model), as_json=as_json)
+        return
     from ..checkpoint import open as open_checkpoint
     from ..listing import list_checkpoint
 

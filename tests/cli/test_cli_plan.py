@@ -1,0 +1,83 @@
+"""`weightsmith plan`, `weightsmith warmstart`, and `inspect` of a model factory."""
+
+import json
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import weightsmith
+from weightsmith.cli import cli
+from weightsmith.examples import model_a
+
+FACTORY = "ws_cli_models:model_b"
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    (tmp_path / "ws_cli_models.py").write_text("from weightsmith.examples import model_b\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    yield
+    sys.modules.pop("ws_cli_models", None)
+
+
+@pytest.fixture
+def source(tmp_path):
+    torch.manual_seed(0)
+    a = model_a()
+    weightsmith.save({f"module.{k}": v for k, v in a.state_dict().items()}, tmp_path / "a.safetensors")
+    return a, tmp_path / "a.safetensors"
+
+
+def test_inspect_a_factory_shows_trainable_columns_without_allocating(factory_module):
+    result = CliRunner().invoke(cli, ["inspect", FACTORY, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["schema"] == "weightsmith.summary/1"
+    assert any(r["name"] == "classifier.weight" and r["device"] == "meta" for r in data["rows"])
+
+
+def test_plan_prints_matches_and_exits_1_on_problems(factory_module, source, tmp_path):
+    _, path = source
+    ok = CliRunner().invoke(cli, ["plan", str(path), "--into", FACTORY, "--on-mismatch", "skip"])
+    assert ok.exit_code == 0, ok.output
+    assert "strip 'module.'" in ok.output
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rename]]\nsource = "head"\ntarget = "classifier"\n')
+    bad = CliRunner().invoke(cli, ["plan", str(path), "--into", FACTORY, "--rules", str(rules), "--json"])
+    assert bad.exit_code == 1
+    problems = json.loads(bad.output)["problems"]
+    assert any("classifier.weight" in p and "[3, 8]" in p and "[5, 8]" in p for p in problems)
+
+
+def test_warmstart_writes_a_checkpoint_for_the_target_and_refuses_to_overwrite(factory_module, source, tmp_path):
+    a, path = source
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"source": "conv1", "target": "backbone_conv"}]))
+    out = tmp_path / "b.safetensors"
+    args = ["warmstart", str(path), "--into", FACTORY, "-o", str(out), "--rules", str(rules),
+            "--on-mismatch", "skip"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    b = weightsmith.open(out).load()
+    assert torch.equal(b["backbone_conv.weight"], a.conv1.weight)
+    assert b["classifier.weight"].shape == (5, 8)
+    report = json.loads((tmp_path / "b.safetensors.report.json").read_text())
+    assert report["provenance"]["backbone_conv.weight"] == "module.conv1.weight"
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_warmstart_into_a_checkpoint_keeps_its_own_values_where_the_source_has_none(source, tmp_path):
+    a, path = source
+    target = tmp_path / "target.safetensors"
+    weightsmith.save({"fc.weight": torch.zeros(8, 8), "extra": torch.full((2,), 7.0)}, target)
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(cli, ["warmstart", str(path), "--into", str(target), "-o", str(out),
+                                      "--exact"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    got = weightsmith.open(out).load()
+    assert torch.equal(got["fc.weight"], a.fc.weight)
+    assert torch.equal(got["extra"], torch.full((2,), 7.0))
