@@ -244,3 +244,13 @@ def test_device_branch_agrees_with_the_cpu_one():
 def test_public_names_resolve():
     assert weightsmith.stats is stats and weightsmith.StatsReport is StatsReport
     assert weightsmith.TensorStats is TensorStats
+
+
+def test_stats_check_and_summary_take_a_path(tmp_path):
+    import weightsmith
+
+    weightsmith.save({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "bad.safetensors")
+    assert weightsmith.stats(tmp_path / "bad.safetensors").tensors[0].nan_count == 1
+    report = weightsmith.check(str(tmp_path / "bad.safetensors"))
+    assert not report.ok
+    assert weightsmith.summary(tmp_path / "bad.safetensors").totals.all == 2

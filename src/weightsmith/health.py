@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -93,7 +94,7 @@ def _tensors(n: int) -> str:
 
 
 def check(
-    target: nn.Module | Mapping[str, Any] | StatsReport,
+    target: nn.Module | Mapping[str, Any] | StatsReport | str | os.PathLike[str],
     *,
     select: Selector | None = None,
     max_abs: float = MAX_ABS,

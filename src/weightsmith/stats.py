@@ -15,6 +15,7 @@ multi-threaded torch reductions each wait for their slowest thread.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -121,7 +122,7 @@ class StatsReport(Result):
 
 
 def stats(
-    target: nn.Module | Mapping[str, Any] | torch.Tensor,
+    target: nn.Module | Mapping[str, Any] | torch.Tensor | str | os.PathLike[str],
     *,
     select: Selector | None = None,
     chunk_bytes: int = CHUNK_BYTES,
@@ -201,6 +202,10 @@ def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
     """``(source, items)``: what to measure, in order, each loadable on its own."""
     if isinstance(target, torch.Tensor):
         return "tensor", [("", None, _const(target), _nbytes(target))]
+    if isinstance(target, (str, os.PathLike)):
+        from .checkpoint import open as open_checkpoint
+
+        target = open_checkpoint(target)
     wanted = None if selector is None else set(select_names(target, selector, buffers=True))
     if isinstance(target, nn.Module):
         items = [(full, _storage_key(t), _const(t), _nbytes(t))

@@ -6,6 +6,8 @@ tensor data, so it works on meta-device models and on checkpoints opened lazily.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -331,7 +333,7 @@ def _module_tensors(model: nn.Module
 # ---------------------------------------------------------------- the public function
 
 
-def summary(target: nn.Module | Mapping[str, Any], *, depth: int | None = None) -> Summary:
+def summary(target: nn.Module | Mapping[str, Any] | str | os.PathLike[str], *, depth: int | None = None) -> Summary:
     """The parameter table of a model, a state dict or an opened checkpoint.
 
     Tied parameters (one Parameter under two names, or two names viewing the same memory)
@@ -357,6 +359,10 @@ def summary(target: nn.Module | Mapping[str, Any], *, depth: int | None = None) 
     """
     if depth is not None and (not isinstance(depth, int) or depth < 0):
         raise UsageError(f"depth must be a non-negative integer, got {depth!r}")
+    if isinstance(target, (str, os.PathLike)):
+        from .checkpoint import open as open_checkpoint
+
+        target = open_checkpoint(target)
     if isinstance(target, nn.Module):
         rows, keys, modules = _from_module(target)
         source = type(target).__name__
