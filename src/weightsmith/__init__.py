@@ -83,6 +83,11 @@ _LAZY: dict[str, str] = {
     "transfer": "load",
     "LoadReport": "load",
     "empty_init": "load",
+    "diff": "diff",
+    "Diff": "diff",
+    "convert": "convert",
+    "ConvertReport": "convert",
+    "report": "report",
 }
 
 __all__ = [

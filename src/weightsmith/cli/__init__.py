@@ -20,6 +20,9 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "Check a checkpoint's health (NaN/Inf, dead or exploding tensors)."),
     "plan": ("plan", "Show where each target key's value would come from."),
     "warmstart": ("warmstart", "Write a checkpoint shaped for a target model, warm-started from a source."),
+    "diff": ("diff", "Compare two checkpoints: keys, shapes, and how much each tensor moved."),
+    "convert": ("convert", "Convert a checkpoint to safetensors, sharded safetensors or a torch file."),
+    "report": ("report", "Write a self-contained HTML health report of a checkpoint."),
     "demo": ("demo", "Run the built-in example end to end."),
 }
 
