@@ -103,7 +103,7 @@ def _value(step: Step, src: Source, current: Any) -> Any:
     """The value a loaded step writes: source tensor(s) through the rule transforms and any adapter."""
     from .adapt import find_adapter
 
-    tensors = [src.get(src.aliases.get(k, k)) for k in step.sources]
+    tensors = [src.get(k) for k in step.sources]
     rule = [t for t in step.transforms if not t.startswith(("adapt:", "cast "))]
     value = apply_transform(tensors, parse_transforms(" | ".join(rule)), index=step.index) if rule else tensors[0]
     if any(t.startswith("adapt:") for t in step.transforms):

@@ -95,6 +95,21 @@ class LoadPlan(Result):
         got = sum(_numel(s.shape) for s in self.steps if s.kind == "parameter" and s.how != "missing")
         return got / total if total else 1.0
 
+    def verdict(self) -> str:
+        """One line: whether `load_` will take this plan, strictly or not."""
+        if self.problems:
+            return f"cannot load: {len(self.problems)} problem(s)"
+        kept = [s for s in self.missing if (s.fill or "current value") == "current value"]
+        unexpected = [u for u in self.unused if not u.expected]
+        if kept or unexpected or self.ambiguous:
+            parts = [f"{len(kept)} target key(s) without a value" if kept else "",
+                     f"{len(unexpected)} unexplained source key(s)" if unexpected else "",
+                     f"{len(self.ambiguous)} ambiguous match(es)" if self.ambiguous else ""]
+            return ("a strict load refuses it (" + ", ".join(p for p in parts if p)
+                    + "); strict=False loads the rest and keeps current values")
+        filled = len(self.missing)
+        return "ready to load" + (f"; {filled} target key(s) filled without the source" if filled else "")
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for s in self.steps:
@@ -140,9 +155,7 @@ class LoadPlan(Result):
             lines.append(f"unused source {u.key} {tuple(u.shape)}: {u.reason}")
         lines += [f"ambiguous: {a}" for a in self.ambiguous]
         lines += [f"problem: {p}" for p in self.problems]
-        if not self.problems:
-            lines.append("ready to load" if not self.missing else
-                         f"ready to load; {len(self.missing)} target key(s) filled without the source")
+        lines.append(self.verdict())
         return Group(table, Text("\n".join(lines)))
 
 
@@ -311,6 +324,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
     # 2. shapes, dtypes and policies
     steps: dict[str, Step] = {}
     failed: set[str] = set()  # sources of claims that became problems: never re-paired
+    failed_targets: set[str] = set()
     for t, step in claims.items():
         if t not in state:
             for k in step.sources:
@@ -323,6 +337,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
                 if step.transforms else shapes[0]
         except (RuntimeError, IndexError, ValueError, TypeError) as e:
             failed.update(step.sources)
+            failed_targets.add(t)
             problems.append(f"{t}: transform {', '.join(step.transforms)} fails on source shapes {shapes}: {e}")
             continue
         if got != step.shape:
@@ -330,6 +345,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
             desc = f"{t}: source {', '.join(step.sources)} has shape {list(got)}, the target {list(step.shape)}"
             if what == "error":
                 failed.update(step.sources)
+                failed_targets.add(t)
                 problems.append(desc + " (pass on_mismatch='skip' or 'adapt' for this key)")
                 continue
             if what == "skip":
@@ -340,6 +356,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
             adapter = find_adapter(t, got, step.shape)
             if adapter is None:
                 failed.update(step.sources)
+                failed_targets.add(t)
                 problems.append(desc + " and no shape adapter fits")
                 continue
             step.transforms = (*step.transforms, str(adapter))
@@ -383,6 +400,8 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
     ordered = []
     for t in state:
         step = steps.get(t)
+        if step is None and t in failed_targets:
+            step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill="not loaded: see problems")
         if step is None:
             how = fill(t)
             if how == "current value" and state[t].is_meta and kinds[t] == "parameter":
@@ -391,7 +410,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
         ordered.append(step)
     used = {k for s in ordered for k in s.sources}
     for k in src_keys:
-        if k in used or k in unused:
+        if k in used or k in unused or k in failed:
             continue
         unused[k] = _no_target(k, prefix(k), src.specs[k][0], non_persistent)
     for k, base in src.aliases.items():
