@@ -10,6 +10,9 @@ from ._base import Reader
 __all__ = ["detect", "reader_for"]
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+# kept here (not imported from the format modules) so detection imports only what it reads
+METADATA_NAME = ".metadata"  # torch.distributed.checkpoint's commit marker
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def detect(path: str | Path) -> tuple[str, Path]:
@@ -18,9 +21,7 @@ def detect(path: str | Path) -> tuple[str, Path]:
     Formats: ``safetensors``, ``torch`` (zip or legacy), ``sharded`` (a Hugging Face index),
     ``dcp`` (a torch.distributed.checkpoint folder).
     """
-    from .dcp import METADATA_NAME
     from .safetensors import looks_like_safetensors
-    from .sharded import INDEX_NAMES
 
     p = Path(path)
     if not p.exists():

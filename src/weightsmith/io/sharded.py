@@ -12,7 +12,7 @@ from ._base import Reader, TensorInfo
 
 __all__ = ["ShardedReader", "confine", "INDEX_NAMES"]
 
-INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+from ._detect import INDEX_NAMES  # defined where detection needs it without importing this module
 
 
 def confine(folder: Path, name: str, *, what: str) -> Path:
@@ -87,6 +87,9 @@ class ShardedReader(Reader):
 
     def tensor(self, key: str) -> Any:
         return self._shards[self._owner[key]].tensor(key)
+
+    def release(self, key: str) -> None:
+        self._shards[self._owner[key]].release(key)
 
 
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
