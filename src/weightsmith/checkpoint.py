@@ -152,6 +152,18 @@ class Checkpoint(Mapping[str, TensorInfo]):
             t = t.to(device=device, dtype=dtype)
         return t
 
+    def release(self, key: str) -> None:
+        """Drop the memory-mapped pages of ``key``'s data, once done reading it.
+
+        Streaming over a large checkpoint otherwise leaves every page read resident. Tensors
+        over the pages stay valid (they are read back from the file on the next access), but
+        changes written into tensors of this checkpoint revert to the file's bytes: call it only
+        for tensors that were read and not modified.
+        """
+        if key not in self._reader.infos:
+            raise KeyError(f"{key!r} is not in {self.path}")
+        self._reader.release(key)
+
     def load(self, keys: Iterable[str] | None = None, *, device: Any = "cpu", dtype: Any = None,
              progress: Progress | None = None) -> dict[str, torch.Tensor]:
         """Materialize tensors as a state dict; tied keys share one tensor.
@@ -178,6 +190,11 @@ class Checkpoint(Mapping[str, TensorInfo]):
             t = shared.get(info.storage) if info.storage is not None else None
             if t is None:
                 t = self._reader.tensor(key)
+                if t.is_meta and target is not None and target.type != "meta":
+                    from .errors import CheckpointError
+
+                    raise CheckpointError(f"{self.path}: tensor {key!r} is stored without data (a meta "
+                                          "tensor); load it with device='meta', or leave it out of keys=")
                 cast = dtype if dtype is not None and t.is_floating_point() else None
                 if (target is not None and t.device != target) or (cast is not None and t.dtype != cast):
                     t = t.to(device=target, dtype=cast)

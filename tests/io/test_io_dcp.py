@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import weightsmith as ws
-from weightsmith.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from weightsmith.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 
 def dcp_save(state: dict, folder: Path) -> None:
@@ -81,9 +81,11 @@ def test_dcp_agrees_with_torch_metadata(dcp_dir: Path) -> None:
             assert ckpt[key].dtype == str(entry.properties.dtype).removeprefix("torch."), key
 
 
-def test_dcp_tensor_data_is_not_read_yet(dcp_dir: Path) -> None:
-    with pytest.raises(CheckpointError, match="not supported"):
-        ws.open(dcp_dir).tensor("0.weight")
+def test_dcp_tensor_data_reads_back_equal(dcp_dir: Path, mlp: nn.Module) -> None:
+    ckpt = ws.open(dcp_dir)
+    for key, value in mlp.state_dict().items():
+        assert torch.equal(ckpt.tensor(key), value)
+    assert torch.equal(ckpt.tensor("steps"), torch.arange(6, dtype=torch.int64).reshape(2, 3))
 
 
 def test_random_metadata_is_corrupt(dcp_dir: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import CorruptCheckpointError
 
-__all__ = ["TensorInfo", "Reader", "map_file", "tensor_from_buffer"]
+__all__ = ["TensorInfo", "Reader", "map_file", "tensor_from_buffer", "release_pages"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,9 @@ class Reader:
         """alias key -> key whose data it shares (ties recorded by the file)."""
         return {}
 
+    def release(self, key: str) -> None:
+        """Drop the mapped pages of ``key``'s data from memory (no-op where nothing is mapped)."""
+
 
 def map_file(path: Path) -> mmap.mmap:
     """Map a file copy-on-write: tensors over it are writable and never change the file."""
@@ -74,6 +77,21 @@ def map_file(path: Path) -> mmap.mmap:
         if size == 0:
             raise CorruptCheckpointError(f"{path}: the file is empty")
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def release_pages(buf: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Drop the pages lying wholly inside ``nbytes`` bytes at ``offset`` of a copy-on-write map.
+
+    Unmodified pages are read back from the file on the next access, so tensors over them stay
+    valid; pages a tensor wrote to revert to the file's bytes. Pages shared with neighbouring
+    data (at either end) are kept. Streaming readers call this once done with a tensor, so that
+    resident memory stays near one tensor rather than growing to the whole file.
+    """
+    page = mmap.PAGESIZE
+    start = -(-offset // page) * page
+    stop = (offset + nbytes) // page * page
+    if stop > start and hasattr(mmap, "MADV_DONTNEED"):
+        buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def tensor_from_buffer(buf: Any, offset: int, nbytes: int, dtype: str) -> Any:

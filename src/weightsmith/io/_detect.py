@@ -50,8 +50,9 @@ def detect(path: str | Path) -> tuple[str, Path]:
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and p.suffix != ".safetensors"):
+    if head[:4] == b"PK\x03\x04":
         return "torch", p
+    # before the pickle check: a safetensors header length may start with the byte 0x80
     if looks_like_safetensors(head, size) or p.suffix == ".safetensors":
         return "safetensors", p
     if head[:1] == b"\x80":

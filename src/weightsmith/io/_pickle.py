@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._dtypes import STORAGE_TO_NAME
+from ._dtypes import BITS, STORAGE_TO_NAME
 
 __all__ = ["StorageRef", "TensorRecord", "Opaque", "PickleScan", "scan_pickle", "scan_pickles"]
 
@@ -147,11 +147,20 @@ class _Token(str):
     """A global resolved to its name (dtypes, layouts, storage types)."""
 
 
+def _dims(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(type(d) is int and abs(d) < 1 << 62 for d in value):
+        raise pickle.UnpicklingError(f"a tensor {what} is {value!r:.60}, not a tuple of 64-bit integers")
+    return tuple(value)
+
+
 def _rebuild_tensor_v2(storage: Any, offset: int, size: Any, stride: Any, requires_grad: bool = False,
                        *_rest: Any) -> TensorRecord:
-    ref = storage if isinstance(storage, StorageRef) else None
-    dtype = ref.dtype if ref else "float32"
-    return TensorRecord(ref, int(offset), tuple(size), tuple(stride), dtype, bool(requires_grad))
+    if not isinstance(storage, StorageRef):
+        raise pickle.UnpicklingError(f"a tensor is rebuilt from {type(storage).__name__}, not a storage")
+    if type(offset) is not int or abs(offset) >= 1 << 62:
+        raise pickle.UnpicklingError(f"a tensor offset is {offset!r:.60}, not a 64-bit integer")
+    return TensorRecord(storage, offset, _dims(size, "shape"), _dims(stride, "stride"), storage.dtype,
+                        bool(requires_grad))
 
 
 def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any) -> TensorRecord:
@@ -166,7 +175,7 @@ def _rebuild_parameter(data: Any, requires_grad: bool = True, *_rest: Any) -> An
 
 
 def _rebuild_meta(dtype: Any, size: Any, stride: Any, requires_grad: bool = False, *_rest: Any) -> TensorRecord:
-    return TensorRecord(None, 0, tuple(size), tuple(stride), str(dtype).removeprefix("torch."),
+    return TensorRecord(None, 0, _dims(size, "shape"), _dims(stride, "stride"), str(dtype).removeprefix("torch."),
                         bool(requires_grad))
 
 
@@ -319,12 +328,16 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
         _, stype, key, location, numel = pid[:5]
-        dtype = stype if isinstance(stype, str) else "uint8"
+        if not isinstance(stype, _Token) or stype not in BITS or stype.startswith("q"):
+            # quantized storages come with _rebuild_qtensor, which is not on the allowlist
+            raise pickle.UnpicklingError(f"unsupported storage type {stype!r:.80}")
         view_offset = 0
         if self._legacy and len(pid) > 5 and pid[5] is not None:
             _view_key, view_offset, numel = pid[5]
+        if type(numel) is not int or type(view_offset) is not int or numel < 0 or view_offset < 0:
+            raise pickle.UnpicklingError(f"storage {key!r:.40} has a bad size {numel!r:.40} or offset")
         self._scan.tensors += 1
-        return StorageRef(str(key), str(dtype), int(numel), str(location), int(view_offset))
+        return StorageRef(str(key), str(stype), numel, str(location), view_offset)
 
 
 def scan_pickle(data: bytes, *, legacy: bool = False) -> PickleScan:

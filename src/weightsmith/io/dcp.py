@@ -1,8 +1,21 @@
-"""``torch.distributed.checkpoint`` folders: the ``.metadata`` file, read with restricted unpickling."""
+"""``torch.distributed.checkpoint`` folders, read without unpickling anything from them.
+
+A DCP folder holds ``.metadata`` (a pickled ``Metadata``: per key the global shape, dtype and
+chunks, and where each chunk's bytes lie) and ``__{rank}_{n}.distcp`` data files. Each tensor
+chunk is a small ``torch.save`` archive at a byte range of a data file (``_write_item`` in
+torch's ``filesystem.py``). Here ``.metadata`` is walked by the restricted unpickler, and each
+chunk is read by the torch-file reader over its byte range: nothing from the folder is ever
+unpickled for real, and tensors map straight from the data files.
+
+`DcpReader` backs `weightsmith.open`; ``weightsmith.distributed.WeightsmithDcpReader`` gives
+``dcp.load`` the same reading.
+"""
 
 from __future__ import annotations
 
+import io
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,25 +23,53 @@ from typing import Any
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ._base import Reader, TensorInfo
 from ._dtypes import nbytes_of
-from ._pickle import Opaque, scan_pickle
+from ._pickle import Opaque, TensorRecord, scan_pickle
 from .sharded import confine
-from .torchfile import unreadable, unsafe_message
+from .torchfile import TorchFileReader, unreadable, unsafe_message
 
-__all__ = ["DcpReader", "Chunk", "METADATA_NAME"]
+__all__ = ["DcpReader", "Chunk", "METADATA_NAME", "open_chunk", "read_object"]
 
 METADATA_NAME = ".metadata"
 _MAX_METADATA = 1 << 30
+_MAX_OBJECT = 1 << 30  # a non-tensor entry beyond 1 GiB is no training state
+_MAX_PAIRWISE = 256  # chunks per tensor up to which overlaps are checked pair by pair
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One stored piece of a tensor: where it sits in the global tensor and in which file."""
+    """One stored piece of a tensor: where it sits in the global tensor and in which file.
+
+    Attributes:
+        offsets: its position in the global tensor.
+        sizes: its shape.
+        file: the data file holding it, relative to the folder (``None``: no storage entry).
+        byte_offset, length: where its ``torch.save`` archive lies in ``file``.
+        transforms: DCP storage extensions applied to its bytes (compression...), if any.
+    """
 
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     file: str | None
     byte_offset: int | None
     length: int | None
+    transforms: tuple[str, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return _prod(self.sizes)
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        """Where the chunk sits in the global tensor, as an index."""
+        return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes))
+
+
+def _prod(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
 
 
 def _state(obj: Any, kind: str, path: Path) -> Any:
@@ -37,12 +78,30 @@ def _state(obj: Any, kind: str, path: Path) -> Any:
     return obj.ws_state
 
 
+def _dims(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(type(d) is int and 0 <= d < 1 << 62 for d in value):
+        raise ValueError(f"{value!r:.60} is not a tuple of non-negative integers")
+    return tuple(value)
+
+
 class DcpReader(Reader):
-    """A DCP folder: global shapes, dtypes and the chunk layout, from ``.metadata`` alone."""
+    """A DCP folder: global shapes, dtypes and the chunk layout from ``.metadata``; tensors on demand.
+
+    Attributes:
+        layout: per tensor key, its chunks.
+        objects: per non-tensor key (pickled Python values), where its bytes lie.
+        planner_data: the save planner's key paths (plain data), for ``dcp.load``.
+        version: the metadata version string, if any.
+    """
 
     def __init__(self, folder: Path) -> None:
         super().__init__(path=folder, format="dcp")
-        meta_path = folder / METADATA_NAME
+        self.meta_path = meta_path = folder / METADATA_NAME
+        self.layout: dict[str, list[Chunk]] = {}
+        self.objects: dict[str, Chunk] = {}
+        self.planner_data: dict[str, tuple[str | int, ...]] | None = None
+        self.version: str | None = None
+        self._held: dict[str, TorchFileReader] = {}  # readers of tensors handed out as mapped views
         size = meta_path.stat().st_size
         if size > _MAX_METADATA:
             raise CorruptCheckpointError(f"{meta_path}: {size:,} bytes is too large for checkpoint metadata")
@@ -59,38 +118,207 @@ class DcpReader(Reader):
 
     def _parse(self, top: Any, meta_path: Path) -> None:
         state = _state(top, "Metadata", meta_path)
-        files: dict[tuple[str, tuple[int, ...]], tuple[str, int, int]] = {}
+        files: dict[tuple[str, tuple[int, ...] | None], tuple[str, int, int, tuple[str, ...]]] = {}
         for index, info in (state.get("storage_data") or {}).items():
-            idx, where = index.ws_state, info.ws_state
+            idx, where = _state(index, "MetadataIndex", meta_path), _state(info, "_StorageInfo", meta_path)
             rel = str(where["relative_path"])
             confine(self.path, rel, what=str(meta_path))
-            files[(idx["fqn"], tuple(idx.get("offset") or ()))] = (rel, int(where["offset"]), int(where["length"]))
-        self.layout: dict[str, list[Chunk]] = {}
+            offset = idx.get("offset")
+            transforms = tuple(str(t) for t in (where.get("transform_descriptors") or ()))
+            files[(str(idx["fqn"]), None if offset is None else _dims(offset))] = (
+                rel, int(where["offset"]), int(where["length"]), transforms)
         infos: dict[str, TensorInfo] = {}
         for key, entry in state["state_dict_metadata"].items():
+            key = str(key)
             if isinstance(entry, Opaque) and entry._ws_global.endswith("BytesStorageMetadata"):
                 self.other_objects[key] = "bytes"
+                rel, off, length, transforms = files.get((key, None), (None, None, None, ()))
+                self.objects[key] = Chunk((), (), rel, off, length, transforms)
                 continue
             body = _state(entry, "TensorStorageMetadata", meta_path)
             props = body["properties"].ws_state
             dtype = str(props[0] if isinstance(props, tuple) else props["dtype"]).removeprefix("torch.")
-            shape = tuple(int(d) for d in body["size"])
+            shape = _dims(body["size"])
             chunks = []
             for chunk in body["chunks"]:
-                c = chunk.ws_state
-                offsets = tuple(int(d) for d in c["offsets"])
-                rel, off, length = files.get((key, offsets), (None, None, None))
-                chunks.append(Chunk(offsets, tuple(int(d) for d in c["sizes"]), rel, off, length))
+                c = _state(chunk, "ChunkStorageMetadata", meta_path)
+                offsets, sizes = _dims(c["offsets"]), _dims(c["sizes"])
+                rel, off, length, transforms = files.get((key, offsets), (None, None, None, ()))
+                chunks.append(Chunk(offsets, sizes, rel, off, length, transforms))
+            _check_cover(meta_path, key, shape, chunks)
             self.layout[key] = chunks
-            numel = 1
-            for d in shape:
-                numel *= d
-            infos[key] = TensorInfo(key, shape, dtype, nbytes_of(dtype, numel),
+            infos[key] = TensorInfo(key, shape, dtype, nbytes_of(dtype, _prod(shape)),
                                     file=",".join(sorted({c.file for c in chunks if c.file})) or None)
         self.infos = infos
+        self.planner_data = _plain_paths(state.get("planner_data"))
+        version = state.get("version")
+        self.version = version if isinstance(version, str) else None
         self.notes.append(f"{len({c.file for v in self.layout.values() for c in v})} data file(s)")
 
     def tensor(self, key: str) -> Any:
+        """The global tensor of ``key``: a mapped view of its chunk when it has one, else assembled."""
+        import torch
+
+        from ._dtypes import to_torch
+
+        info = self.infos[key]
+        chunks = [c for c in self.layout[key] if c.numel]
+        if len(chunks) == 1 and chunks[0].sizes == info.shape:
+            reader = open_chunk(self.path, key, chunks[0], info.dtype)
+            self._held[key] = reader
+            return reader.tensor("")
+        out = torch.empty(info.shape, dtype=to_torch(info.dtype))
+        for chunk in chunks:
+            reader = open_chunk(self.path, key, chunk, info.dtype)
+            out[chunk.slices].copy_(reader.tensor(""))
+            reader.release("")  # streaming over a folder keeps one chunk resident, not all
+        return out
+
+    def release(self, key: str) -> None:
+        reader = self._held.pop(key, None)
+        if reader is not None:
+            reader.release("")
+
+
+def _check_cover(meta_path: Path, key: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
+    """The chunks must lie inside the tensor and cover it exactly once."""
+    total = 0
+    for c in chunks:
+        if len(c.offsets) != len(shape) or len(c.sizes) != len(shape):
+            raise CorruptCheckpointError(
+                f"{meta_path}: a chunk of {key!r} has offsets {list(c.offsets)} and sizes {list(c.sizes)}, "
+                f"but the tensor has {len(shape)} dimension(s)")
+        if c.numel and any(o + s > d for o, s, d in zip(c.offsets, c.sizes, shape)):
+            raise CorruptCheckpointError(
+                f"{meta_path}: the chunk of {key!r} at {list(c.offsets)} of size {list(c.sizes)} reaches "
+                f"outside its shape {list(shape)}")
+        total += c.numel
+    if total != _prod(shape):
+        raise CorruptCheckpointError(
+            f"{meta_path}: the chunks of {key!r} hold {total:,} elements, its shape {list(shape)} needs "
+            f"{_prod(shape):,}")
+    full = [c for c in chunks if c.numel]
+    if len(full) <= _MAX_PAIRWISE:
+        for i, a in enumerate(full):
+            for b in full[i + 1:]:
+                if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs
+                       in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+                    raise CorruptCheckpointError(
+                        f"{meta_path}: the chunks of {key!r} at {list(a.offsets)} and {list(b.offsets)} overlap")
+
+
+def _plain_paths(value: Any) -> dict[str, tuple[str | int, ...]] | None:
+    """The planner's flattening map (key -> path of keys), kept only when it is plain data."""
+    if not isinstance(value, dict):
+        return None
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, (tuple, list)) \
+                or not all(type(p) in (str, int) for p in v):
+            return None
+        out[k] = tuple(v)
+    return out
+
+
+def _data_file(folder: Path, key: str, chunk: Chunk) -> tuple[Path, int, int]:
+    """The data file holding ``chunk``, checked to hold its whole byte range, with that range."""
+    meta_path = folder / METADATA_NAME
+    if chunk.file is None or chunk.byte_offset is None or chunk.length is None:
+        raise CorruptCheckpointError(
+            f"{meta_path}: the chunk of {key!r} at {list(chunk.offsets)} has no storage entry")
+    if chunk.transforms:
         raise CheckpointError(
-            f"{self.path}: reading tensor data from a torch.distributed.checkpoint folder is not "
-            "supported yet; its keys, shapes and layout are available")
+            f"{folder / chunk.file}: {key!r} is stored through DCP extension(s) {', '.join(chunk.transforms)}, "
+            "which weightsmith does not read; save the checkpoint without _extensions")
+    path = confine(folder, chunk.file, what=str(meta_path))
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{path}: the data file holding {key!r} is missing")
+    size = path.stat().st_size
+    end = chunk.byte_offset + chunk.length
+    if chunk.byte_offset < 0 or chunk.length < 0 or end > size:
+        raise CorruptCheckpointError(
+            f"{path}: {key!r} is stored at bytes {chunk.byte_offset:,}..{end:,}, but the file has "
+            f"{size:,} bytes (truncated?)")
+    return path, chunk.byte_offset, chunk.length
+
+
+def open_chunk(folder: Path, key: str, chunk: Chunk, dtype: str) -> TorchFileReader:
+    """The reader of one stored chunk of ``key``; its tensor, keyed ``""``, fits the metadata.
+
+    Args:
+        folder: the DCP folder.
+        key: the tensor's key, for messages.
+        chunk: the chunk, from `DcpReader.layout`.
+        dtype: the dtype the metadata gives the tensor.
+
+    Raises:
+        CorruptCheckpointError: naming the data file and the key (missing, truncated or damaged
+            bytes; a stored tensor of another shape or dtype).
+        UnsafeCheckpointError: the chunk's pickle would call code.
+    """
+    path, offset, length = _data_file(folder, key, chunk)
+    where = f"{path}: {key!r} (bytes {offset:,}..{offset + length:,})"
+    try:
+        reader = TorchFileReader(path, span=(offset, length))
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{where}: {e}", globals=e.globals) from e
+    except CheckpointError as e:
+        raise CorruptCheckpointError(f"{where} cannot be read: {e}") from e
+    stored = reader.infos.get("")
+    if stored is None or len(reader.infos) != 1:
+        raise CorruptCheckpointError(f"{where} holds {', '.join(map(repr, reader.infos))}, not one tensor")
+    if stored.shape != chunk.sizes or stored.dtype != dtype:
+        raise CorruptCheckpointError(
+            f"{where} holds a {stored.dtype} tensor of shape {list(stored.shape)}; the metadata says "
+            f"{dtype} {list(chunk.sizes)}")
+    return reader
+
+
+def read_object(folder: Path, key: str, chunk: Chunk) -> Any:
+    """A non-tensor entry (``"epoch": 3``), read with the restricted unpickler: plain values only.
+
+    Raises:
+        CorruptCheckpointError: the bytes are missing, truncated or no ``torch.save`` archive.
+        UnsafeCheckpointError: the value is not plain data (its pickle calls code or names classes).
+    """
+    path, offset, length = _data_file(folder, key, chunk)
+    if length > _MAX_OBJECT:
+        raise CorruptCheckpointError(f"{path}: entry {key!r} declares {length:,} bytes, too large")
+    with open(path, "rb") as f:
+        f.seek(offset)
+        blob = f.read(length)
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            data = zf.read(pkls[0]) if pkls else None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError) as e:
+        raise CorruptCheckpointError(f"{path}: entry {key!r} is no readable torch.save archive ({e})") from e
+    if data is None:
+        raise CorruptCheckpointError(f"{path}: entry {key!r} is a zip archive without data.pkl")
+    try:
+        scan = scan_pickle(data)
+    except pickle.UnpicklingError as e:
+        raise unreadable(path, f"entry {key!r}", e) from e
+    if scan.called:
+        raise UnsafeCheckpointError(unsafe_message(path, scan.called), globals=scan.called)
+    return _plain(scan.objects[0], f"{path}: entry {key!r}", 0)
+
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _plain(value: Any, where: str, depth: int) -> Any:
+    """``value`` rebuilt from builtins only; anything else is refused."""
+    if depth > 64:
+        raise CorruptCheckpointError(f"{where}: nested more than 64 levels deep")
+    if type(value) in _SCALARS:
+        return value
+    if isinstance(value, dict) and not isinstance(value, Opaque):
+        return {_plain(k, where, depth + 1): _plain(v, where, depth + 1) for k, v in value.items()}
+    if type(value) in (list, tuple, set, frozenset):
+        return type(value)(_plain(v, where, depth + 1) for v in value)
+    name = value._ws_global if isinstance(value, Opaque) else (
+        "tensor" if isinstance(value, TensorRecord) else type(value).__name__)
+    raise UnsafeCheckpointError(
+        f"{where} holds a {name}; weightsmith reads only plain values (numbers, strings, lists, dicts) "
+        "from a DCP folder's non-tensor entries", globals=(name,))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptCheckpointError
-from ._base import Reader, TensorInfo, map_file, tensor_from_buffer
+from ._base import Reader, TensorInfo, map_file, release_pages, tensor_from_buffer
 from ._dtypes import SAFETENSORS_TO_NAME, nbytes_of
 
 __all__ = ["SafetensorsReader", "read_header", "MAX_HEADER", "TIES_KEY", "CHECKSUMS_KEY"]
@@ -134,6 +134,11 @@ class SafetensorsReader(Reader):
         flat = tensor_from_buffer(self._map, self._start + begin, info.nbytes, info.dtype)
         return flat.reshape(info.shape)
 
+    def release(self, key: str) -> None:
+        if self._map is not None:
+            key = self._aliases.get(key, key)
+            release_pages(self._map, self._start + self._offsets[key][0], self.infos[key].nbytes)
+
 
 def _parse_ties(path: Path, metadata: dict[str, str], infos: dict[str, TensorInfo]) -> dict[str, str]:
     text = metadata.get(TIES_KEY)
@@ -146,7 +151,7 @@ def _parse_ties(path: Path, metadata: dict[str, str], infos: dict[str, TensorInf
     if not isinstance(ties, dict):
         raise CorruptCheckpointError(f"{path}: metadata {TIES_KEY!r} must be a JSON object")
     for alias, stored in ties.items():
-        if stored not in infos or alias in infos:
+        if not isinstance(stored, str) or stored not in infos or alias in infos:
             raise CorruptCheckpointError(
                 f"{path}: tie {alias!r} -> {stored!r} in metadata does not fit the stored tensors")
     return ties
@@ -181,11 +186,14 @@ def tensor_bytes(key: str, tensor: Any) -> Any:
 
 
 def write_safetensors(f: Any, entries: list[tuple[str, Any]], metadata: dict[str, str], *,
-                      checksums: bool = True, progress: Any = None) -> int:
+                      checksums: bool = True, progress: Any = None, materialize: Any = None) -> int:
     """Write tensors to an open binary file in safetensors layout; returns bytes written.
 
     With ``checksums``, a CRC-32 of each tensor's bytes is stored in the metadata under
     ``weightsmith.crc32``; it is computed while writing and patched into a fixed-width header.
+    With ``materialize``, entries may be meta tensors giving only shape and dtype for the header:
+    ``materialize(key, entry)`` returns the tensor to write when its turn comes, so a caller can
+    stream tensors one at a time (it must return that shape and dtype).
     """
     import zlib
 
@@ -217,11 +225,14 @@ def write_safetensors(f: Any, entries: list[tuple[str, Any]], metadata: dict[str
     f.write(head)
     done = 0
     for key, t in entries:
+        if materialize is not None:
+            t = _materialized(key, t, materialize(key, t))
         data = tensor_bytes(key, t)
         f.write(memoryview(data))
         if checksums:
             crcs[key] = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
         done += data.nbytes
+        del t, data  # let a streamed tensor go before the next one is read
         if progress is not None:
             progress(done, offset, key)
     if checksums:
@@ -233,3 +244,12 @@ def write_safetensors(f: Any, entries: list[tuple[str, Any]], metadata: dict[str
         f.write(final)
         f.seek(end)
     return 8 + len(head) + offset
+
+
+def _materialized(key: str, spec: Any, t: Any) -> Any:
+    from ..errors import SaveError
+
+    if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
+        raise SaveError(f"tensor {key!r} arrived as {t.dtype}{list(t.shape)}, but the header was written "
+                        f"for {spec.dtype}{list(spec.shape)}")
+    return t

@@ -7,6 +7,7 @@ from the file (entries are stored uncompressed). No torch import is needed to li
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import struct
@@ -15,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptCheckpointError, RootError, UnknownFormatError, UnsafeCheckpointError
-from ._base import Reader, TensorInfo, map_file, tensor_from_buffer
+from ._base import Reader, TensorInfo, map_file, release_pages, tensor_from_buffer
 from ._dtypes import BITS, nbytes_of
-from ._pickle import PickleScan, StorageRef, TensorRecord, scan_pickle, scan_pickles
+from ._pickle import Opaque, PickleScan, StorageRef, TensorRecord, scan_pickle, scan_pickles
 from ._tree import choose_root, find_roots, flatten, other_objects, resolve_root
 
-__all__ = ["TorchFileReader", "LEGACY_MAGIC", "unsafe_message", "unreadable"]
+__all__ = ["TorchFileReader", "LEGACY_MAGIC", "unsafe_message", "unreadable", "is_zip"]
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_PICKLE = 1 << 30  # a data.pkl beyond 1 GiB is no state dict
@@ -51,16 +52,22 @@ def unreadable(path: Path, what: str, error: pickle.UnpicklingError, *, trust: b
 class TorchFileReader(Reader):
     """A ``torch.save`` checkpoint (zip or legacy); tensors map copy-on-write from the file."""
 
-    def __init__(self, path: Path, *, root: str | None = None, trust: bool = False) -> None:
+    def __init__(self, path: Path, *, root: str | None = None, trust: bool = False,
+                 span: tuple[int, int] | None = None) -> None:
         super().__init__(path=path, format="torch")
-        self._size = path.stat().st_size
+        # span: (offset, length) of an archive inside a larger file, such as one chunk of a
+        # torch.distributed.checkpoint data file; zip offsets count from its start
+        self._span = span
+        self._start, self._size = span if span is not None else (0, path.stat().st_size)
         self._spans: dict[str, tuple[int, int]] = {}  # storage key -> (file offset, bytes)
         self._bases: dict[str, Any] = {}
         self._map: Any = None
         self._trusted = False
         self._trust = trust
-        if zipfile.is_zipfile(path):
+        if span is not None or is_zip(path):
             tree, self.scan = self._read_zip()
+            if span is not None and isinstance(tree, TensorRecord):
+                tree = {"": tree}  # a DCP chunk is torch.save(tensor): one tensor, keyed ""
         elif _starts_with(path, b"PK\x03\x04"):
             raise CorruptCheckpointError(f"{path}: a zip archive without its central directory (truncated?)")
         else:
@@ -78,9 +85,9 @@ class TorchFileReader(Reader):
     def _read_zip(self) -> tuple[Any, PickleScan]:
         path = self.path
         try:
-            with zipfile.ZipFile(path) as zf:
+            with self._archive() as source, zipfile.ZipFile(source) as zf:
                 entries = {i.filename: i for i in zf.infolist()}
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError) as e:
             raise CorruptCheckpointError(f"{path}: damaged zip archive ({e})") from e
         pkls = [n for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
         if not pkls:
@@ -147,14 +154,17 @@ class TorchFileReader(Reader):
                     globals=called)
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        if not 0 <= info.header_offset <= self._size - _LOCAL_HEADER.size:
+            raise CorruptCheckpointError(
+                f"{self.path}: zip entry {info.filename!r} starts at {info.header_offset}, outside the file")
         with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
+            f.seek(self._start + info.header_offset)
             head = f.read(_LOCAL_HEADER.size)
         if len(head) < _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
             raise CorruptCheckpointError(f"{self.path}: zip entry {info.filename!r} has a damaged local header")
         fields = _LOCAL_HEADER.unpack(head)
-        start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
-        if start + info.file_size > self._size:
+        start = self._start + info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
+        if start + info.file_size > self._start + self._size:
             raise CorruptCheckpointError(
                 f"{self.path}: zip entry {info.filename!r} runs past the end of the file (truncated?)")
         return start
@@ -167,13 +177,19 @@ class TorchFileReader(Reader):
 
     def _inflate(self, info: zipfile.ZipInfo) -> bytes:
         try:
-            with zipfile.ZipFile(self.path) as zf, zf.open(info) as member:
+            with self._archive() as source, zipfile.ZipFile(source) as zf, zf.open(info) as member:
                 data = member.read(_MAX_PICKLE + 1)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
             raise CorruptCheckpointError(f"{self.path}: {info.filename!r} cannot be inflated ({e})") from e
         if len(data) > _MAX_PICKLE:
             raise CorruptCheckpointError(f"{self.path}: {info.filename!r} inflates past 1 GiB")
         return data
+
+    def _archive(self) -> Any:
+        """What `zipfile` opens: the path, or a window onto the span holding the archive."""
+        if self._span is None:
+            return contextlib.nullcontext(self.path)
+        return io.BufferedReader(_Window(self.path, self._start, self._size))
 
     # -- legacy ---------------------------------------------------------------------------
     def _read_legacy(self) -> tuple[Any, PickleScan]:
@@ -194,6 +210,8 @@ class TorchFileReader(Reader):
                 scan = scan_pickles(f, count=5, legacy=True)
             except pickle.UnpicklingError as e:
                 raise unreadable(path, "the legacy torch file", e, trust=self._trust) from e
+            if scan.called and not self._trust:  # before the checks below trip over a stand-in
+                raise UnsafeCheckpointError(unsafe_message(path, scan.called), globals=scan.called)
             _magic, _proto, _sysinfo, tree, keys = scan.objects
             if not isinstance(keys, list):
                 raise CorruptCheckpointError(f"{path}: legacy storage key list is damaged")
@@ -307,8 +325,18 @@ class TorchFileReader(Reader):
             return rec
         if rec.storage is None:
             return torch.empty(rec.shape, dtype=_torch_dtype(rec.dtype), device="meta")
-        base = self._base(rec.storage)
-        return torch.as_strided(base, rec.shape, rec.stride, rec.storage.view_offset + rec.offset)
+        try:
+            base = self._base(rec.storage)
+            return torch.as_strided(base, rec.shape, rec.stride, rec.storage.view_offset + rec.offset)
+        except RuntimeError as e:  # the pickle's view of a storage disagrees with the storage's bytes
+            raise CorruptCheckpointError(f"{self.path}: tensor {key!r} does not fit its storage ({e})") from e
+
+    def release(self, key: str) -> None:
+        rec = self._records[key]
+        if self._trusted or self._map is None or rec.storage is None:
+            return
+        offset, nbytes = self._spans[rec.storage.key]  # the whole storage: views share its pages
+        release_pages(self._map, offset, nbytes)
 
     def _base(self, ref: StorageRef) -> Any:
         base = self._bases.get(ref.key)
@@ -319,6 +347,50 @@ class TorchFileReader(Reader):
             base = tensor_from_buffer(self._map, offset, nbytes, ref.dtype)
             self._bases[ref.key] = base
         return base
+
+
+def is_zip(path: Path) -> bool:
+    """Whether ``path`` is a zip archive; a damaged end record is a damaged archive."""
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as e:
+        raise CorruptCheckpointError(f"{path}: damaged zip archive ({e})") from e
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + size)`` of a file, read as a seekable file of their own."""
+
+    def __init__(self, path: Path, start: int, size: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._start, self._size, self._pos = start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError(f"seek before the start of the archive ({base + offset})")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._size - self._pos))
+        self._file.seek(self._start + self._pos)
+        got = self._file.readinto(memoryview(buffer)[:n]) or 0
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:
@@ -348,6 +420,6 @@ def _storage_refs(tree: Any) -> list[StorageRef]:
             stack.extend(node.values())
         elif isinstance(node, (list, tuple)):
             stack.extend(node)
-        elif hasattr(node, "ws_children"):
+        elif isinstance(node, Opaque):  # an instance: a placeholder class itself has no children
             stack.extend(v for _, v in node.ws_children)
     return list(refs.values())

@@ -1,0 +1,142 @@
+"""`weightsmith.diff` of two 1 GB checkpoints (every tensor slightly changed) vs reading both once.
+
+Baseline: open both files with `weightsmith.open` and `torch.sum` every tensor of both (memory-
+mapped, so every byte is touched once, on torch's threads). Both sides reopen the files for
+every run, so both pay the same page-mapping cost; the page cache is warm. The files carry no
+checksums, so diff reads every pair. Claim: throughput >= 0.5 x the baseline's.
+
+Memory is measured in a fresh child process: the peak RSS (VmHWM, reset through
+/proc/self/clear_refs just before the call) minus the RSS just before the call, after
+`import torch, weightsmith` and a warm-up diff of two tiny dicts. RSS counts the file pages
+mapped into the process, so pages diff has read count until it releases them (once a pair is
+done); the largest pair (one tensor of each file) is subtracted to give what diff adds on top of
+the data it must hold. Claim: <= 64 MB above the largest pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import PY, medians, table, timed
+
+MB = 2**20
+
+
+def write_pair(a: Path, b: Path, total_gb: float, tensors: int) -> int:
+    """Two float32 safetensors files of ``tensors`` equal 2-D tensors; ``b = a + 1e-3 * noise``.
+
+    Written one tensor at a time (8-byte header length, JSON header, raw bytes), so neither
+    file is ever held in memory. Returns the bytes of one tensor.
+    """
+    import torch
+
+    cols = 1024
+    rows = max(1, int(total_gb * 1e9 / 4 / tensors / cols))
+    nbytes = rows * cols * 4
+    header = {f"layers.{i}.weight": {"dtype": "F32", "shape": [rows, cols],
+                                      "data_offsets": [i * nbytes, (i + 1) * nbytes]} for i in range(tensors)}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    g = torch.Generator().manual_seed(0)
+    with open(a, "wb") as fa, open(b, "wb") as fb:
+        for f in (fa, fb):
+            f.write(len(text).to_bytes(8, "little") + text)
+        for _ in range(tensors):
+            x = torch.randn(rows, cols, generator=g)
+            fa.write(x.numpy().tobytes())
+            fb.write((x + 1e-3 * torch.randn(rows, cols, generator=g)).numpy().tobytes())
+    return nbytes
+
+
+def warm(*paths: Path) -> None:
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(64 * MB):
+                pass
+
+
+def read_both(a: Path, b: Path) -> float:
+    import weightsmith
+
+    total = 0.0
+    for path in (a, b):
+        ckpt = weightsmith.open(path)
+        total += sum(float(ckpt.tensor(k).sum()) for k in ckpt)
+    return total
+
+
+def child_memory(how: str, a: str, b: str) -> None:
+    """Print the growth of peak RSS over one call, in bytes (run in a fresh process)."""
+    import torch
+
+    import weightsmith
+
+    weightsmith.diff({"w": torch.ones(3)}, {"w": torch.zeros(3)})  # load what diff imports, start once
+    before = _reset_peak()
+    if how == "diff":
+        result = weightsmith.diff(a, b)
+        assert not result.equal and len(result.changed) == len(result.tensors)
+    else:
+        read_both(Path(a), Path(b))
+    print(_status("VmHWM") - before)
+
+
+def _reset_peak() -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    return _status("VmRSS")
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size-gb", type=float, default=1.0, help="size of each checkpoint")
+    ap.add_argument("--tensors", type=int, default=24)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="0.1 GB and 1 run")
+    ap.add_argument("--child-memory", nargs=3, metavar=("HOW", "A", "B"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_memory:
+        child_memory(*args.child_memory)
+        return
+    if args.quick:
+        args.size_gb, args.repeat = 0.1, 1
+    import weightsmith
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        a, b = Path(tmp) / "a.safetensors", Path(tmp) / "b.safetensors"
+        largest = write_pair(a, b, args.size_gb, args.tensors)
+        warm(a, b)
+        nbytes = a.stat().st_size + b.stat().st_size
+        m = medians({"weightsmith.diff": lambda: timed(lambda: weightsmith.diff(a, b)),
+                     "read both (torch.sum)": lambda: timed(lambda: read_both(a, b))}, args.repeat)
+        peaks = {how: int(subprocess.run([PY, __file__, "--child-memory", how, str(a), str(b)], check=True,
+                                         capture_output=True, text=True).stdout.strip().splitlines()[-1])
+                 for how in ("diff", "read")}
+    base = m["read both (torch.sum)"]
+    rows = [("contender", "median s", "GB/s", "throughput vs read both", "peak RSS growth")]
+    for name, how in (("weightsmith.diff", "diff"), ("read both (torch.sum)", "read")):
+        rows.append((name, f"{m[name]:.3f}", f"{nbytes / m[name] / 1e9:.2f}", f"{base / m[name]:.2f}x",
+                     f"{peaks[how] / MB:.0f} MB"))
+    print(f"two {args.size_gb} GB float32 checkpoints, {args.tensors} tensors each, every tensor changed; "
+          f"median of {args.repeat} interleaved runs, page cache warm")
+    print(table(rows))
+    print(f"largest pair: {2 * largest / MB:.0f} MB; diff's peak RSS above it: "
+          f"{(peaks['diff'] - 2 * largest) / MB:.0f} MB (claim <= 64 MB); "
+          f"throughput ratio {base / m['weightsmith.diff']:.2f} (claim >= 0.5)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""``weightsmith diff A B``: keys, shapes and how far each tensor moved; exit 0 equal, 1 different."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import EXIT_FINDINGS, EXIT_OK, abort, emit, progress_bar
+
+__all__ = ["command"]
+
+
+@click.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="List this many of the most changed tensors.")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, help="Absolute tolerance (default 0: exact).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=0.0, help="Relative tolerance, times |A|.")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False), help="Rename rules A -> B (.toml or .json).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema weightsmith.diff/1).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the summary line.")
+@click.pass_context
+def command(ctx: click.Context, a: str, b: str, top: int, atol: float, rtol: float, rules: str | None,
+            as_json: bool, quiet: bool) -> None:
+    """Compare checkpoints A and B; exit 0 when equal within tolerance, 1 when different, 2 on error."""
+    from ..diff import diff
+    from ..errors import WeightsmithError
+
+    try:
+        with progress_bar("comparing", quiet=quiet or as_json) as progress:
+            result = diff(a, b, rename=rules or (), atol=atol, rtol=rtol, progress=progress)
+    except WeightsmithError as e:
+        if (ctx.obj or {}).get("debug"):
+            raise
+        abort(str(e))
+    result.top = top
+    if quiet and not as_json:
+        click.echo(result.summary)
+    else:
+        emit(result, as_json=as_json)
+    ctx.exit(EXIT_OK if result.equal else EXIT_FINDINGS)

@@ -1,0 +1,463 @@
+"""`convert`: any checkpoint weightsmith reads, rewritten as safetensors or a torch file.
+
+Safetensors output (one file, or a Hugging Face sharded folder) is streamed: the header is
+written from shapes and dtypes alone, then each tensor is read from the memory-mapped source,
+cast if asked, written, and its pages released, so peak memory stays near the largest tensor.
+The output appears complete or not at all, and ``verify=True`` checks it before it does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ._result import Result
+from .errors import CheckpointError, SaveError, UsageError, WeightsmithError
+from .selectors import Selector, select as select_names
+
+__all__ = ["convert", "ConvertReport", "CONVERTED_FROM_KEY"]
+
+Progress = Callable[[int, int, str], None]
+CONVERTED_FROM_KEY = "weightsmith.converted_from"  # metadata: the source checkpoint's path
+_DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+           "float32": torch.float32, "float": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class ConvertReport(Result):
+    """What `convert` wrote.
+
+    Attributes:
+        source: the checkpoint read; ``source_format`` its format.
+        path: what was written; ``format`` is ``safetensors``, ``sharded`` or ``torch``.
+        files: every file written (shards and index for a sharded folder).
+        tensors: keys written, tied keys included.
+        nbytes: bytes of tensor data written (tied tensors once).
+        ties: tied key -> the key whose data it shares.
+        dtype: the dtype floating tensors were cast to, or ``None``.
+        cast: how many stored tensors were cast.
+        metadata: the string metadata written (safetensors).
+        verified: whether the output was read back and matched the source.
+        notes: anything dropped on the way.
+    """
+
+    SCHEMA: ClassVar[str] = "weightsmith.convert/1"
+
+    source: str
+    source_format: str
+    path: str
+    format: str
+    files: list[str]
+    tensors: int
+    nbytes: int
+    ties: dict[str, str] = field(default_factory=dict)
+    dtype: str | None = None
+    cast: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    verified: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def _rich_(self) -> str:
+        from .listing import human_bytes
+
+        text = (f"converted {self.tensors} tensors ({human_bytes(self.nbytes)}) from {self.source_format} "
+                f"{self.source} to {self.format} {self.path}")
+        if self.format == "sharded":
+            text += f" ({len(self.files) - 1} shards)"
+        if self.ties:
+            text += f"; {len(self.ties)} tied key(s) stored once"
+        if self.dtype:
+            text += f"; {self.cast} floating tensor(s) cast to {self.dtype}"
+        if self.verified:
+            text += "; verified: every tensor matches the source"
+        return "\n".join([text, *(f"note: {n}" for n in self.notes)])
+
+
+def convert(
+    src: str | os.PathLike[str] | Any,
+    dst: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
+    select: Selector | None = None,
+    format: str | None = None,  # noqa: A002 - the same option as `save`
+    verify: bool = False,
+    progress: Progress | None = None,
+    root: str | None = None,
+    trust: bool = False,
+) -> ConvertReport:
+    """Rewrite a checkpoint as safetensors (one file or sharded) or as a torch file, atomically.
+
+    Safetensors output is streamed tensor by tensor from the memory-mapped source, each
+    tensor's pages released once written, so peak memory is about the largest tensor (twice
+    that when it is cast). A torch file cannot be streamed: ``torch.save`` takes the whole
+    dict, so it is given the memory-mapped source tensors (no copy without a cast, but every
+    page read stays resident until the save ends; with a cast, all cast tensors are held).
+    Ties are kept (stored once, recorded); metadata of a safetensors or sharded source is
+    carried over, with ``weightsmith.converted_from`` added.
+
+    Args:
+        src: a path (anything `weightsmith.open` reads) or an opened `Checkpoint`. Pages of
+            a source opened here are released as it goes; an opened one's are left alone.
+        dst: the file, or the folder for sharded output. Replaced atomically if it exists.
+        dtype: cast floating-point tensors to this (``"float16"``, ``"bfloat16"``,
+            ``"float32"`` or a ``torch.dtype``); other tensors keep theirs.
+        max_shard_size: write a sharded folder with shards of at most this size (``"5GB"``).
+        select: a selector on the source keys; only those are written.
+        format: ``"safetensors"``, ``"sharded"`` or ``"torch"``; by default from ``dst``'s
+            suffix (``.pt``/``.pth``/``.bin``/``.ckpt`` -> torch) and ``max_shard_size``.
+        verify: read the output back before it replaces ``dst`` and compare every tensor with
+            the source, bit for bit (after the same cast).
+        progress: called as ``progress(done_bytes, total_bytes, key)``.
+        root, trust: passed to `weightsmith.open` when ``src`` is a path.
+
+    Returns:
+        a `ConvertReport`.
+
+    Raises:
+        UsageError: bad options, all listed at once.
+        SaveError: the output could not be written, or did not verify; ``dst`` is untouched.
+
+    >>> import weightsmith                                                    # doctest: +SKIP
+    >>> weightsmith.convert("model.pt", "model.safetensors", dtype="bfloat16", verify=True)  # doctest: +SKIP
+    """
+    dst = Path(dst)
+    problems: list[str] = []
+    target = _target_dtype(dtype, problems)
+    fmt, limit = _output(dst, format, max_shard_size, problems)
+    ckpt, owned = _source(src, root, trust, problems)
+    try:
+        keys = list(ckpt) if select is None else select_names(ckpt, select)
+        stored, ties = _dedupe(ckpt, keys)
+        out_dtype = {k: _cast_to(ckpt[k].dtype, target) for k in stored}
+        if fmt != "torch":
+            from .io._dtypes import NAME_TO_SAFETENSORS
+
+            bad = [f"{k!r} ({out_dtype[k]})" for k in stored if out_dtype[k] not in NAME_TO_SAFETENSORS]
+            if bad:
+                raise UsageError(f"safetensors cannot store the dtype of {', '.join(bad[:10])}; "
+                                 "convert to a torch file (.pt) instead")
+        job = _Job(ckpt, owned, dst, keys, stored, ties, out_dtype, target, progress)
+        meta = _metadata(ckpt)
+        if fmt == "torch":
+            report = _write_torch(job, verify)
+        elif fmt == "sharded":
+            report = _write_sharded(job, meta, limit or 0, verify)
+        else:
+            report = _write_single(job, meta, verify)
+    finally:
+        if owned:
+            ckpt.close()
+    return report
+
+
+# ---------------------------------------------------------------- options
+
+
+def _target_dtype(dtype: Any, problems: list[str]) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    value = _DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        problems.append(f"dtype must be a floating-point dtype (float16, bfloat16, float32), got {dtype!r}")
+        return None
+    return value
+
+
+def _output(dst: Path, format: str | None, max_shard_size: Any, problems: list[str]) -> tuple[str, int | None]:
+    from .save import _format_for, parse_size
+
+    fmt = "safetensors"
+    try:
+        fmt = _format_for(dst, format, max_shard_size)
+    except SaveError as e:
+        problems.append(str(e))
+    limit = None
+    if max_shard_size is not None:
+        try:
+            limit = parse_size(max_shard_size)
+        except SaveError as e:
+            problems.append(str(e))
+        if fmt != "sharded":
+            problems.append(f"max_shard_size writes a sharded folder, not a {fmt} file")
+    elif fmt == "sharded":
+        problems.append(f"{dst}: a sharded folder needs max_shard_size (e.g. '5GB')")
+    if not dst.parent.is_dir():
+        problems.append(f"{dst}: the folder {dst.parent} does not exist")
+    elif fmt == "sharded" and dst.exists() and not dst.is_dir():
+        problems.append(f"{dst} is a file; a sharded checkpoint is a folder")
+    elif fmt != "sharded" and dst.is_dir():
+        problems.append(f"{dst} is a folder; give a file name, or max_shard_size for a sharded folder")
+    return fmt, limit
+
+
+def _source(src: Any, root: str | None, trust: bool, problems: list[str]) -> tuple[Any, bool]:
+    from .checkpoint import Checkpoint, open as open_checkpoint
+
+    error: Exception | None = None
+    ckpt, owned = None, False
+    if isinstance(src, Checkpoint):
+        ckpt = src
+    elif isinstance(src, (str, os.PathLike)):
+        try:
+            ckpt, owned = open_checkpoint(Path(src), root=root, trust=trust), True
+        except CheckpointError as e:
+            error = e
+    else:
+        problems.append(f"cannot convert a {type(src).__name__}: give a checkpoint path or an opened Checkpoint")
+    if problems:
+        if owned:
+            ckpt.close()
+        raise UsageError("cannot convert: " + "; ".join([*problems, *([str(error)] if error else [])]))
+    if error is not None:
+        raise error
+    return ckpt, owned
+
+
+def _dedupe(ckpt: Any, keys: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The keys to store (each tied group once, under its first selected key) and the ties."""
+    first: dict[str, str] = {}
+    stored: list[str] = []
+    ties: dict[str, str] = {}
+    for key in keys:
+        storage = ckpt[key].storage
+        if storage is not None and storage in first:
+            ties[key] = first[storage]
+            continue
+        if storage is not None:
+            first[storage] = key
+        stored.append(key)
+    return stored, ties
+
+
+def _cast_to(dtype: str, target: torch.dtype | None) -> str:
+    from .io._dtypes import to_torch
+
+    if target is None:
+        return dtype
+    try:
+        floating = to_torch(dtype).is_floating_point
+    except WeightsmithError:  # a dtype this torch lacks: left as it is
+        return dtype
+    return str(target).removeprefix("torch.") if floating else dtype
+
+
+def _metadata(ckpt: Any) -> dict[str, str]:
+    """The source's string metadata, less what is rewritten (ties, checksums, sizes)."""
+    from .io.safetensors import CHECKSUMS_KEY, TIES_KEY
+
+    meta = {k: v for k, v in ckpt.metadata.items() if k not in {TIES_KEY, CHECKSUMS_KEY, "total_size"}}
+    meta[CONVERTED_FROM_KEY] = str(ckpt.path)
+    return meta
+
+
+def _tie_meta(meta: dict[str, str], ties: dict[str, str]) -> dict[str, str]:
+    from .io.safetensors import TIES_KEY
+
+    return {**meta, TIES_KEY: json.dumps(ties, separators=(",", ":"))} if ties else meta
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class _Job:
+    ckpt: Any
+    owned: bool
+    dst: Path
+    keys: list[str]
+    stored: list[str]
+    ties: dict[str, str]
+    out_dtype: dict[str, str]
+    target: torch.dtype | None
+    progress: Progress | None
+
+    def nbytes(self, key: str) -> int:
+        from .io._dtypes import nbytes_of
+
+        return nbytes_of(self.out_dtype[key], self.ckpt[key].numel)
+
+    @property
+    def total(self) -> int:
+        return sum(self.nbytes(k) for k in self.stored)
+
+    def spec(self, key: str) -> torch.Tensor:
+        """A meta tensor with the output's shape and dtype: what the header is written from."""
+        from .io._dtypes import to_torch
+
+        return torch.empty(self.ckpt[key].shape, dtype=to_torch(self.out_dtype[key]), device="meta")
+
+    def tensor(self, key: str, _spec: Any = None) -> torch.Tensor:
+        """The source tensor as it is written: cast floating tensors when asked."""
+        t = self.ckpt.tensor(key)
+        if self.target is not None and t.is_floating_point() and t.dtype != self.target:
+            t = t.to(self.target)
+        return t
+
+    def release(self, key: str) -> None:
+        if self.owned:
+            self.ckpt.release(key)
+
+    def written(self, base: int) -> Callable[[int, int, str], None]:
+        """A progress callback for one file that releases each tensor's pages once it is written."""
+        total = self.total
+
+        def step(done: int, _file_total: int, key: str) -> None:
+            self.release(key)
+            if self.progress is not None:
+                self.progress(base + done, total, key)
+
+        return step
+
+    def report(self, fmt: str, files: list[Path], meta: dict[str, str], verified: bool,
+               notes: list[str] | None = None) -> ConvertReport:
+        cast = sum(self.out_dtype[k] != self.ckpt[k].dtype for k in self.stored)
+        return ConvertReport(str(self.ckpt.path), self.ckpt.format, str(self.dst), fmt, [str(f) for f in files],
+                             len(self.keys), self.total, dict(self.ties),
+                             None if self.target is None else str(self.target).removeprefix("torch."),
+                             cast, meta, verified, notes or [])
+
+
+def _write_single(job: _Job, meta: dict[str, str], verify: bool) -> ConvertReport:
+    from .io.atomic import atomic_file
+    from .io.safetensors import write_safetensors
+
+    written = _tie_meta(meta, job.ties)
+    with atomic_file(job.dst) as f:
+        write_safetensors(f, [(k, job.spec(k)) for k in job.stored], written, progress=job.written(0),
+                          materialize=job.tensor)
+        if verify:
+            f.flush()
+            _verify(job, Path(f.name), "safetensors")
+    return job.report("safetensors", [job.dst], meta, verify)
+
+
+def _write_sharded(job: _Job, meta: dict[str, str], limit: int, verify: bool) -> ConvertReport:
+    from .io.atomic import atomic_folder
+    from .io.safetensors import write_safetensors
+    from .io.sharded import INDEX_NAMES
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in job.stored:
+        n = job.nbytes(key)
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    done = 0
+    with atomic_folder(job.dst) as stage:
+        for name, shard in zip(names, shards):
+            kept = set(shard)
+            shard_ties = {alias: key for alias, key in job.ties.items() if key in kept}
+            with open(stage / name, "wb") as f:
+                write_safetensors(f, [(k, job.spec(k)) for k in shard], _tie_meta(meta, shard_ties),
+                                  progress=job.written(done), materialize=job.tensor)
+            done += sum(job.nbytes(k) for k in shard)
+        index = {"metadata": {"total_size": job.total, **meta},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        (stage / INDEX_NAMES[0]).write_text(json.dumps(index, indent=2, sort_keys=True))
+        if verify:
+            _verify(job, stage, "sharded")
+    return job.report("sharded", [job.dst / n for n in [*names, INDEX_NAMES[0]]], meta, verify)
+
+
+def _write_torch(job: _Job, verify: bool) -> ConvertReport:
+    from .io.atomic import atomic_file
+
+    # torch.save takes the whole dict; tied keys share one tensor (written once), and views of
+    # one source storage share it without a cast
+    tensors = job.ckpt.load(job.keys, dtype=job.target)
+    dropped = sorted(k for k in _metadata(job.ckpt) if k != CONVERTED_FROM_KEY)
+    with atomic_file(job.dst) as f:
+        try:
+            torch.save(tensors, _Counting(f, job.total, job.progress))
+        except RuntimeError as e:  # torch's zip writer turns a failed write (disk full) into this
+            raise SaveError(f"{job.dst}: torch.save failed ({e}); the previous file is intact") from e
+        del tensors
+        if verify:
+            f.flush()
+            _verify(job, Path(f.name), "torch")
+    notes = [f"torch files carry no string metadata; not kept: {', '.join(dropped)}"] if dropped else []
+    return job.report("torch", [job.dst], {}, verify, notes)
+
+
+class _Counting:
+    """A file wrapper reporting the bytes ``torch.save`` has written."""
+
+    def __init__(self, f: Any, total: int, progress: Progress | None) -> None:
+        self.f, self.total, self.progress, self.done = f, total, progress, 0
+
+    def write(self, data: Any) -> int:
+        n = self.f.write(data)
+        self.done += len(memoryview(data).cast("B"))
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total, "")
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+# ---------------------------------------------------------------- verifying
+
+
+def _verify(job: _Job, written: Path, fmt: str) -> None:
+    """Read ``written`` back and compare it with the source, bit for bit; raise `SaveError` on
+    any mismatch (the caller has not yet put the output in place)."""
+    from .checkpoint import Checkpoint
+    from .io.safetensors import SafetensorsReader
+    from .io.sharded import INDEX_NAMES, ShardedReader
+    from .io.torchfile import TorchFileReader
+
+    # the reader is named rather than detected: a temporary file has no telling suffix
+    if fmt == "safetensors":
+        out = Checkpoint(SafetensorsReader(written))
+    elif fmt == "torch":
+        out = Checkpoint(TorchFileReader(written))
+    else:
+        out = Checkpoint(ShardedReader(written / INDEX_NAMES[0]))
+    problems: list[str] = []
+    try:
+        missing = [k for k in job.keys if k not in out]
+        wanted = set(job.keys)
+        extra = [k for k in out if k not in wanted]
+        if missing:
+            problems.append(f"missing {', '.join(map(repr, missing[:5]))}")
+        if extra:
+            problems.append(f"unexpected {', '.join(map(repr, extra[:5]))}")
+        for alias, key in job.ties.items():
+            if alias in out and (out[alias].storage is None or out[alias].storage != out[key].storage):
+                problems.append(f"tie {alias!r} -> {key!r} was not kept")
+        for key in job.stored:
+            if key in missing:
+                continue
+            want, got = job.tensor(key), out.tensor(key)
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                problems.append(f"{key!r} is {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}")
+            elif not _same_bits(got, want):
+                problems.append(f"{key!r} holds different values")
+            del want, got
+            out.release(key)
+            job.release(key)
+    finally:
+        out.close()
+    if problems:
+        raise SaveError(f"{job.dst}: verification failed, the output does not match the source: "
+                        + "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+                        + ". Nothing was written; the previous file, if any, is intact")
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if x.numel() == 0:
+        return True
+    return bool(torch.equal(x.contiguous().reshape(-1).view(torch.uint8),
+                            y.contiguous().reshape(-1).view(torch.uint8)))

@@ -1,0 +1,790 @@
+"""`diff`: how two checkpoints differ, in keys, shapes, dtypes, and how far each tensor moved.
+
+Keys are paired the way warm-starting pairs them: wrapper prefixes aligned (``module.``,
+``_orig_mod.``...), then one-to-one rename rules. Tensor pairs are streamed: one pair is read
+at a time, in cache-sized chunks measured by a few threads (float32 BLAS sums for data of 32
+bits or fewer, float64 for wider), the chunks' sums accumulated in float64. Pages of a
+checkpoint opened from a path are released once its pair is done, so comparing two 2 GB files
+needs memory for about one pair.
+
+A pair is decided without reading it when both files store a CRC-32 of the tensor's bytes
+(``weightsmith.save`` writes them): equal checksums, shapes and dtypes count as identical.
+A CRC-32 is no cryptographic hash: two different tensors with equal checksums would be missed
+(about one chance in four billion per pair), and the stored checksums are trusted, not
+re-checked against the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._result import Result
+from .errors import CheckpointError, CheckpointNotFoundError, UsageError, WeightsmithError
+from .keymap import align_prefixes, as_rules
+from .listing import fold_name
+from .selectors import Selector, select as select_names
+
+__all__ = ["diff", "Diff", "TensorDiff", "SpecChange", "Rollup", "CHUNK_ELEMENTS"]
+
+Progress = Callable[[int, int, str], None]
+
+# Elements per piece and side: 1 MiB of float32, so a piece and its temporaries stay in cache
+# between the handful of passes made over them.
+CHUNK_ELEMENTS = 256 * 1024
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class TensorDiff:
+    """How far one tensor present on both sides moved.
+
+    Metrics are over the elements finite on both sides; NaN and Inf are counted apart.
+
+    Attributes:
+        key: its name in ``b``.
+        key_a: its name in ``a`` when that differs (a wrapper prefix, a rename rule).
+        shape: the shape (the same on both sides).
+        dtype_a, dtype_b: the dtypes; values are compared in a common precision when they differ.
+        identical: every element equal (NaN counts as equal to NaN, ``-0.0`` to ``0.0``).
+        method: ``"compared"`` (the data was read), ``"checksum"`` (equal stored CRC-32s; the
+            data was not read) or ``"same data"`` (both sides are the same memory or file entry).
+        max_abs: the largest ``|a - b|``.
+        rel_l2: ``||a - b|| / ||a||`` (``inf`` when ``a`` is all zero and ``b`` is not).
+        cosine: cosine similarity of ``a`` and ``b`` (1 when both are all zero, ``nan`` when
+            exactly one is).
+        changed: elements with ``|a - b| > atol + rtol * |a|``, plus elements that are NaN or
+            Inf on one side and not the same on the other.
+        changed_fraction: ``changed`` over the number of elements.
+        nan_a, nan_b: NaN counts on each side (``None`` when the data was not read).
+    """
+
+    key: str
+    key_a: str | None
+    shape: tuple[int, ...]
+    dtype_a: str
+    dtype_b: str
+    numel: int
+    identical: bool
+    method: str
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    changed: int
+    changed_fraction: float
+    nan_a: int | None
+    nan_b: int | None
+
+
+@dataclass
+class SpecChange:
+    """A key on both sides whose shape or dtype differs."""
+
+    key: str
+    key_a: str | None
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    dtype_a: str
+    dtype_b: str
+
+
+@dataclass
+class Rollup:
+    """Changes summed over a group of tensors: a layer family (``layers.#.mlp.weight``) or a
+    top-level module (``encoder``)."""
+
+    name: str
+    tensors: int = 0
+    changed_tensors: int = 0
+    numel: int = 0
+    changed: int = 0
+    changed_fraction: float = 0.0
+    max_abs: float = 0.0
+    max_rel_l2: float = 0.0
+
+
+@dataclass
+class Diff(Result):
+    """What `diff` found between ``a`` and ``b``.
+
+    Attributes:
+        a, b: what was compared (paths, or ``<state dict>`` / ``<ModelClass>``).
+        atol, rtol: the tolerance: an element changed when ``|a - b| > atol + rtol * |a|``.
+        only_a: keys of ``a`` (its own names) with no counterpart in ``b``.
+        only_b: keys of ``b`` with no counterpart in ``a``.
+        shape_changes: pairs whose shapes differ (their values are not compared).
+        dtype_changes: pairs whose dtypes differ (their values are compared).
+        tensors: every compared pair, in ``a``'s order.
+        layers: changes rolled up per layer family (layer indices folded to ``#``).
+        modules: changes rolled up per top-level module.
+        prefix: how ``a``'s keys were aligned to ``b``'s (``strip 'module.'``), or ``""``.
+        renamed: ``a`` key -> ``b`` key for keys renamed by a rule.
+        skipped: pairs that could not be compared (no data, unsupported dtype) -> why.
+        top: how many of the most changed tensors the rendering lists.
+    """
+
+    SCHEMA: ClassVar[str] = "weightsmith.diff/1"
+
+    a: str
+    b: str
+    atol: float
+    rtol: float
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    shape_changes: list[SpecChange] = field(default_factory=list)
+    dtype_changes: list[SpecChange] = field(default_factory=list)
+    tensors: list[TensorDiff] = field(default_factory=list)
+    layers: list[Rollup] = field(default_factory=list)
+    modules: list[Rollup] = field(default_factory=list)
+    prefix: str = ""
+    renamed: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    top: int = 10
+
+    @property
+    def equal(self) -> bool:
+        """Same keys, shapes and dtypes, and every tensor equal within the tolerance."""
+        return not (self.only_a or self.only_b or self.shape_changes or self.dtype_changes
+                    or self.skipped or any(t.changed for t in self.tensors))
+
+    @property
+    def changed(self) -> list[TensorDiff]:
+        """The compared tensors with elements changed beyond the tolerance."""
+        return [t for t in self.tensors if t.changed]
+
+    def most_changed(self, n: int | None = None) -> list[TensorDiff]:
+        """Tensors that are not identical, most changed first (relative L2, then max abs)."""
+        moved = [t for t in self.tensors if not t.identical]
+        moved.sort(key=lambda t: (t.changed > 0, _num(t.rel_l2), t.changed_fraction, _num(t.max_abs)),
+                   reverse=True)
+        return moved if n is None else moved[:n]
+
+    @property
+    def summary(self) -> str:
+        """One line: equal or not, and why."""
+        n = len(self.tensors)
+        by_crc = sum(t.method == "checksum" for t in self.tensors)
+        crc = f" ({by_crc} decided by checksum)" if by_crc else ""
+        if self.equal:
+            same = sum(t.identical for t in self.tensors)
+            if same == n:
+                return f"equal: {n} tensor{'s' * (n != 1)} identical{crc}"
+            return (f"equal within atol={self.atol:g}, rtol={self.rtol:g}: {n} tensors, "
+                    f"{same} identical{crc}")
+        parts = [f"{len(self.changed)} of {n} compared tensors changed"]
+        for count, what in ((len(self.only_a), "only in a"), (len(self.only_b), "only in b"),
+                            (len(self.shape_changes), "shape change"),
+                            (len(self.dtype_changes), "dtype change"),
+                            (len(self.skipped), "not comparable")):
+            if count:
+                parts.append(f"{count} {what}{'s' * (count != 1 and what.endswith('change'))}")
+        return "different: " + ", ".join(parts) + crc
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the schema, ``equal`` and ``summary``, then every field."""
+        body = super().to_dict()
+        return {"schema": body.pop("schema"), "equal": self.equal, "summary": self.summary, **body}
+
+    def _rich_(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        parts: list[Any] = [Text(self.summary, style="bold")]
+        notes = [f"a: {self.a}", f"b: {self.b}"]
+        if self.prefix:
+            notes.append(f"keys of a aligned to b: {self.prefix}")
+        if self.renamed:
+            notes.append(f"{len(self.renamed)} key(s) renamed by rules")
+        parts.append(Text("\n".join(notes)))
+        for label, keys in ((f"only in a ({len(self.only_a)})", self.only_a),
+                            (f"only in b ({len(self.only_b)})", self.only_b)):
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... and {len(keys) - 20} more" if len(keys) > 20 else "")
+                parts.append(Text(f"{label}: {shown}"))
+        specs = self.shape_changes + self.dtype_changes
+        if specs:
+            table = Table(title="shape and dtype changes", title_justify="left")
+            for col in ("name", "shape a", "shape b", "dtype a", "dtype b"):
+                table.add_column(col, no_wrap=col == "name")
+            for c in specs:
+                table.add_row(_both_names(c.key, c.key_a), str(c.shape_a), str(c.shape_b), c.dtype_a, c.dtype_b)
+            parts.append(table)
+        moved = self.most_changed()
+        if moved:
+            shown = moved[:max(self.top, 0)]
+            table = Table(title=f"most changed tensors ({len(shown)} of {len(moved)} not identical)",
+                          title_justify="left")
+            table.add_column("name", no_wrap=True)
+            for col in ("shape", "max |a-b|", "rel L2", "cosine", "changed", "NaN a/b"):
+                table.add_column(col, justify="left" if col == "shape" else "right")
+            for t in shown:
+                nans = "-" if t.nan_a is None else f"{t.nan_a}/{t.nan_b}"
+                table.add_row(_both_names(t.key, t.key_a), str(t.shape), f"{t.max_abs:.4g}",
+                              f"{t.rel_l2:.4g}", f"{t.cosine:.6f}", f"{t.changed_fraction:.2%}", nans)
+            parts.append(table)
+        if self.skipped:
+            parts.append(Text("not compared: " + "; ".join(f"{k}: {why}" for k, why in self.skipped.items())))
+        # a rollup is worth a table when it groups something and something changed
+        if any(r.changed_tensors for r in self.layers) and any(r.tensors > 1 for r in self.layers):
+            parts.append(_rollup_table("per layer (# = any index)", self.layers))
+        if any(r.changed_tensors for r in self.modules) and len(self.modules) > 1:
+            parts.append(_rollup_table("per top-level module", self.modules))
+        return Group(*parts)
+
+
+def _num(x: float) -> float:
+    return -1.0 if math.isnan(x) else x
+
+
+def _both_names(key: str, key_a: str | None) -> str:
+    return key if key_a is None else f"{key_a} -> {key}"
+
+
+def _rollup_table(title: str, rows: list[Rollup]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("name", no_wrap=True)
+    for col in ("tensors", "changed tensors", "changed", "max |a-b|", "max rel L2"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.name, str(r.tensors), str(r.changed_tensors), f"{r.changed_fraction:.2%}",
+                      f"{r.max_abs:.4g}", f"{r.max_rel_l2:.4g}")
+    return table
+
+
+# ---------------------------------------------------------------- the public function
+
+
+def diff(
+    a: str | os.PathLike[str] | Mapping[str, torch.Tensor] | nn.Module | Any,
+    b: str | os.PathLike[str] | Mapping[str, torch.Tensor] | nn.Module | Any,
+    *,
+    rename: Any = (),
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    select: Selector | None = None,
+    progress: Progress | None = None,
+) -> Diff:
+    """Compare two checkpoints, state dicts or models, tensor by tensor.
+
+    Keys of ``a`` are aligned to ``b``'s as for warm-starting: wrapper prefixes first, then
+    the one-to-one ``rename`` rules. For each pair the result gives the largest absolute
+    difference, the relative L2 change, the cosine similarity, the fraction of elements
+    changed beyond ``atol + rtol * |a|`` and the NaN counts (a NaN on one side only is a
+    change; NaN on both is not). Pairs whose files both store CRC-32 checksums are decided
+    without reading them when the checksums are equal.
+
+    Args:
+        a, b: paths (anything `weightsmith.open` reads), opened `Checkpoint` objects, state
+            dicts or models. Pages of files opened here are released as the comparison goes;
+            an already opened `Checkpoint` is read but its pages are left alone.
+        rename: rename rules from ``a``'s names to ``b``'s, one source to one target:
+            `Rule` objects, ``(source, target)`` tuples, a mapping, or a rules file.
+        atol, rtol: the tolerance; ``0`` compares exactly.
+        select: a selector on ``b``'s names (``a``'s keys as aligned); only those are compared.
+        progress: called as ``progress(done_bytes, total_bytes, key)`` while tensors are read.
+
+    Returns:
+        a `Diff`; ``Diff.equal`` says whether the two match within the tolerance.
+
+    Raises:
+        UsageError: bad tolerances, rules that are not one-to-one, or two keys of ``a``
+            landing on one name; all listed at once.
+        CheckpointError: a path cannot be opened.
+
+    >>> import torch, weightsmith
+    >>> a = {"0.weight": torch.ones(2, 2)}
+    >>> weightsmith.diff(a, {"0.weight": torch.full((2, 2), 1.5)}).tensors[0].max_abs
+    0.5
+    """
+    problems = [f"{name} must be a number >= 0, got {value!r}" for name, value in (("atol", atol), ("rtol", rtol))
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0]
+    try:
+        rules = as_rules(rename)
+    except WeightsmithError as e:
+        problems.append(str(e))
+        rules = ()
+    problems += [f"rule {r} is not one-to-one (diff renames one key to one key)" for r in rules
+                 if len(r.sources) != 1 or len(r.targets) != 1]
+    side_a, side_b = _open_sides(a, b, problems)
+    try:
+        plan = _pair(side_a, side_b, rules, select)
+        return _compare(side_a, side_b, plan, float(atol), float(rtol), progress)
+    finally:
+        side_a.close()
+        side_b.close()
+
+
+# ---------------------------------------------------------------- sides
+
+
+@dataclass
+class _Side:
+    """One side of a diff: names, shapes and dtypes, and tensors on demand."""
+
+    name: str
+    specs: dict[str, tuple[tuple[int, ...], str, int]]  # key -> (shape, dtype, nbytes)
+    storage: dict[str, Any]  # key -> identity of its data, equal for tied keys (None: unknown)
+    get: Callable[[str], torch.Tensor]
+    release: Callable[[str], None] = lambda _key: None
+    checksums: dict[str, str] = field(default_factory=dict)
+    close: Callable[[], None] = lambda: None
+
+
+def _open_sides(a: Any, b: Any, problems: list[str]) -> tuple[_Side, _Side]:
+    sides: list[_Side] = []
+    errors: list[Exception] = []
+    for label, obj in (("a", a), ("b", b)):
+        try:
+            sides.append(_side(obj, label))
+        except WeightsmithError as e:
+            errors.append(e)
+    if problems or errors:
+        for side in sides:
+            side.close()
+        if not problems and len(errors) == 1:
+            raise errors[0]
+        text = "; ".join([*problems, *map(str, errors)])
+        if problems:
+            raise UsageError(f"cannot diff: {text}")
+        kind = CheckpointNotFoundError if all(isinstance(e, CheckpointNotFoundError) for e in errors) \
+            else CheckpointError
+        raise kind(text) from errors[0]
+    return sides[0], sides[1]
+
+
+def _side(obj: Any, label: str) -> _Side:
+    from .checkpoint import Checkpoint, open as open_checkpoint
+
+    if isinstance(obj, (str, os.PathLike)):
+        ckpt = open_checkpoint(Path(obj))
+        return _checkpoint_side(ckpt, owned=True)
+    if isinstance(obj, Checkpoint):
+        return _checkpoint_side(obj, owned=False)
+    if isinstance(obj, nn.Module):
+        return _tensor_side(obj.state_dict(keep_vars=False), f"<{type(obj).__name__}>")
+    if isinstance(obj, Mapping):
+        bad = [f"{k!r} is {type(v).__name__}" for k, v in obj.items()
+               if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise UsageError(f"{label}: every entry of a state dict must map a string to a tensor; "
+                             + "; ".join(bad[:10]))
+        return _tensor_side(obj, "<state dict>")
+    raise UsageError(f"{label}: cannot diff a {type(obj).__name__}; give a path, a checkpoint, "
+                     "a state dict or a model")
+
+
+def _checkpoint_side(ckpt: Any, *, owned: bool) -> _Side:
+    reader = ckpt.reader
+    specs = {k: (tuple(i.shape), i.dtype, i.nbytes) for k, i in ckpt.items()}
+    storage = {k: (id(reader), i.storage or k) for k, i in ckpt.items()}
+    return _Side(str(ckpt.path), specs, storage, ckpt.tensor,
+                 release=ckpt.release if owned else (lambda _key: None),
+                 checksums=_checksums(reader), close=ckpt.close if owned else (lambda: None))
+
+
+def _checksums(reader: Any) -> dict[str, str]:
+    """Key -> CRC-32 stored by ``weightsmith.save`` (tied keys share their stored key's)."""
+    from .io.safetensors import CHECKSUMS_KEY
+
+    out: dict[str, str] = {}
+    shards = getattr(reader, "shards", None)
+    for r in shards.values() if isinstance(shards, Mapping) else (reader,):
+        try:
+            crcs = json.loads(r.metadata.get(CHECKSUMS_KEY) or "{}")
+        except ValueError:
+            continue  # unreadable checksums only cost the shortcut
+        if not isinstance(crcs, dict):
+            continue
+        out.update({k: v for k, v in crcs.items() if isinstance(v, str)})
+        out.update({alias: crcs[stored] for alias, stored in r.aliases().items()
+                    if isinstance(crcs.get(stored), str)})
+    return out
+
+
+def _tensor_side(state: Mapping[str, torch.Tensor], name: str) -> _Side:
+    specs = {k: (tuple(t.shape), _dtype_name(t.dtype), t.numel() * t.element_size()) for k, t in state.items()}
+    storage = {k: _memory_id(t) for k, t in state.items()}
+    return _Side(name, specs, storage, state.__getitem__)
+
+
+def _memory_id(t: torch.Tensor) -> Any:
+    if t.device.type == "meta" or t.numel() == 0 or t.layout != torch.strided:
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return ("memory", str(t.device), ptr, t.storage_offset(), tuple(t.stride()), t.dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------- pairing
+
+
+@dataclass
+class _Plan:
+    pairs: list[tuple[str, str]]  # (a key, b key), in a's order
+    only_a: list[str]
+    only_b: list[str]
+    prefix: str
+    renamed: dict[str, str]
+
+
+def _pair(side_a: _Side, side_b: _Side, rules: tuple[Any, ...], select: Selector | None) -> _Plan:
+    prefix = align_prefixes(side_a.specs, side_b.specs)
+    names: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    for key in side_a.specs:
+        name = prefix(key)
+        for rule in rules:
+            new = rule.rename(name)
+            if new is not None:
+                renamed[key], name = new, new
+                break
+        names[key] = name
+    claimed: dict[str, list[str]] = {}
+    for key, name in names.items():
+        claimed.setdefault(name, []).append(key)
+    clashes = [f"{', '.join(map(repr, keys))} all become {name!r}" for name, keys in claimed.items() if len(keys) > 1]
+    if clashes:
+        raise UsageError("cannot diff: keys of a collide after aligning prefixes and renaming: "
+                         + "; ".join(clashes[:10]) + "; add a rename rule to tell them apart")
+    wanted: set[str] | None = None
+    if select is not None:
+        universe = {**{name: side_a.specs[key] for key, name in names.items()}, **side_b.specs}
+        wanted = set(select_names(universe, select))
+    keep = (lambda _name: True) if wanted is None else wanted.__contains__
+    pairs = [(k, n) for k, n in names.items() if n in side_b.specs and keep(n)]
+    only_a = [k for k, n in names.items() if n not in side_b.specs and keep(n)]
+    only_b = [k for k in side_b.specs if k not in claimed and keep(k)]
+    described = prefix.describe()
+    return _Plan(pairs, only_a, only_b, "" if described == "none" else described,
+                 {k: v for k, v in renamed.items() if keep(v)})
+
+
+# ---------------------------------------------------------------- comparing
+
+
+def _compare(side_a: _Side, side_b: _Side, plan: _Plan, atol: float, rtol: float,
+             progress: Progress | None) -> Diff:
+    result = Diff(side_a.name, side_b.name, atol, rtol, only_a=plan.only_a, only_b=plan.only_b,
+                  prefix=plan.prefix, renamed=plan.renamed)
+    todo: list[tuple[str, str]] = []
+    for ka, kb in plan.pairs:
+        shape_a, dtype_a, _ = side_a.specs[ka]
+        shape_b, dtype_b, _ = side_b.specs[kb]
+        if shape_a != shape_b or dtype_a != dtype_b:
+            change = SpecChange(kb, None if ka == kb else ka, shape_a, shape_b, dtype_a, dtype_b)
+            (result.shape_changes if shape_a != shape_b else result.dtype_changes).append(change)
+        if shape_a == shape_b:
+            todo.append((ka, kb))
+    total = sum(side_a.specs[ka][2] + side_b.specs[kb][2] for ka, kb in todo)
+    done = 0
+    known: dict[tuple[Any, Any], TensorDiff] = {}  # tied pairs are read once
+    with _Pool(_WORKERS) as pool:
+        for ka, kb in todo:
+            shape, dtype_a, nbytes_a = side_a.specs[ka]
+            dtype_b, nbytes_b = side_b.specs[kb][1:]
+            key_a = None if ka == kb else ka
+            ident = (side_a.storage[ka], side_b.storage[kb])
+            found = known.get(ident) if None not in ident else None
+            entry: TensorDiff | str
+            if found is not None:
+                entry = dataclasses.replace(found, key=kb, key_a=key_a)
+            elif ident[0] is not None and ident[0] == ident[1]:
+                entry = _unread(kb, key_a, shape, dtype_a, dtype_b, "same data")
+            elif dtype_a == dtype_b and _equal_checksums(side_a, side_b, ka, kb):
+                entry = _unread(kb, key_a, shape, dtype_a, dtype_b, "checksum")
+            else:
+                def step(n: int, base: int = done, key: str = kb) -> None:
+                    if progress is not None:
+                        progress(base + n, total, key)
+
+                entry = _measure_pair(side_a, side_b, ka, kb, atol, rtol, pool, step)
+            if isinstance(entry, str):
+                result.skipped[kb] = entry
+            else:
+                result.tensors.append(entry)
+                if None not in ident:
+                    known.setdefault(ident, entry)
+            done += nbytes_a + nbytes_b
+            if progress is not None:
+                progress(done, total, kb)
+    result.layers = _rollup(result.tensors, fold_name)
+    result.modules = _rollup(result.tensors, lambda key: key.split(".", 1)[0])
+    return result
+
+
+def _equal_checksums(side_a: _Side, side_b: _Side, ka: str, kb: str) -> bool:
+    crc_a, crc_b = side_a.checksums.get(ka), side_b.checksums.get(kb)
+    return crc_a is not None and crc_a == crc_b
+
+
+def _unread(key: str, key_a: str | None, shape: tuple[int, ...], dtype_a: str, dtype_b: str,
+            method: str) -> TensorDiff:
+    return TensorDiff(key, key_a, shape, dtype_a, dtype_b, math.prod(shape), True, method,
+                      0.0, 0.0, 1.0, 0, 0.0, None, None)
+
+
+def _rollup(tensors: list[TensorDiff], group: Callable[[str], str]) -> list[Rollup]:
+    rows: dict[str, Rollup] = {}
+    for t in tensors:
+        r = rows.setdefault(group(t.key), Rollup(group(t.key)))
+        r.tensors += 1
+        r.changed_tensors += t.changed > 0
+        r.numel += t.numel
+        r.changed += t.changed
+        r.max_abs = max(r.max_abs, t.max_abs)
+        if not math.isnan(t.rel_l2):
+            r.max_rel_l2 = max(r.max_rel_l2, t.rel_l2)
+    for r in rows.values():
+        r.changed_fraction = r.changed / r.numel if r.numel else 0.0
+    return list(rows.values())
+
+
+# ---------------------------------------------------------------- one pair, in chunks
+
+
+class _Part(NamedTuple):
+    """What one piece contributes; sums of squares and products over elements finite on both sides."""
+
+    dd: float
+    aa: float
+    bb: float
+    ab: float
+    max_abs: float
+    changed: int
+    nan_a: int
+    nan_b: int
+    differs: bool
+
+
+def _measure_pair(side_a: _Side, side_b: _Side, ka: str, kb: str, atol: float, rtol: float,
+                  pool: _Pool, step: Callable[[int], None]) -> TensorDiff | str:
+    """The metrics of one pair, or why it cannot be compared."""
+    ta, tb = side_a.get(ka), side_b.get(kb)
+    try:
+        why = _unreadable(ta) or _unreadable(tb)
+        if why:
+            return why
+        xa, xb = _comparable(ta, tb)
+        if xa is None:
+            return f"cannot compare {ta.dtype} with {tb.dtype}"
+        work = np.float64 if xa.dtype in _WIDE or xb.dtype in _WIDE else np.float32
+        sums = [0.0, 0.0, 0.0, 0.0]
+        max_abs, changed, nan_a, nan_b, differs = 0.0, 0, 0, 0, False
+        done = 0
+        for part, nbytes in pool.map(_pieces(xa, xb, CHUNK_ELEMENTS),
+                                     lambda pa, pb: _measure_piece(pa, pb, work, atol, rtol)):
+            sums = [s + p for s, p in zip(sums, part[:4])]
+            max_abs = max(max_abs, part.max_abs)
+            changed += part.changed
+            nan_a += part.nan_a
+            nan_b += part.nan_b
+            differs |= part.differs
+            done += nbytes
+            step(done)
+    finally:
+        del ta, tb
+        side_a.release(ka)
+        side_b.release(kb)
+    dd, aa, bb, ab = sums
+    numel = math.prod(side_b.specs[kb][0])
+    rel = math.sqrt(dd / aa) if aa > 0 else (0.0 if dd == 0 else math.inf)
+    if aa > 0 and bb > 0:
+        cosine = max(-1.0, min(1.0, ab / math.sqrt(aa * bb)))
+    else:
+        cosine = 1.0 if aa == bb == 0 else math.nan
+    return TensorDiff(kb, None if ka == kb else ka, side_b.specs[kb][0], side_a.specs[ka][1],
+                      side_b.specs[kb][1], numel, not differs, "compared", max_abs, rel, cosine,
+                      changed, changed / numel if numel else 0.0, nan_a, nan_b)
+
+
+def _unreadable(t: torch.Tensor) -> str:
+    if t.device.type == "meta":
+        return "stored without data (a meta tensor)"
+    if t.layout != torch.strided:
+        return f"layout {t.layout} is not compared"
+    return ""
+
+
+def _comparable(ta: torch.Tensor, tb: torch.Tensor) -> tuple[Any, Any]:
+    """Both tensors as real-valued tensors of one shape (complex as real and imaginary parts)."""
+    ta, tb = (t.detach().dequantize() if t.is_quantized else t.detach() for t in (ta, tb))
+    if ta.is_complex() != tb.is_complex():  # a real tensor compared with a complex one
+        common = ta.dtype if ta.is_complex() else tb.dtype
+        ta, tb = ta.to(common), tb.to(common)
+    if ta.is_complex():
+        ta, tb = torch.view_as_real(ta.resolve_conj()), torch.view_as_real(tb.resolve_conj())
+    ta, tb = ta.resolve_neg(), tb.resolve_neg()
+    if ta.dtype in _UNSUPPORTED or tb.dtype in _UNSUPPORTED:
+        return None, None
+    return ta, tb
+
+
+# values beyond float32's 24-bit mantissa keep their digits only in float64
+_WIDE = {torch.float64, torch.int64, torch.int32, torch.uint32, torch.uint64}
+_NUMPY = {torch.float16, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+          torch.float32, torch.float64}
+_UNSUPPORTED = {getattr(torch, n) for n in ("float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4",
+                                             "bits4x2", "uint1", "int1") if hasattr(torch, n)}
+
+
+def _pieces(a: torch.Tensor, b: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching 1-D pieces of ``a`` and ``b`` of at most ``step`` elements: views where both are
+    contiguous, else copies of a few rows (never of a whole tensor)."""
+    if a.dim() == 0:
+        yield a.reshape(1), b.reshape(1)
+        return
+    if a.numel() == 0:
+        return
+    if a.is_contiguous() and b.is_contiguous():
+        fa, fb = a.view(-1), b.view(-1)
+        for i in range(0, fa.numel(), step):
+            yield fa[i:i + step], fb[i:i + step]
+        return
+    row = a[0].numel()
+    if row > step:
+        for i in range(a.shape[0]):
+            yield from _pieces(a[i], b[i], step)
+        return
+    rows = max(1, step // row)
+    for i in range(0, a.shape[0], rows):
+        yield a[i:i + rows].reshape(-1), b[i:i + rows].reshape(-1)
+
+
+class _Pool:
+    """Measures pieces on a few threads (numpy's kernels release the GIL), in order, with a
+    bounded number in flight so copies made for strided tensors stay few."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.executor: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> _Pool:
+        if self.workers > 1:
+            self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="weightsmith-diff")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+        _local.__dict__.pop("buffers", None)  # this thread's scratch, when it measured pieces itself
+
+    def map(self, pieces: Iterator[tuple[torch.Tensor, torch.Tensor]],
+            fn: Callable[[torch.Tensor, torch.Tensor], _Part]) -> Iterator[tuple[_Part, int]]:
+        pending: deque[tuple[Future[_Part], int]] = deque()
+        for pa, pb in pieces:
+            nbytes = pa.numel() * pa.element_size() + pb.numel() * pb.element_size()
+            if self.executor is None:
+                yield fn(pa, pb), nbytes
+                continue
+            pending.append((self.executor.submit(fn, pa, pb), nbytes))
+            if len(pending) >= 2 * self.workers:
+                future, n = pending.popleft()
+                yield future.result(), n
+        while pending:
+            future, n = pending.popleft()
+            yield future.result(), n
+
+
+_local = threading.local()
+
+
+def _buffer(name: str, n: int, dtype: Any) -> np.ndarray:
+    """A per-thread scratch array of ``n`` elements, reused from piece to piece."""
+    buffers = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get((name, dtype))
+    if buf is None or len(buf) < n:
+        buf = buffers[(name, dtype)] = np.empty(max(n, CHUNK_ELEMENTS), dtype)
+    return buf[:n]
+
+
+def _as_numpy(piece: torch.Tensor, work: Any, name: str) -> np.ndarray:
+    """A 1-D piece as a numpy array of the working dtype: a view when it is one, else a copy."""
+    if piece.device.type != "cpu":
+        piece = piece.cpu()
+    if piece.dtype == (torch.float32 if work == np.float32 else torch.float64):
+        return piece.numpy()
+    buf = _buffer(name, piece.numel(), work)
+    if piece.dtype == torch.bfloat16 and work == np.float32:  # bfloat16 is the top half of a float32
+        wide = buf.view(np.uint32)
+        np.copyto(wide, piece.view(torch.int16).numpy().view(np.uint16))
+        np.left_shift(wide, 16, out=wide)
+    elif piece.dtype in _NUMPY:
+        np.copyto(buf, piece.numpy(), casting="unsafe")
+    else:  # float8 and the other kinds numpy lacks
+        torch.from_numpy(buf).copy_(piece)
+    return buf
+
+
+def _measure_piece(pa: torch.Tensor, pb: torch.Tensor, work: Any, atol: float, rtol: float) -> _Part:
+    a, b = _as_numpy(pa, work, "a"), _as_numpy(pb, work, "b")
+    with np.errstate(all="ignore"):  # Inf - Inf, overflow: handled below, not worth a warning
+        return _measure_arrays(a, b, work, atol, rtol)
+
+
+def _measure_arrays(a: np.ndarray, b: np.ndarray, work: Any, atol: float, rtol: float) -> _Part:
+    m = a.size
+    d = np.subtract(a, b, out=_buffer("d", m, work))
+    # BLAS dot products: the fastest sums; a NaN or Inf anywhere (or an overflow) makes one of
+    # them non-finite, and only then is the piece taken apart element by element
+    dd, aa, bb = float(np.dot(d, d)), float(np.dot(a, a)), float(np.dot(b, b))
+    if not (math.isfinite(dd) and math.isfinite(aa) and math.isfinite(bb)):
+        return _measure_nonfinite(a, b, atol, rtol)
+    ab = float(np.dot(a, b))
+    absd = np.abs(d, out=d)
+    max_abs = float(np.maximum.reduce(absd))
+    if max_abs == 0.0:
+        return _Part(0.0, aa, bb, ab, 0.0, 0, 0, 0, False)
+    if dd == 0.0:  # differences so small that their squares underflowed the working dtype
+        dd = float(np.dot(absd.astype(np.float64), absd.astype(np.float64)))
+    flags = _buffer("flags", m, np.bool_)
+    if max_abs <= atol:
+        changed = 0
+    elif rtol == 0.0:
+        changed = int(np.count_nonzero(np.greater(absd, atol, out=flags)))
+    else:
+        tol = np.abs(a, out=_buffer("tol", m, work))
+        np.multiply(tol, rtol, out=tol)
+        np.add(tol, atol, out=tol)
+        changed = int(np.count_nonzero(np.greater(absd, tol, out=flags)))
+    return _Part(dd, aa, bb, ab, max_abs, changed, 0, 0, True)
+
+
+def _measure_nonfinite(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> _Part:
+    """The slow path, in float64: NaN and Inf counted apart from the finite elements."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    both = np.isfinite(a) & np.isfinite(b)
+    with np.errstate(invalid="ignore"):
+        same = (nan_a & nan_b) | (a == b)  # NaN on both sides, or the same infinity
+    odd = int(np.count_nonzero(~both & ~same))
+    fa, fb = a[both], b[both]
+    absd = np.abs(fa - fb)
+    max_abs = float(absd.max()) if absd.size else 0.0
+    changed = odd + int(np.count_nonzero(absd > atol + rtol * np.abs(fa)))
+    return _Part(float(absd @ absd), float(fa @ fa), float(fb @ fb), float(fa @ fb), max_abs, changed,
+                 int(np.count_nonzero(nan_a)), int(np.count_nonzero(nan_b)), odd > 0 or max_abs > 0)
