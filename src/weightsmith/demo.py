@@ -174,7 +174,31 @@ def step_train_setup(out: Path, console: Any) -> None:
     console.print(groups.explain() if hasattr(groups, "explain") else groups)
 
 
-STEPS: list[Step] = [step_look, step_change, step_train_setup, step_save_and_inspect, step_warmstart]
+def step_compare_convert_show(out: Path, console: Any) -> None:
+    """What fine-tuning moved (diff), a pickle turned into safetensors (convert), and the HTML report."""
+    import torch
+
+    import weightsmith as ws
+    from weightsmith.examples import model_a
+
+    torch.manual_seed(0)
+    base = model_a()
+    ws.save(base, out / "base.safetensors")
+    with torch.no_grad():  # "fine-tune": the head moves a lot, fc a little, the rest not at all
+        base.head.weight.add_(0.5 * torch.randn_like(base.head.weight))
+        base.fc.weight.mul_(1.01)
+    torch.save(base.state_dict(), out / "tuned.pt")
+    _section(console, "Compare: what fine-tuning moved (streamed tensor pair by pair)")
+    console.print(ws.diff(out / "base.safetensors", out / "tuned.pt"))
+    _section(console, "Convert: the torch pickle to half-precision safetensors, verified")
+    console.print(ws.convert(out / "tuned.pt", out / "tuned-fp16.safetensors", dtype=torch.float16, verify=True))
+    _section(console, "Show: a self-contained HTML report, with what moved against the base")
+    path = ws.report(out / "tuned.pt", out / "report.html", compare=out / "base.safetensors")
+    console.print(f"report written to {path} (open it in a browser; no network needed)")
+
+
+STEPS: list[Step] = [step_look, step_change, step_train_setup, step_save_and_inspect, step_warmstart,
+                     step_compare_convert_show]
 
 
 def run(out: Path, console: Any) -> None:
