@@ -88,6 +88,11 @@ _LAZY: dict[str, str] = {
     "convert": "convert",
     "ConvertReport": "convert",
     "report": "report",
+    # trust
+    "scan_globals": "trust",
+    "GlobalsReport": "trust",
+    "verify": "trust",
+    "VerifyReport": "trust",
 }
 
 __all__ = [

@@ -7,10 +7,13 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._result import Result
 from .errors import SaveError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 __all__ = ["save", "SaveReport", "parse_size"]
 
@@ -52,7 +55,7 @@ def parse_size(size: int | str) -> int:
 
 def save(obj: Any, path: str | Path, *, format: str | None = None, metadata: Mapping[str, str] | None = None,
          max_shard_size: int | str | None = None, checksums: bool = True,
-         progress: Progress | None = None) -> SaveReport:
+         progress: Progress | None = None, async_save: bool = False) -> SaveReport | Future[SaveReport]:
     """Save a model, a state dict or an open checkpoint, atomically.
 
     Tied tensors (one tensor under several keys) are stored once and the tie is recorded,
@@ -62,21 +65,32 @@ def save(obj: Any, path: str | Path, *, format: str | None = None, metadata: Map
         obj: an ``nn.Module`` (its ``state_dict()``), a mapping of key -> tensor, or a
             `Checkpoint` (streamed tensor by tensor).
         path: the file, or the folder for sharded output.
-        format: ``"safetensors"`` (default), ``"torch"``, or ``"sharded"``; inferred from the
-            suffix (``.pt``/``.pth``/``.bin``/``.ckpt`` -> torch) and from ``max_shard_size``.
+        format: ``"safetensors"`` (default), ``"torch"``, ``"sharded"``, or ``"dcp"`` (a
+            torch.distributed.checkpoint folder; every rank calls save, see
+            `weightsmith.distributed.save_dcp`); inferred from the suffix
+            (``.pt``/``.pth``/``.bin``/``.ckpt`` -> torch) and from ``max_shard_size``.
         metadata: string metadata (safetensors only).
         max_shard_size: write a Hugging Face sharded folder with shards of at most this size
             (``"5GB"``); the index is written last.
         checksums: store a CRC-32 per tensor (safetensors), checked by ``check --verify``.
         progress: called as ``progress(done_bytes, total_bytes, key)``.
+        async_save: with ``format="dcp"``, save through ``dcp.async_save`` and return a future.
 
     Returns:
-        a `SaveReport`.
+        a `SaveReport` (with ``async_save``, a future of one).
 
     >>> import torch, weightsmith                                   # doctest: +SKIP
     >>> weightsmith.save(torch.nn.Linear(4, 8), "linear.safetensors")   # doctest: +SKIP
     """
     path = Path(path)
+    if format == "dcp":
+        from .distributed import save_dcp
+
+        if metadata or max_shard_size is not None:
+            raise SaveError(f"{path}: a DCP folder takes no metadata or max_shard_size")
+        return save_dcp(obj, path, async_save=async_save)
+    if async_save:
+        raise SaveError(f"{path}: async_save needs format='dcp'")
     tensors = _tensors_of(obj)
     stored, ties = _dedupe(tensors)
     fmt = _format_for(path, format, max_shard_size)
