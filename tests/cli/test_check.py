@@ -61,8 +61,10 @@ def test_json_output_is_the_report(broken):
     result = run(broken, "--json")
     assert result.exit_code == 1
     data = json.loads(result.output)
-    assert data["schema"] == "weightsmith.health/1" and data["ok"] is False
-    assert [(f["key"], f["kind"]) for f in data["findings"]] == [("0.weight", "nan"),
+    assert data["schema"] == "weightsmith.check/1" and data["ok"] is False
+    health = data["health"]
+    assert health["schema"] == "weightsmith.health/1" and health["ok"] is False
+    assert [(f["key"], f["kind"]) for f in health["findings"]] == [("0.weight", "nan"),
                                                                 ("2.weight", "exploding")]
 
 

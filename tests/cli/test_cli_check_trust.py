@@ -1,0 +1,58 @@
+"""`weightsmith check` as the one verification command: pickle globals and --verify checksums."""
+
+import json
+import os
+import pickle
+
+import torch
+from click.testing import CliRunner
+
+import weightsmith
+from weightsmith.cli import cli
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('x')",))
+
+
+def test_a_file_that_would_run_code_is_a_finding_and_nothing_runs(tmp_path):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "hostile.pt"
+    torch.save({"w": torch.zeros(2), "evil": _Payload(str(marker))}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    result = CliRunner().invoke(cli, ["check", str(path), "--json"])
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.output)
+    assert data["schema"] == "weightsmith.check/1" and data["ok"] is False
+    refused = [g["name"] for g in data["globals"]["globals"] if g["status"] == "refused"]
+    assert "builtins.exec" in refused
+    assert "health" not in data  # its tensors are not read
+    assert not marker.exists()
+
+
+def test_a_plain_torch_file_lists_only_allowed_globals_and_passes(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"w": torch.randn(3, generator=torch.Generator().manual_seed(0))}, path)
+    result = CliRunner().invoke(cli, ["check", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {g["status"] for g in data["globals"]["globals"]} == {"allowed"}
+    assert data["health"]["schema"] == "weightsmith.health/1"
+
+
+def test_verify_finds_a_flipped_byte_the_format_does_not_notice(tmp_path):
+    path = tmp_path / "m.safetensors"
+    g = torch.Generator().manual_seed(0)
+    weightsmith.save({"a": torch.randn(64, generator=g), "b": torch.randn(64, generator=g)}, path)
+    assert CliRunner().invoke(cli, ["check", str(path), "--verify"]).exit_code == 0
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01  # inside b's data: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    weightsmith.open(path).load()
+    result = CliRunner().invoke(cli, ["check", str(path), "--verify", "--json"])
+    assert result.exit_code == 1, result.output
+    assert list(json.loads(result.output)["verify"]["mismatched"]) == ["b"]
+    assert os.path.exists(path)
