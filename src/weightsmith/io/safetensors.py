@@ -196,6 +196,7 @@ def write_safetensors(f: Any, entries: list[tuple[str, Any]], metadata: dict[str
     stream tensors one at a time (it must return that shape and dtype).
     """
     import zlib
+    from concurrent.futures import ThreadPoolExecutor
 
     from ._dtypes import NAME_TO_SAFETENSORS, name_of
     from ..errors import SaveError
@@ -224,17 +225,20 @@ def write_safetensors(f: Any, entries: list[tuple[str, Any]], metadata: dict[str
     f.write(struct.pack("<Q", len(head)))
     f.write(head)
     done = 0
-    for key, t in entries:
-        if materialize is not None:
-            t = _materialized(key, t, materialize(key, t))
-        data = tensor_bytes(key, t)
-        f.write(memoryview(data))
-        if checksums:
-            crcs[key] = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
-        done += data.nbytes
-        del t, data  # let a streamed tensor go before the next one is read
-        if progress is not None:
-            progress(done, offset, key)
+    # the CRC runs on a second thread while the same bytes are written (both release the GIL)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for key, t in entries:
+            if materialize is not None:
+                t = _materialized(key, t, materialize(key, t))
+            data = tensor_bytes(key, t)
+            crc = pool.submit(zlib.crc32, data) if checksums else None
+            f.write(memoryview(data))
+            if crc is not None:
+                crcs[key] = f"{crc.result() & 0xFFFFFFFF:08x}"
+            done += data.nbytes
+            del t, data, crc  # let a streamed tensor go before the next one is read
+            if progress is not None:
+                progress(done, offset, key)
     if checksums:
         meta[CHECKSUMS_KEY] = json.dumps(crcs, separators=(",", ":"))
         final = render()
