@@ -88,6 +88,10 @@ _LAZY: dict[str, str] = {
     "convert": "convert",
     "ConvertReport": "convert",
     "report": "report",
+    # scale out
+    "save_dcp": "distributed",
+    "load_sharded_": "distributed",
+    "is_sharded": "distributed",
     # trust
     "scan_globals": "trust",
     "GlobalsReport": "trust",

@@ -162,6 +162,9 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
         **plan_options: `plan` options (``rename``, ``match``, ``on_mismatch``, ``init``, ``root``,
             ``trust``).
 
+    A model whose parameters are ``DTensor`` shards is loaded by
+    `weightsmith.distributed.load_sharded_` (every rank calls it; each reads only its part).
+
     Returns:
         a `LoadReport` with each target key's provenance.
 
@@ -170,6 +173,11 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
     """
     import torch
 
+    if any(type(t).__name__ == "DTensor" for t in model.parameters()):  # sharded: each rank loads its part
+        from .distributed import load_sharded_
+
+        return load_sharded_(model, source, plan=plan, strict=strict, min_coverage=min_coverage, seed=seed,
+                             **plan_options)
     p, src = _resolve(model, source, plan, dict(plan_options))
     _check(p, strict=strict, min_coverage=min_coverage)
     state = model.state_dict(keep_vars=True)

@@ -27,7 +27,7 @@ from ._pickle import Opaque, TensorRecord, scan_pickle
 from .sharded import confine
 from .torchfile import TorchFileReader, unreadable, unsafe_message
 
-__all__ = ["DcpReader", "Chunk", "METADATA_NAME", "open_chunk", "read_object"]
+__all__ = ["DcpReader", "Chunk", "METADATA_NAME", "open_chunk", "copy_chunk", "read_object"]
 
 METADATA_NAME = ".metadata"
 _MAX_METADATA = 1 << 30
@@ -119,10 +119,13 @@ class DcpReader(Reader):
     def _parse(self, top: Any, meta_path: Path) -> None:
         state = _state(top, "Metadata", meta_path)
         files: dict[tuple[str, tuple[int, ...] | None], tuple[str, int, int, tuple[str, ...]]] = {}
+        confined: set[str] = set()  # many chunks share a data file: check each name once
         for index, info in (state.get("storage_data") or {}).items():
             idx, where = _state(index, "MetadataIndex", meta_path), _state(info, "_StorageInfo", meta_path)
             rel = str(where["relative_path"])
-            confine(self.path, rel, what=str(meta_path))
+            if rel not in confined:
+                confine(self.path, rel, what=str(meta_path))
+                confined.add(rel)
             offset = idx.get("offset")
             transforms = tuple(str(t) for t in (where.get("transform_descriptors") or ()))
             files[(str(idx["fqn"]), None if offset is None else _dims(offset))] = (
@@ -169,9 +172,7 @@ class DcpReader(Reader):
             return reader.tensor("")
         out = torch.empty(info.shape, dtype=to_torch(info.dtype))
         for chunk in chunks:
-            reader = open_chunk(self.path, key, chunk, info.dtype)
-            out[chunk.slices].copy_(reader.tensor(""))
-            reader.release("")  # streaming over a folder keeps one chunk resident, not all
+            copy_chunk(self.path, key, chunk, info.dtype, out[chunk.slices])
         return out
 
     def release(self, key: str) -> None:
@@ -272,6 +273,70 @@ def open_chunk(folder: Path, key: str, chunk: Chunk, dtype: str) -> TorchFileRea
             f"{where} holds a {stored.dtype} tensor of shape {list(stored.shape)}; the metadata says "
             f"{dtype} {list(chunk.sizes)}")
     return reader
+
+
+def copy_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, out: Any, *,
+               start: tuple[int, ...] | None = None) -> None:
+    """Copy the region of a stored chunk at ``start`` (in the chunk), shaped like ``out``, into ``out``.
+
+    When the region is one row-major run of the file and ``out`` is contiguous and of the same
+    dtype, its bytes are read straight into ``out``; otherwise through the memory map (pages
+    released afterwards, so streaming over a folder keeps one chunk resident).
+
+    Raises:
+        CorruptCheckpointError, UnsafeCheckpointError: as `open_chunk`, or when the file ends early.
+    """
+    import torch
+
+    from ._dtypes import to_torch
+
+    start = start if start is not None else (0,) * len(chunk.sizes)
+    lengths = tuple(out.shape)
+    if len(start) != len(chunk.sizes) or any(o < 0 or o + n > d for o, n, d in zip(start, lengths, chunk.sizes)):
+        raise CheckpointError(f"{folder}: {key!r}: the region at {list(start)} of {list(lengths)} elements lies "
+                              f"outside its stored chunk of {list(chunk.sizes)}")
+    reader = open_chunk(folder, key, chunk, dtype)
+    span = reader.data_span("")
+    direct = out.is_contiguous() and out.dtype == to_torch(dtype) and _one_run(chunk.sizes, lengths)
+    if span is not None and direct:
+        size = out.element_size()
+        first, step = 0, 1
+        for o, d in reversed(list(zip(start, chunk.sizes))):
+            first += o * step
+            step *= d
+        _read_exactly(reader.path, span[0] + first * size, out.reshape(-1).view(torch.uint8), key)
+        return
+    region = reader.tensor("")
+    for dim, (o, n) in enumerate(zip(start, lengths)):
+        region = region.narrow(dim, o, n)
+    out.copy_(region)
+    reader.release("")
+
+
+def _one_run(shape: tuple[int, ...], lengths: tuple[int, ...]) -> bool:
+    """Whether a box of a row-major tensor is one contiguous run of its elements.
+
+    It is when every dimension before the first one longer than 1 has length 1 and every
+    dimension after it is taken whole.
+    """
+    k = 0
+    while k < len(lengths) and lengths[k] == 1:
+        k += 1
+    return all(n == d for n, d in zip(lengths[k + 1:], shape[k + 1:]))
+
+
+def _read_exactly(path: Path, offset: int, out: Any, key: str) -> None:
+    """Fill the uint8 tensor ``out`` with the file's bytes at ``offset``."""
+    view = memoryview(out.numpy())
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CorruptCheckpointError(
+                    f"{path}: {key!r} ends at byte {offset + done:,}, {len(view) - done:,} bytes early (truncated?)")
+            done += got
 
 
 def read_object(folder: Path, key: str, chunk: Chunk) -> Any:

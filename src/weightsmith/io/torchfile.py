@@ -331,6 +331,25 @@ class TorchFileReader(Reader):
         except RuntimeError as e:  # the pickle's view of a storage disagrees with the storage's bytes
             raise CorruptCheckpointError(f"{self.path}: tensor {key!r} does not fit its storage ({e})") from e
 
+    def data_span(self, key: str) -> tuple[int, int] | None:
+        """Where ``key``'s bytes lie in the file, ``(offset, nbytes)``, when they are one row-major run.
+
+        Such a tensor can be read straight into a buffer (``readinto``) instead of through the
+        memory map; ``None`` for other layouts, sub-byte dtypes and trusted files.
+        """
+        rec = self._records[key]
+        if self._trusted or rec.storage is None or BITS.get(rec.dtype, 0) % 8:
+            return None
+        step, numel = 1, 1
+        for d, s in reversed(list(zip(rec.shape, rec.stride))):
+            if d != 1 and s != step:
+                return None
+            step *= d
+            numel *= d
+        size = BITS[rec.dtype] // 8
+        start, _ = self._spans[rec.storage.key]
+        return start + (rec.storage.view_offset + rec.offset) * size, numel * size
+
     def release(self, key: str) -> None:
         rec = self._records[key]
         if self._trusted or self._map is None or rec.storage is None:
