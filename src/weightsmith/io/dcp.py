@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ._base import Reader, TensorInfo
+from ._detect import METADATA_NAME
 from ._dtypes import nbytes_of
 from ._pickle import Opaque, TensorRecord, scan_pickle
 from .sharded import confine
@@ -29,7 +30,6 @@ from .torchfile import TorchFileReader, unreadable, unsafe_message
 
 __all__ = ["DcpReader", "Chunk", "METADATA_NAME", "open_chunk", "copy_chunk", "read_object"]
 
-METADATA_NAME = ".metadata"
 _MAX_METADATA = 1 << 30
 _MAX_OBJECT = 1 << 30  # a non-tensor entry beyond 1 GiB is no training state
 _MAX_PAIRWISE = 256  # chunks per tensor up to which overlaps are checked pair by pair

@@ -9,10 +9,10 @@ from typing import Any
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ._base import Reader, TensorInfo
+from ._detect import INDEX_NAMES
 
 __all__ = ["ShardedReader", "confine", "INDEX_NAMES"]
 
-from ._detect import INDEX_NAMES  # defined where detection needs it without importing this module
 
 
 def confine(folder: Path, name: str, *, what: str) -> Path:
