@@ -49,3 +49,34 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 
 PY = sys.executable
+
+
+def size_arguments(doc: str | None, *, size_gb: float = 2.0, repeat: int = 3) -> Any:
+    """Parse ``--size-gb``, ``--repeat`` and ``--quick`` (0.2 GB, one run)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--size-gb", type=float, default=size_gb)
+    ap.add_argument("--repeat", type=int, default=repeat)
+    ap.add_argument("--quick", action="store_true", help="0.2 GB and 1 run")
+    args = ap.parse_args()
+    if args.quick:
+        args.size_gb, args.repeat = 0.2, 1
+    return args
+
+
+def proc_status(field: str) -> int:
+    """A byte figure from /proc/self/status (VmRSS, VmHWM)."""
+    from pathlib import Path
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> int:
+    """Reset VmHWM to the current RSS and return it, so a later VmHWM is this call's peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status("VmRSS")

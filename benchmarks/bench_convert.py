@@ -15,7 +15,6 @@ Claims: time ratio <= 1 and peak RSS ratio <= 0.3 against `torch.load` + `save_f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import PY, state_dict, table
+from _common import size_arguments, PY, state_dict, table
 
 MB = 2**20
 
@@ -68,13 +67,7 @@ BASELINE = "torch.load + save_file"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size-gb", type=float, default=2.0)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="0.2 GB and 1 run")
-    args = ap.parse_args()
-    if args.quick:
-        args.size_gb, args.repeat = 0.2, 1
+    args = size_arguments(__doc__)
     import torch
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:

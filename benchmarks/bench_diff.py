@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import PY, medians, table, timed
+from _common import proc_status, reset_peak, PY, medians, table, timed
 
 MB = 2**20
 
@@ -78,26 +78,14 @@ def child_memory(how: str, a: str, b: str) -> None:
     import weightsmith
 
     weightsmith.diff({"w": torch.ones(3)}, {"w": torch.zeros(3)})  # load what diff imports, start once
-    before = _reset_peak()
+    before = reset_peak()
     if how == "diff":
         result = weightsmith.diff(a, b)
         assert not result.equal and len(result.changed) == len(result.tensors)
     else:
         read_both(Path(a), Path(b))
-    print(_status("VmHWM") - before)
+    print(proc_status("VmHWM") - before)
 
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    return _status("VmRSS")
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main() -> None:

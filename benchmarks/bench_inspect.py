@@ -7,21 +7,14 @@ for a 20 MB file (header-bound); <= 0.3 s for the 20 MB file whatever the format
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from _common import PY, medians, run_process, state_dict, table
+from _common import size_arguments, PY, medians, run_process, state_dict, table
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size-gb", type=float, default=2.0)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="0.2 GB and 1 run")
-    args = ap.parse_args()
-    if args.quick:
-        args.size_gb, args.repeat = 0.2, 1
+    args = size_arguments(__doc__)
     import torch
     from safetensors.torch import save_file
 

@@ -6,22 +6,15 @@ atomically. `safetensors.torch.save_file` (no fsync) is shown for reference. Cla
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
 
-from _common import medians, state_dict, table, timed
+from _common import size_arguments, medians, state_dict, table, timed
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size-gb", type=float, default=2.0)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="0.2 GB and 1 run")
-    args = ap.parse_args()
-    if args.quick:
-        args.size_gb, args.repeat = 0.2, 1
+    args = size_arguments(__doc__)
     import torch
     from safetensors.torch import save_file
 

@@ -8,21 +8,14 @@ Claim: snapshot <= 1x deepcopy.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 
-from _common import medians, table, timed
+from _common import size_arguments, medians, table, timed
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size-gb", type=float, default=2.0)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="0.2 GB and 1 run")
-    args = ap.parse_args()
-    if args.quick:
-        args.size_gb, args.repeat = 0.2, 1
+    args = size_arguments(__doc__)
     import torch
     from torch import nn
 

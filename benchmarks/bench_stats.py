@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import PY, medians, table, timed
+from _common import proc_status, reset_peak, PY, medians, table, timed
 
 MB = 2**20
 
@@ -63,22 +63,10 @@ def child_memory(path: str, source: str) -> None:
         if source == "mapped":  # fault the mapping in first: count only what stats adds
             for k in ckpt:
                 ckpt.tensor(k).sum()
-    before = _reset_peak()
+    before = reset_peak()
     weightsmith.stats(data)
-    print(_status("VmHWM") - before)
+    print(proc_status("VmHWM") - before)
 
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    return _status("VmHWM")
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main() -> None:
