@@ -17,7 +17,7 @@ __all__ = ["main", "cli"]
 # command name -> module under weightsmith.cli holding a click command named `command`
 _COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "Show the parameter table of a checkpoint or a model."),
-    "check": ("check", "Check a checkpoint's health (NaN/Inf, dead or exploding tensors)."),
+    "check": ("check", "Check a checkpoint: pickle globals, tensor health, and with --verify its checksums."),
     "plan": ("plan", "Show where each target key's value would come from."),
     "warmstart": ("warmstart", "Write a checkpoint shaped for a target model, warm-started from a source."),
     "diff": ("diff", "Compare two checkpoints: keys, shapes, and how much each tensor moved."),
