@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 import weightsmith
 from weightsmith.errors import CheckpointNotFoundError, SelectorError, UsageError
