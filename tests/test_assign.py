@@ -7,15 +7,7 @@ from torch import nn
 from weightsmith import AssignError, SelectorError, assign_, update_
 
 
-def make_mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-
-def make_tied() -> nn.Sequential:
-    torch.manual_seed(0)
-    shared = nn.Linear(8, 8)
-    return nn.Sequential(nn.Linear(4, 8), shared, nn.ReLU(), shared)
+from _models import make_mlp, make_tied
 
 
 def frozen_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int]]:

@@ -9,15 +9,7 @@ from weightsmith import ModelError, SelectorError, init_
 from weightsmith.init import INITIALIZERS, _derive_seed
 
 
-def make_mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-
-def make_tied() -> nn.Sequential:
-    torch.manual_seed(0)
-    shared = nn.Linear(8, 8)
-    return nn.Sequential(nn.Linear(4, 8), shared, nn.ReLU(), shared)
+from _models import make_mlp, make_tied
 
 
 def one(shape: tuple[int, ...], spec, **kwargs) -> torch.Tensor:
