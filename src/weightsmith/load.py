@@ -200,7 +200,8 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
             for k, v in backup.items():
                 state[k].copy_(v)
         for k, v in state.items():
-            v.requires_grad_(flags[k]) if v.is_leaf and v.is_floating_point() else None
+            if v.is_leaf and v.is_floating_point():
+                v.requires_grad_(flags[k])
         raise
     return _report(p)
 
@@ -344,10 +345,9 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
             value = value.to(device=target, dtype=state[step.target].dtype)
             old = state[step.target]
             if step.kind == "parameter":
-                new = nn.Parameter(value, requires_grad=old.requires_grad)
-                for mod, attr in slots.get(id(old), [_owner(model, step.target)]):
-                    mod._parameters[attr] = new
-                slots[id(new)] = slots.pop(id(old), [])
+                # init_ may have replaced a Parameter behind our back: then its owner is found by name
+                _replace(slots, old, nn.Parameter(value, requires_grad=old.requires_grad),
+                         fallback=[_owner(model, step.target)])
             else:
                 mod, attr = _owner(model, step.target)
                 mod._buffers[attr] = value
@@ -363,10 +363,16 @@ def _materialize(model: Any, tensors: list[Any], slots: dict[int, list[tuple[Any
     from torch import nn
 
     for old in {id(t): t for t in tensors}.values():
-        new = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device), requires_grad=old.requires_grad)
-        for mod, attr in slots.get(id(old), []):
-            mod._parameters[attr] = new
-        slots[id(new)] = slots.pop(id(old), [])
+        _replace(slots, old, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
+                                          requires_grad=old.requires_grad))
+
+
+def _replace(slots: dict[int, list[tuple[Any, str]]], old: Any, new: Any, *,
+             fallback: list[tuple[Any, str]] | None = None) -> None:
+    """Put ``new`` wherever the Parameter ``old`` is registered (ties kept), and track it there."""
+    for mod, attr in slots.get(id(old), fallback or []):
+        mod._parameters[attr] = new
+    slots[id(new)] = slots.pop(id(old), fallback or [])
 
 
 def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, list[tuple[Any, str]]],
