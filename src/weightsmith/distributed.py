@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan as DcpLo
 from torch.futures import Future as TorchFuture
 
 from .errors import CheckpointError, ModelError, SaveError, UsageError, WeightsmithError
-from .io.dcp import Chunk, DcpReader, copy_chunk, read_object
+from .io.dcp import Chunk, DcpReader, copy_chunk, map_chunk, read_object
 from .load import LoadReport, _check, _fill_missing, _report, _resolve, _value
 from .plan import LoadPlan, PlanError, Source
 from .save import SaveReport
@@ -138,6 +138,9 @@ class WeightsmithDcpReader(FileSystemReader):
         """Read the DCP folder at ``path``; ``reader``: its metadata as already read by `weightsmith.open`."""
         super().__init__(path, _extension_registry)
         self._reader = reader
+        # weightsmith's own sharded loads set this: each read then maps its region (faulted in,
+        # checked) and appends (key, target, region, chunk reader) here instead of writing the target
+        self._deferred: list[tuple[str, torch.Tensor, torch.Tensor, Any]] | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -176,7 +179,13 @@ class WeightsmithDcpReader(FileSystemReader):
             if tuple(target.shape) != tuple(req.lengths):
                 raise CheckpointError(f"{folder}: {key!r}: the load plan puts {list(req.lengths)} elements "
                                       f"into a buffer of {list(target.shape)}")
-            copy_chunk(folder, key, chunk, self._dtypes[key], target, start=tuple(req.storage_offsets))
+            start = tuple(req.storage_offsets)
+            if self._deferred is None:
+                copy_chunk(folder, key, chunk, self._dtypes[key], target, start=start)
+            else:
+                region, chunk_reader = map_chunk(folder, key, chunk, self._dtypes[key], tuple(target.shape),
+                                                 start=start)
+                self._deferred.append((key, target, region, chunk_reader))
             planner.commit_tensor(req, target)
         done: TorchFuture[None] = TorchFuture()
         done.set_result(None)
@@ -247,7 +256,8 @@ def save_dcp(obj: Any, path: str | Path, *, async_save: bool = False,
         error = e
     _raise_agreed(error, _agree(error, process_group), f"saving {path}", kind=SaveError, outcome="nothing was written")
     assert state is not None  # no rank failed
-    stack, stage = _open_stage(path, process_group)
+    previous: list[Path] = []  # the swapped-out folder, deleted by all ranks together
+    stack, stage = _open_stage(path, process_group, previous=None if async_save else previous)
     writer = FileSystemWriter(stage, single_file_per_rank=True, sync_files=True)
     options = {"storage_writer": writer, "process_group": process_group, "no_dist": not _distributed()}
     failure: BaseException | None = None
@@ -266,29 +276,54 @@ def save_dcp(obj: Any, path: str | Path, *, async_save: bool = False,
     failures = _agree(failure, process_group)
     names = _names(stage)
     error = None
+    old: tuple[Path, list[str]] | None = None
     if _rank(process_group) == 0:
         error = _close(stack, path, failures)
-    message = _broadcast(None if error is None else str(error), process_group)
+        old = (previous[0], _names(previous[0])) if previous else None
+    message, old = _broadcast((None if error is None else str(error), old), process_group)
+    if old is not None:
+        _discard(*old, process_group)
     if message is not None:
         raise (error if error is not None else SaveError(message)) from failure
     return _save_report(path, state, names)
 
 
-def _open_stage(path: Path, group: Any) -> tuple[contextlib.ExitStack, Path]:
-    """The staging folder beside ``path``, named and created by rank 0, held open by its stack."""
+def _open_stage(path: Path, group: Any, *, previous: list[Path] | None = None) -> tuple[contextlib.ExitStack, Path]:
+    """The staging folder beside ``path``, named and created by rank 0, held open by its stack.
+
+    ``previous``: as for `atomic_folder` (rank 0's list receives the swapped-out folder).
+    """
     from .io.atomic import atomic_folder
 
     stack = contextlib.ExitStack()  # on rank 0, exiting it swaps the folder into place
     stage, error = None, None
     if _rank(group) == 0:
         try:
-            stage = stack.enter_context(atomic_folder(path))
+            stage = stack.enter_context(atomic_folder(path, previous=previous))
         except Exception as e:  # the other ranks wait for the name: send the error instead
             error = e
     stage, message = _broadcast((stage, None if error is None else str(error)), group)
     if message is not None:
         raise error if error is not None else SaveError(message)
     return stack, stage
+
+
+def _discard(old: Path, names: list[str], group: Any) -> None:
+    """Delete the swapped-out previous folder, its files shared among the ranks.
+
+    Unlinking a large file costs about as much as writing a tenth of it; one rank deleting
+    every rank's files would add that, serially, to the save.
+    """
+    import shutil
+
+    world = dist.get_world_size(group) if _distributed() else 1
+    for name in names[_rank(group)::world]:
+        with contextlib.suppress(OSError):
+            (old / name).unlink()
+    if _distributed():
+        dist.barrier(group=group)
+    if _rank(group) == 0:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _names(stage: Path) -> list[str]:
@@ -430,22 +465,30 @@ def load_sharded_(model: torch.nn.Module, source: Any, *, plan: LoadPlan | None 
         error = e
     _raise_agreed(error, _agree(error), "planning the load")
     assert work is not None  # no rank failed
-    work.read_collective()  # every rank, same order: DCP reads, whole values for adapters
-    staged: dict[str, torch.Tensor] = {}
     try:
-        staged = work.stage()
-    except Exception as e:
-        error = e
-    _raise_agreed(error, _agree(error), "staging the load")
-    for name, value in staged.items():
-        target = work.state[name]
-        (target.to_local() if _is_dtensor(target) else target).copy_(value)
+        work.read_collective()  # every rank, same order: DCP reads, whole values for adapters
+        staged: dict[str, torch.Tensor] = {}
+        try:
+            staged = work.stage()
+        except Exception as e:
+            error = e
+        _raise_agreed(error, _agree(error), "staging the load")
+        work.commit(staged)
+    finally:
+        work.close()
     _fill_missing(model, work.plan, seed=seed)
     return _report(work.plan)
 
 
 class _Work:
-    """One rank's share of a sharded load: the plan, the boxes it owns, and its staged reads."""
+    """One rank's share of a sharded load: the plan, the boxes it owns, and its staged reads.
+
+    From a DCP folder, a value the plan takes as stored (a cast at most) is planned by DCP
+    straight onto its target, but each read is deferred: the chunk's region is mapped and
+    faulted in (read and checked, in the page cache) and copied into the target only at
+    `commit`, after every rank agreed. Values that are transformed are read whole into buffers
+    of their own first.
+    """
 
     def __init__(self, model: torch.nn.Module, plan: LoadPlan, src: Source, dcp_folder: Path | None) -> None:
         self.plan, self.src, self.dcp_folder = plan, src, dcp_folder
@@ -458,27 +501,29 @@ class _Work:
                        if len(s.sources) == 1 and all(t.startswith("cast ") for t in s.transforms)}
         self.currents: dict[str, torch.Tensor] = {}
         self.dcp_state: dict[str, torch.Tensor] = {}
+        self.into_model: set[str] = set()  # keys of dcp_state that are the model's own tensors
+        self.deferred: list[tuple[str, torch.Tensor, torch.Tensor, Any]] = []
         self.dcp_error: BaseException | None = None
         if dcp_folder is not None:
-            self.dcp_state = self._dcp_buffers()
+            self.dcp_state = self._dcp_targets()
 
-    def _dcp_buffers(self) -> dict[str, torch.Tensor]:
-        """Buffers for ``dcp.load``: laid out like the target's shards, or whole for transformed values."""
-        from torch.distributed.tensor import empty as dtensor_empty
-
+    def _dcp_targets(self) -> dict[str, torch.Tensor]:
+        """What ``dcp.load`` plans reads into: the target itself for a direct value, else a whole buffer."""
         from .io._dtypes import to_torch
 
-        whole = {k for s in self.steps if s.target not in self.direct for k in s.sources}
+        uses: dict[str, int] = {}
+        for s in self.steps:
+            for key in s.sources:
+                uses[key] = uses.get(key, 0) + 1
         out: dict[str, torch.Tensor] = {}
         for s in self.steps:
             for key in s.sources:
-                shape, dtype = self.src.specs[key]
-                target = self.state[s.target]
-                if key in whole or not _is_dtensor(target):
-                    out[key] = torch.empty(shape, dtype=to_torch(dtype))
+                if s.target in self.direct and uses[key] == 1:
+                    out[key] = self.state[s.target].detach()  # DCP plans its shard; nothing is written yet
+                    self.into_model.add(key)
                 else:
-                    out[key] = dtensor_empty(shape, dtype=to_torch(dtype), device_mesh=target.device_mesh,
-                                             placements=target.placements)
+                    shape, dtype = self.src.specs[key]
+                    out[key] = torch.empty(shape, dtype=to_torch(dtype))
         return out
 
     def read_collective(self) -> None:
@@ -493,26 +538,32 @@ class _Work:
         if self.dcp_state:
             try:
                 reader = WeightsmithDcpReader(str(self.dcp_folder), reader=self.dcp_reader)
+                reader._deferred = self.deferred
                 dcp.load(self.dcp_state, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True))
             except BaseException as e:  # CheckpointException (a BaseException) arrives on every rank
                 self.dcp_error = e
 
     def stage(self) -> dict[str, torch.Tensor]:
-        """This rank's part of every loaded value, read and checked; nothing is written."""
+        """This rank's part of every loaded value, read and checked; nothing of the model is written."""
         if self.dcp_error is not None:
             raise _unwrap(self.dcp_error, self.dcp_folder)
         src = self.src
         private = self.dcp_folder is not None  # dcp.load read into buffers of our own: no copy needed
         if private:
+            for key, target, region, _ in self.deferred:
+                if key not in self.into_model:
+                    target.copy_(region)
             state = self.dcp_state
             src = replace(src, get=lambda key: state[key])
         staged = {}
         for s in self.steps:
+            if s.sources[0] in self.into_model:
+                continue  # DCP planned its reads onto the target's own shard; they wait in `deferred`
             target, box = self.state[s.target], self.boxes[s.target]
             try:
                 if s.target in self.direct:
                     value = src.get(s.sources[0])
-                    if _is_dtensor(value):  # laid out like the target: DCP buffers, checked sources
+                    if _is_dtensor(value):  # checked sources laid out like the target
                         value = value.to_local()
                     elif box is not None:
                         value = value[box]
@@ -529,6 +580,21 @@ class _Work:
                 raise PlanError(f"{s.target}: this rank's part of {', '.join(s.sources)} has shape "
                                 f"{list(staged[s.target].shape)}, its shard {list(local.shape)}; nothing was changed")
         return staged
+
+    def commit(self, staged: Mapping[str, torch.Tensor]) -> None:
+        """Write every staged value and every deferred read into the model; every rank agreed."""
+        for name, value in staged.items():
+            target = self.state[name]
+            (target.to_local() if _is_dtensor(target) else target).copy_(value)
+        for key, target, region, _ in self.deferred:
+            if key in self.into_model:
+                target.copy_(region)
+
+    def close(self) -> None:
+        """Unmap the regions read for this load."""
+        for *_, chunk_reader in self.deferred:
+            chunk_reader.release("")
+        self.deferred.clear()
 
 
 def _box(name: str, t: torch.Tensor) -> tuple[slice, ...] | None:

@@ -145,6 +145,7 @@ def attempt(fn: Any) -> dict[str, str] | None:
 def save_sharded(rank: int, world: int, tmp: Path) -> None:
     """Save a sharded Net with weightsmith, synchronously and asynchronously; record the truth."""
     model = sharded_net(seed=0)
+    ws.save(sharded_net(seed=9), tmp / "ckpt", format="dcp")  # replaced next: all ranks delete the old files
     report = ws.save(model, tmp / "ckpt", format="dcp")
     future = ws.save(model, tmp / "ckpt_async", format="dcp", async_save=True)
     async_report = future.result(timeout=60)
@@ -232,7 +233,23 @@ def warmstart(rank: int, world: int, tmp: Path) -> None:
     source = _FailingDict(source) if rank == 1 else dict(source)
     good_before = snapshot(good)
     read_error = attempt(lambda: ws.load_(good, source))
+    # from DCP: every rank's reads succeed, a, bias and head go straight onto the shards (deferred),
+    # then transposing proj.weight fails on rank 1: no rank's deferred reads may be written
+    deferred = sharded_net(seed=7)
+    deferred_before = snapshot(deferred)
+    import weightsmith.distributed as wd
+
+    value = wd._value
+    if rank == 1:
+        def failing(step: Any, *args: Any) -> Any:
+            raise OSError(f"injected transform failure for {step.target}")
+        wd._value = failing
+    try:
+        deferred_error = attempt(lambda: ws.load_(deferred, tmp / "source_dcp", rename=rename, strict=False))
+    finally:
+        wd._value = value
     write_json(tmp / f"warm_{rank}.json", {
+        "deferred_error": deferred_error, "unchanged_after_deferred_error": unchanged(deferred, deferred_before),
         "plan_counts": plan.counts(), "report": report.to_dict(), "local_shapes": local_shapes(model),
         "summary": {r.name: {"shape": list(r.shape), "local": list(r.local_shape or ())} for r in summary.rows},
         "shape_error": shape_error, "unchanged_after_shape_error": unchanged(odd, odd_before),

@@ -33,6 +33,7 @@ def warm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torc
               "proj.weight": a["b.weight"].T.contiguous(), "proj.bias": a["b.bias"],
               "old_head.weight": torch.randn(5, 10), "count": a["count"]}
     ws.save(source, tmp / "source.safetensors")
+    ws.save(source, tmp / "source_dcp", format="dcp")
     wrapped = plain_net(11).state_dict()
     ws.save({f"module.{k}": v for k, v in wrapped.items()}, tmp / "plain_dcp", format="dcp")
     ws.save(plain_net(12), tmp / "plain.safetensors")
@@ -107,3 +108,12 @@ def test_a_read_failure_on_one_rank_changes_no_rank(warm) -> None:
         assert "staging the load failed on 1 rank(s)" in reports[r]["read_error"]["message"]
         assert "rank 1:" in reports[r]["read_error"]["message"]
     assert all(r["unchanged_after_read_error"] for r in reports)
+
+
+def test_a_failure_after_every_dcp_read_succeeded_writes_no_deferred_read(warm) -> None:
+    tmp, _, _ = warm
+    reports = [read(tmp, f"warm_{r}.json") for r in range(3)]
+    assert "injected transform failure for b.weight" in reports[1]["deferred_error"]["message"]
+    for r in (0, 2):
+        assert "staging the load failed on 1 rank(s)" in reports[r]["deferred_error"]["message"]
+    assert all(r["unchanged_after_deferred_error"] for r in reports)

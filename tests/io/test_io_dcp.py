@@ -132,3 +132,36 @@ def test_data_file_outside_the_folder_is_refused(dcp_dir: Path) -> None:
     (dcp_dir / ".metadata").write_bytes(pickle.dumps(meta))
     with pytest.raises(CorruptCheckpointError, match="leads out"):
         ws.open(dcp_dir)
+
+
+def test_map_chunk_gives_the_region_without_private_memory(tmp_path: Path) -> None:
+    from weightsmith.io.dcp import map_chunk
+
+    value = torch.arange(6 * 5, dtype=torch.float32).reshape(6, 5)
+    dcp_save({"w": value}, tmp_path / "dcp")
+    reader = ws.open(tmp_path / "dcp").reader
+    (chunk,) = reader.layout["w"]
+    region, chunk_reader = map_chunk(tmp_path / "dcp", "w", chunk, "float32", (2, 3), start=(3, 1))
+    assert torch.equal(region, value[3:5, 1:4])
+    with pytest.raises(ws.CheckpointError, match=r"outside its stored chunk of \[6, 5\]"):
+        map_chunk(tmp_path / "dcp", "w", chunk, "float32", (4, 5), start=(3, 0))
+    chunk_reader.release("")
+    assert torch.equal(region, value[3:5, 1:4])  # released pages are read again from the file
+
+
+def test_a_chunk_cut_short_after_mapping_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """Touching a map past its file's end kills the process (SIGBUS); populating first raises instead."""
+    from weightsmith.io.dcp import map_chunk
+
+    dcp_save({"w": torch.randn(64, 1024)}, tmp_path / "dcp")  # 256 KiB: many pages
+    reader = ws.open(tmp_path / "dcp").reader
+    (chunk,) = reader.layout["w"]
+    from weightsmith.io.dcp import open_chunk
+
+    chunk_reader = open_chunk(tmp_path / "dcp", "w", chunk, "float32")
+    chunk_reader.tensor("")  # mapped while whole
+    os.truncate(tmp_path / "dcp" / chunk.file, chunk.byte_offset + chunk.length // 2)
+    with pytest.raises(CorruptCheckpointError, match=r"__0_0\.distcp: bytes .* cannot be read"):
+        chunk_reader.prefetch("")
+    with pytest.raises(CorruptCheckpointError, match=r"'w' is stored at bytes .*truncated"):
+        map_chunk(tmp_path / "dcp", "w", chunk, "float32", (64, 1024))

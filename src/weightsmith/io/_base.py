@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 from ..errors import CorruptCheckpointError
 
-__all__ = ["TensorInfo", "Reader", "map_file", "tensor_from_buffer", "release_pages"]
+__all__ = ["TensorInfo", "Reader", "map_file", "tensor_from_buffer", "release_pages", "populate_pages"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class Reader:
     def release(self, key: str) -> None:
         """Drop the mapped pages of ``key``'s data from memory (no-op where nothing is mapped)."""
 
+    def prefetch(self, key: str) -> None:
+        """Read ``key``'s mapped pages from disk now, so that a read error is raised here, not later.
+
+        No-op where nothing is mapped. Raises `CorruptCheckpointError` when the bytes cannot be read.
+        """
+
 
 def map_file(path: Path) -> mmap.mmap:
     """Map a file copy-on-write: tensors over it are writable and never change the file."""
@@ -92,6 +99,36 @@ def release_pages(buf: mmap.mmap, offset: int, nbytes: int) -> None:
     stop = (offset + nbytes) // page * page
     if stop > start and hasattr(mmap, "MADV_DONTNEED"):
         buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; the mmap module has no name for it before Python 3.13
+
+
+def populate_pages(buf: mmap.mmap, offset: int, nbytes: int, path: Path) -> None:
+    """Fault in ``nbytes`` bytes at ``offset`` of a file map: read from disk now, errors raised now.
+
+    Touching a map past the end of its file, or a page the disk cannot return, kills the
+    process (SIGBUS); populating first turns both into an exception while nothing has been
+    written yet. Kernels older than 5.14 get a read-ahead hint instead (no error reporting).
+
+    Raises:
+        CorruptCheckpointError: the bytes cannot be read (file shrunk, I/O error), naming ``path``.
+    """
+    page = mmap.PAGESIZE
+    start = offset // page * page
+    length = offset + nbytes - start
+    if nbytes <= 0:
+        return
+    try:
+        buf.madvise(_MADV_POPULATE_READ, start, length)
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # an older kernel
+            if hasattr(mmap, "MADV_WILLNEED"):
+                buf.madvise(mmap.MADV_WILLNEED, start, length)
+            return
+        raise CorruptCheckpointError(
+            f"{path}: bytes {offset:,}..{offset + nbytes:,} cannot be read ({os.strerror(e.errno or 0)}; "
+            "truncated while open, or a disk error)") from e
 
 
 def tensor_from_buffer(buf: Any, offset: int, nbytes: int, dtype: str) -> Any:

@@ -115,10 +115,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
+def atomic_folder(path: Path, *, previous: list[Path] | None = None) -> Iterator[Path]:
     """Build a folder in a staging folder beside ``path``, then swap it into place.
 
     The caller writes its files into the yielded folder, its index or commit marker last.
+    The previous version is deleted once swapped out, or, when ``previous`` is a list, left
+    under its temporary name and appended to it for the caller to delete (a later save removes
+    it if the caller dies first).
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -137,17 +140,20 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         fsync_dir(stage)
         if path.exists() and not path.is_dir():
             raise SaveError(f"{path}: exists and is not a folder; refusing to replace it with one")
+        old: Path | None = None
         if path.exists() and _exchange(stage, path):
-            shutil.rmtree(stage, ignore_errors=True)  # now holds the previous version
+            old = stage  # now holds the previous version
+        elif path.exists():
+            old = _temp_name(path)
+            os.rename(path, old)
+            os.rename(stage, path)
         else:
-            if path.exists():
-                old = _temp_name(path)
-                os.rename(path, old)
-                os.rename(stage, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(stage, path)
+            os.rename(stage, path)
         fsync_dir(path.parent)
+        if old is not None and previous is not None:
+            previous.append(old)
+        elif old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         if isinstance(e, OSError):

@@ -28,7 +28,7 @@ from ._pickle import Opaque, TensorRecord, scan_pickle
 from .sharded import confine
 from .torchfile import TorchFileReader, unreadable, unsafe_message
 
-__all__ = ["DcpReader", "Chunk", "METADATA_NAME", "open_chunk", "copy_chunk", "read_object"]
+__all__ = ["DcpReader", "Chunk", "METADATA_NAME", "open_chunk", "copy_chunk", "map_chunk", "read_object"]
 
 _MAX_METADATA = 1 << 30
 _MAX_OBJECT = 1 << 30  # a non-tensor entry beyond 1 GiB is no training state
@@ -275,6 +275,16 @@ def open_chunk(folder: Path, key: str, chunk: Chunk, dtype: str) -> TorchFileRea
     return reader
 
 
+def _check_region(folder: Path, key: str, chunk: Chunk, start: tuple[int, ...] | None,
+                  lengths: tuple[int, ...]) -> tuple[int, ...]:
+    start = start if start is not None else (0,) * len(chunk.sizes)
+    if len(start) != len(chunk.sizes) or len(lengths) != len(chunk.sizes) or any(
+            o < 0 or o + n > d for o, n, d in zip(start, lengths, chunk.sizes)):
+        raise CheckpointError(f"{folder}: {key!r}: the region at {list(start)} of {list(lengths)} elements lies "
+                              f"outside its stored chunk of {list(chunk.sizes)}")
+    return start
+
+
 def copy_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, out: Any, *,
                start: tuple[int, ...] | None = None) -> None:
     """Copy the region of a stored chunk at ``start`` (in the chunk), shaped like ``out``, into ``out``.
@@ -290,11 +300,8 @@ def copy_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, out: Any, *,
 
     from ._dtypes import to_torch
 
-    start = start if start is not None else (0,) * len(chunk.sizes)
     lengths = tuple(out.shape)
-    if len(start) != len(chunk.sizes) or any(o < 0 or o + n > d for o, n, d in zip(start, lengths, chunk.sizes)):
-        raise CheckpointError(f"{folder}: {key!r}: the region at {list(start)} of {list(lengths)} elements lies "
-                              f"outside its stored chunk of {list(chunk.sizes)}")
+    start = _check_region(folder, key, chunk, start, lengths)
     reader = open_chunk(folder, key, chunk, dtype)
     span = reader.data_span("")
     direct = out.is_contiguous() and out.dtype == to_torch(dtype) and _one_run(chunk.sizes, lengths)
@@ -306,11 +313,33 @@ def copy_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, out: Any, *,
             step *= d
         _read_exactly(reader.path, span[0] + first * size, out.reshape(-1).view(torch.uint8), key)
         return
-    region = reader.tensor("")
-    for dim, (o, n) in enumerate(zip(start, lengths)):
-        region = region.narrow(dim, o, n)
-    out.copy_(region)
+    out.copy_(_narrow(reader.tensor(""), start, lengths))
     reader.release("")
+
+
+def map_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, lengths: tuple[int, ...], *,
+              start: tuple[int, ...] | None = None) -> tuple[Any, TorchFileReader]:
+    """The region of a stored chunk at ``start`` as a tensor over the file's memory map, read in now.
+
+    Its pages are faulted in before this returns, so a damaged or shrunk file raises here; a
+    later copy out of the region reads memory, not the disk. No private memory is used: the
+    pages are the file's, shared with the page cache. Keep the returned reader until done with
+    the tensor, then call ``reader.release("")``.
+
+    Raises:
+        CorruptCheckpointError, UnsafeCheckpointError: as `open_chunk`, or when its bytes cannot be read.
+    """
+    start = _check_region(folder, key, chunk, start, tuple(lengths))
+    reader = open_chunk(folder, key, chunk, dtype)
+    region = _narrow(reader.tensor(""), start, tuple(lengths))
+    reader.prefetch("")
+    return region, reader
+
+
+def _narrow(tensor: Any, start: tuple[int, ...], lengths: tuple[int, ...]) -> Any:
+    for dim, (o, n) in enumerate(zip(start, lengths)):
+        tensor = tensor.narrow(dim, o, n)
+    return tensor
 
 
 def _one_run(shape: tuple[int, ...], lengths: tuple[int, ...]) -> bool:
