@@ -421,6 +421,23 @@ def test_a_failed_load_changes_nothing(tmp_path, case):
     assert_untouched(model, snap)
 
 
+def test_a_file_cut_short_after_it_was_mapped_is_an_error_not_a_crash(tmp_path):
+    """Touching mapped pages past a file's new end kills the process; load_ reads them in first."""
+    torch.manual_seed(0)
+    path = tmp_path / "big.safetensors"
+    ws.save(nn.Linear(1024, 256), path)  # 1 MiB of weight: many pages
+    ckpt = ws.open(path)
+    ckpt.tensor("weight")  # mapped while whole
+    os.truncate(path, os.path.getsize(path) // 2)
+    model = nn.Linear(1024, 256)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with pytest.raises(ws.CorruptCheckpointError, match=r"big\.safetensors .*'weight'.* bytes of data cannot be read"):
+        ws.load_(model, ckpt)
+
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 class Exploding(nn.Linear):
     """A layer whose own loading code fails on its bias, after earlier modules were written."""
 

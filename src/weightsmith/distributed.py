@@ -16,9 +16,10 @@ Every function here is collective when a process group is initialized: every ran
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -138,9 +139,9 @@ class WeightsmithDcpReader(FileSystemReader):
         """Read the DCP folder at ``path``; ``reader``: its metadata as already read by `weightsmith.open`."""
         super().__init__(path, _extension_registry)
         self._reader = reader
-        # weightsmith's own sharded loads set this: each read then maps its region (faulted in,
-        # checked) and appends (key, target, region, chunk reader) here instead of writing the target
-        self._deferred: list[tuple[str, torch.Tensor, torch.Tensor, Any]] | None = None
+        # weightsmith's own sharded loads set this: each read then maps its region (read in,
+        # checked) and appends (key, target, region, release) here instead of writing the target
+        self._deferred: list[tuple[str, torch.Tensor, torch.Tensor, Callable[[], None]]] | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -185,7 +186,7 @@ class WeightsmithDcpReader(FileSystemReader):
             else:
                 region, chunk_reader = map_chunk(folder, key, chunk, self._dtypes[key], tuple(target.shape),
                                                  start=start)
-                self._deferred.append((key, target, region, chunk_reader))
+                self._deferred.append((key, target, region, functools.partial(chunk_reader.release, "")))
             planner.commit_tensor(req, target)
         done: TorchFuture[None] = TorchFuture()
         done.set_result(None)
@@ -483,16 +484,21 @@ def load_sharded_(model: torch.nn.Module, source: Any, *, plan: LoadPlan | None 
 class _Work:
     """One rank's share of a sharded load: the plan, the boxes it owns, and its staged reads.
 
-    From a DCP folder, a value the plan takes as stored (a cast at most) is planned by DCP
-    straight onto its target, but each read is deferred: the chunk's region is mapped and
-    faulted in (read and checked, in the page cache) and copied into the target only at
-    `commit`, after every rank agreed. Values that are transformed are read whole into buffers
-    of their own first.
+    A value the plan takes as stored (a cast at most) is never copied twice: from a DCP folder,
+    DCP plans its reads straight onto the target's shard, from a file this rank slices its box
+    of the memory map; either way the region is read in (faulted into the page cache, errors
+    raised) and waits in ``deferred`` until `commit`, after every rank agreed. Values that are
+    transformed are computed into buffers of their own.
     """
 
-    def __init__(self, model: torch.nn.Module, plan: LoadPlan, src: Source, dcp_folder: Path | None) -> None:
-        self.plan, self.src, self.dcp_folder = plan, src, dcp_folder
-        self.dcp_reader: DcpReader | None = None
+    def __init__(self, model: torch.nn.Module, plan: LoadPlan, src: Source, source: Any) -> None:
+        from .checkpoint import Checkpoint
+
+        self.plan, self.src, self.source = plan, src, source
+        opened = isinstance(source, Checkpoint)
+        self.dcp_folder: Path | None = Path(source.path) if opened and source.format == "dcp" else None
+        self.dcp_reader: DcpReader | None = source.reader if self.dcp_folder is not None else None
+        self.from_file = opened and self.dcp_folder is None
         self.state = model.state_dict(keep_vars=True)
         self.steps = plan.loaded
         self.boxes = {s.target: _box(s.target, self.state[s.target]) for s in self.steps}
@@ -501,10 +507,10 @@ class _Work:
                        if len(s.sources) == 1 and all(t.startswith("cast ") for t in s.transforms)}
         self.currents: dict[str, torch.Tensor] = {}
         self.dcp_state: dict[str, torch.Tensor] = {}
-        self.into_model: set[str] = set()  # keys of dcp_state that are the model's own tensors
-        self.deferred: list[tuple[str, torch.Tensor, torch.Tensor, Any]] = []
+        self.into_model: set[str] = set()  # source keys whose reads wait in `deferred` for their target
+        self.deferred: list[tuple[str, torch.Tensor, torch.Tensor, Callable[[], None]]] = []
         self.dcp_error: BaseException | None = None
-        if dcp_folder is not None:
+        if self.dcp_folder is not None:
             self.dcp_state = self._dcp_targets()
 
     def _dcp_targets(self) -> dict[str, torch.Tensor]:
@@ -545,6 +551,8 @@ class _Work:
 
     def stage(self) -> dict[str, torch.Tensor]:
         """This rank's part of every loaded value, read and checked; nothing of the model is written."""
+        from .io._base import read_in
+
         if self.dcp_error is not None:
             raise _unwrap(self.dcp_error, self.dcp_folder)
         src = self.src
@@ -560,6 +568,8 @@ class _Work:
             if s.sources[0] in self.into_model:
                 continue  # DCP planned its reads onto the target's own shard; they wait in `deferred`
             target, box = self.state[s.target], self.boxes[s.target]
+            local = target.to_local() if _is_dtensor(target) else target
+            defer = False
             try:
                 if s.target in self.direct:
                     value = src.get(s.sources[0])
@@ -567,19 +577,31 @@ class _Work:
                         value = value.to_local()
                     elif box is not None:
                         value = value[box]
+                    # a file's tensors never share the model's memory: read in now, copied at commit
+                    defer = self.from_file
                 else:
                     value = _value(s, src, self.currents.get(s.target, target))
                     value = value if box is None else value[box]
-                # a source's tensors may be views of its file or of the caller's tensors: copy them
-                staged[s.target] = value if private else value.clone(memory_format=torch.contiguous_format)
+                if defer:
+                    read_in(value, f"{src.name}: {s.sources[0]!r}")
+                elif not private:  # the caller's tensors, which may be the model's own: copy them
+                    value = value.clone(memory_format=torch.contiguous_format)
             except (OSError, RuntimeError, ValueError, IndexError) as e:
                 raise PlanError(f"cannot read {', '.join(s.sources)} from {src.name} for {s.target}: {e}; "
                                 "nothing was changed") from e
-            local = target.to_local() if _is_dtensor(target) else target
-            if staged[s.target].shape != local.shape:
+            if value.shape != local.shape:
                 raise PlanError(f"{s.target}: this rank's part of {', '.join(s.sources)} has shape "
-                                f"{list(staged[s.target].shape)}, its shard {list(local.shape)}; nothing was changed")
+                                f"{list(value.shape)}, its shard {list(local.shape)}; nothing was changed")
+            if defer:
+                self.into_model.add(s.sources[0])
+                self.deferred.append((s.sources[0], local, value, functools.partial(self.release, s.sources[0])))
+            else:
+                staged[s.target] = value
         return staged
+
+    def release(self, key: str) -> None:
+        """Let the pages of a file source's ``key`` go (they are read again if touched)."""
+        self.source.release(key)
 
     def commit(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Write every staged value and every deferred read into the model; every rank agreed."""
@@ -592,8 +614,8 @@ class _Work:
 
     def close(self) -> None:
         """Unmap the regions read for this load."""
-        for *_, chunk_reader in self.deferred:
-            chunk_reader.release("")
+        for *_, release in self.deferred:
+            release()
         self.deferred.clear()
 
 
@@ -632,15 +654,11 @@ def _prepare(model: torch.nn.Module, source: Any, plan: LoadPlan | None, options
     if inits:
         raise UsageError(f"init rules for sharded parameters ({', '.join(inits[:5])}) are not applied while "
                          "loading; load with strict=False, then initialize them with weightsmith.init_")
-    folder = source.path if isinstance(source, Checkpoint) and source.format == "dcp" else None
     if isinstance(source, torch.nn.Module):
         _check_sharded_sources(p, source.state_dict(), state)
     elif isinstance(source, Mapping) and not isinstance(source, Checkpoint):
         _check_sharded_sources(p, source, state)
-    work = _Work(model, p, src, folder)
-    if folder is not None:
-        work.dcp_reader = source.reader  # the metadata is read once
-    return work
+    return _Work(model, p, src, source)
 
 
 def _check_sharded_sources(p: LoadPlan, values: Mapping[str, Any], state: Mapping[str, Any]) -> None:

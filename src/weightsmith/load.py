@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from ._result import Result
@@ -186,6 +187,11 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
         raise ModelError(f"{len(meta)} target tensor(s) are on the meta device (e.g. {meta[0]!r}); "
                          "use weightsmith.build() to construct and load in one step")
     staged = _stage(p, src, state)
+    if isinstance(source, (str, PurePath)) or hasattr(source, "reader"):  # a file: its tensors are mapped
+        from .io._base import read_in
+
+        for key, value in staged.items():  # a file cut short raises here, not SIGBUS mid-copy
+            read_in(value, f"{src.name} (for {key!r})")
     touched = [s.target for s in p.steps if s.loaded or (s.fill or "").startswith("init: ")]
     backup = {k: state[k].detach().clone() for k in touched}
     flags = {k: v.requires_grad for k, v in state.items()}

@@ -233,23 +233,26 @@ def warmstart(rank: int, world: int, tmp: Path) -> None:
     source = _FailingDict(source) if rank == 1 else dict(source)
     good_before = snapshot(good)
     read_error = attempt(lambda: ws.load_(good, source))
-    # from DCP: every rank's reads succeed, a, bias and head go straight onto the shards (deferred),
-    # then transposing proj.weight fails on rank 1: no rank's deferred reads may be written
-    deferred = sharded_net(seed=7)
-    deferred_before = snapshot(deferred)
+    # every rank's reads succeed and a, bias and head wait, read in, to go straight onto the shards;
+    # then transposing proj.weight fails on rank 1: no rank may write what it read
     import weightsmith.distributed as wd
 
-    value = wd._value
-    if rank == 1:
-        def failing(step: Any, *args: Any) -> Any:
-            raise OSError(f"injected transform failure for {step.target}")
-        wd._value = failing
-    try:
-        deferred_error = attempt(lambda: ws.load_(deferred, tmp / "source_dcp", rename=rename, strict=False))
-    finally:
-        wd._value = value
+    deferred_errors, deferred_unchanged = {}, {}
+    for name in ("source_dcp", "source.safetensors"):
+        deferred = sharded_net(seed=7)
+        deferred_before = snapshot(deferred)
+        value = wd._value
+        if rank == 1:
+            def failing(step: Any, *args: Any) -> Any:
+                raise OSError(f"injected transform failure for {step.target}")
+            wd._value = failing
+        try:
+            deferred_errors[name] = attempt(lambda: ws.load_(deferred, tmp / name, rename=rename, strict=False))
+        finally:
+            wd._value = value
+        deferred_unchanged[name] = unchanged(deferred, deferred_before)
     write_json(tmp / f"warm_{rank}.json", {
-        "deferred_error": deferred_error, "unchanged_after_deferred_error": unchanged(deferred, deferred_before),
+        "deferred_errors": deferred_errors, "unchanged_after_deferred_error": deferred_unchanged,
         "plan_counts": plan.counts(), "report": report.to_dict(), "local_shapes": local_shapes(model),
         "summary": {r.name: {"shape": list(r.shape), "local": list(r.local_shape or ())} for r in summary.rows},
         "shape_error": shape_error, "unchanged_after_shape_error": unchanged(odd, odd_before),

@@ -110,10 +110,11 @@ def test_a_read_failure_on_one_rank_changes_no_rank(warm) -> None:
     assert all(r["unchanged_after_read_error"] for r in reports)
 
 
-def test_a_failure_after_every_dcp_read_succeeded_writes_no_deferred_read(warm) -> None:
+@pytest.mark.parametrize("source", ["source_dcp", "source.safetensors"])
+def test_a_failure_after_every_read_succeeded_writes_no_deferred_read(warm, source: str) -> None:
     tmp, _, _ = warm
     reports = [read(tmp, f"warm_{r}.json") for r in range(3)]
-    assert "injected transform failure for b.weight" in reports[1]["deferred_error"]["message"]
+    assert "injected transform failure for b.weight" in reports[1]["deferred_errors"][source]["message"]
     for r in (0, 2):
-        assert "staging the load failed on 1 rank(s)" in reports[r]["deferred_error"]["message"]
-    assert all(r["unchanged_after_deferred_error"] for r in reports)
+        assert "staging the load failed on 1 rank(s)" in reports[r]["deferred_errors"][source]["message"]
+    assert all(r["unchanged_after_deferred_error"][source] for r in reports)

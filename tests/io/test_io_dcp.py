@@ -158,10 +158,12 @@ def test_a_chunk_cut_short_after_mapping_is_an_error_not_a_crash(tmp_path: Path)
     (chunk,) = reader.layout["w"]
     from weightsmith.io.dcp import open_chunk
 
+    from weightsmith.io._base import read_in
+
     chunk_reader = open_chunk(tmp_path / "dcp", "w", chunk, "float32")
-    chunk_reader.tensor("")  # mapped while whole
+    mapped = chunk_reader.tensor("")  # mapped while whole
     os.truncate(tmp_path / "dcp" / chunk.file, chunk.byte_offset + chunk.length // 2)
-    with pytest.raises(CorruptCheckpointError, match=r"__0_0\.distcp: bytes .* cannot be read"):
-        chunk_reader.prefetch("")
+    with pytest.raises(CorruptCheckpointError, match=r"__0_0\.distcp: .* bytes of data cannot be read"):
+        read_in(mapped, chunk_reader.path)
     with pytest.raises(CorruptCheckpointError, match=r"'w' is stored at bytes .*truncated"):
         map_chunk(tmp_path / "dcp", "w", chunk, "float32", (64, 1024))

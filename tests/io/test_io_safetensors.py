@@ -251,13 +251,17 @@ def test_every_truncation_of_a_real_file_is_a_weightsmith_error(tmp_path: Path,
     assert torch.equal(ws.open(cut).load()["2.bias"], mlp[2].bias)
 
 
-def test_prefetch_reads_now_and_a_file_cut_short_raises(tmp_path: Path) -> None:
+def test_read_in_reads_a_slice_now_and_a_file_cut_short_raises(tmp_path: Path) -> None:
+    from weightsmith.io._base import read_in
+
     path = tmp_path / "m.safetensors"
     ws.save({"a": torch.randn(64, 1024), "b": torch.randn(64, 1024)}, path)
     reader = ws.open(path).reader
-    reader.prefetch("a")
-    assert torch.equal(reader.tensor("a"), safetensors.torch.load_file(path)["a"])
-    os.truncate(path, os.path.getsize(path) - 64 * 1024 * 2)  # half of "b" gone, "a" whole
-    reader.prefetch("a")
-    with pytest.raises(CorruptCheckpointError, match=r"m\.safetensors: bytes .* cannot be read"):
-        reader.prefetch("b")
+    a, b = reader.tensor("a"), reader.tensor("b")
+    read_in(a[10:20], path)
+    assert torch.equal(a, safetensors.torch.load_file(path)["a"])
+    os.truncate(path, os.path.getsize(path) - 64 * 1024 * 2)  # rows 32.. of "b" gone, "a" whole
+    read_in(a, path)
+    read_in(b[:16], path)  # the rows still there
+    with pytest.raises(CorruptCheckpointError, match=r"m\.safetensors: .* bytes of data cannot be read"):
+        read_in(b[40:], path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -11,7 +12,7 @@ from typing import Any
 
 from ..errors import CorruptCheckpointError
 
-__all__ = ["TensorInfo", "Reader", "map_file", "tensor_from_buffer", "release_pages", "populate_pages"]
+__all__ = ["TensorInfo", "Reader", "map_file", "tensor_from_buffer", "release_pages", "read_in"]
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,6 @@ class Reader:
     def release(self, key: str) -> None:
         """Drop the mapped pages of ``key``'s data from memory (no-op where nothing is mapped)."""
 
-    def prefetch(self, key: str) -> None:
-        """Read ``key``'s mapped pages from disk now, so that a read error is raised here, not later.
-
-        No-op where nothing is mapped. Raises `CorruptCheckpointError` when the bytes cannot be read.
-        """
-
 
 def map_file(path: Path) -> mmap.mmap:
     """Map a file copy-on-write: tensors over it are writable and never change the file."""
@@ -101,34 +96,47 @@ def release_pages(buf: mmap.mmap, offset: int, nbytes: int) -> None:
         buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
-_MADV_POPULATE_READ = 22  # Linux >= 5.14; the mmap module has no name for it before Python 3.13
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
+_MADV_WILLNEED = 3
+_libc: Any = None
 
 
-def populate_pages(buf: mmap.mmap, offset: int, nbytes: int, path: Path) -> None:
-    """Fault in ``nbytes`` bytes at ``offset`` of a file map: read from disk now, errors raised now.
+def read_in(tensor: Any, where: str | Path) -> None:
+    """Fault in the pages under a tensor over a file map: read from disk now, errors raised now.
 
     Touching a map past the end of its file, or a page the disk cannot return, kills the
-    process (SIGBUS); populating first turns both into an exception while nothing has been
-    written yet. Kernels older than 5.14 get a read-ahead hint instead (no error reporting).
+    process (SIGBUS); reading in first turns both into an exception while nothing has been
+    written yet. Only the pages the tensor spans are read (a row slice of a large tensor reads
+    its rows). Kernels older than 5.14 get a read-ahead hint instead, without error reporting;
+    elsewhere this does nothing.
 
     Raises:
-        CorruptCheckpointError: the bytes cannot be read (file shrunk, I/O error), naming ``path``.
+        CorruptCheckpointError: the bytes cannot be read (file shrunk, I/O error), naming ``where``
+            (the file, and the key where known).
     """
-    page = mmap.PAGESIZE
-    start = offset // page * page
-    length = offset + nbytes - start
-    if nbytes <= 0:
+    global _libc
+    if tensor.numel() == 0:
         return
-    try:
-        buf.madvise(_MADV_POPULATE_READ, start, length)
-    except OSError as e:
-        if e.errno == errno.EINVAL:  # an older kernel
-            if hasattr(mmap, "MADV_WILLNEED"):
-                buf.madvise(mmap.MADV_WILLNEED, start, length)
-            return
-        raise CorruptCheckpointError(
-            f"{path}: bytes {offset:,}..{offset + nbytes:,} cannot be read ({os.strerror(e.errno or 0)}; "
-            "truncated while open, or a disk error)") from e
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
+    begin = tensor.data_ptr()
+    end = begin + span * tensor.element_size()
+    start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+    if _libc.madvise(start, end - start, _MADV_POPULATE_READ) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:  # an older kernel
+        _libc.madvise(start, end - start, _MADV_WILLNEED)
+        return
+    raise CorruptCheckpointError(f"{where}: {end - begin:,} bytes of data cannot be read "
+                                 f"({os.strerror(err)}; cut short while open, or a disk error)")
 
 
 def tensor_from_buffer(buf: Any, offset: int, nbytes: int, dtype: str) -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from ._base import Reader, TensorInfo
+from ._base import Reader, TensorInfo, read_in
 from ._detect import METADATA_NAME
 from ._dtypes import nbytes_of
 from ._pickle import Opaque, TensorRecord, scan_pickle
@@ -332,7 +332,7 @@ def map_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, lengths: tuple[i
     start = _check_region(folder, key, chunk, start, tuple(lengths))
     reader = open_chunk(folder, key, chunk, dtype)
     region = _narrow(reader.tensor(""), start, tuple(lengths))
-    reader.prefetch("")
+    read_in(region, f"{reader.path}: {key!r}")
     return region, reader
 
 

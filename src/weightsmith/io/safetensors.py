@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptCheckpointError
-from ._base import Reader, TensorInfo, map_file, populate_pages, release_pages, tensor_from_buffer
+from ._base import Reader, TensorInfo, map_file, release_pages, tensor_from_buffer
 from ._dtypes import SAFETENSORS_TO_NAME, nbytes_of
 
 __all__ = ["SafetensorsReader", "read_header", "MAX_HEADER", "TIES_KEY", "CHECKSUMS_KEY"]
@@ -138,12 +138,6 @@ class SafetensorsReader(Reader):
         if self._map is not None:
             key = self._aliases.get(key, key)
             release_pages(self._map, self._start + self._offsets[key][0], self.infos[key].nbytes)
-
-    def prefetch(self, key: str) -> None:
-        key = self._aliases.get(key, key)
-        if self._map is None:
-            self._map = map_file(self.path)
-        populate_pages(self._map, self._start + self._offsets[key][0], self.infos[key].nbytes, self.path)
 
 
 def _parse_ties(path: Path, metadata: dict[str, str], infos: dict[str, TensorInfo]) -> dict[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptCheckpointError, RootError, UnknownFormatError, UnsafeCheckpointError
-from ._base import Reader, TensorInfo, map_file, populate_pages, release_pages, tensor_from_buffer
+from ._base import Reader, TensorInfo, map_file, release_pages, tensor_from_buffer
 from ._dtypes import BITS, nbytes_of
 from ._pickle import Opaque, PickleScan, StorageRef, TensorRecord, scan_pickle, scan_pickles
 from ._tree import choose_root, find_roots, flatten, other_objects, resolve_root
@@ -357,13 +357,6 @@ class TorchFileReader(Reader):
         offset, nbytes = self._spans[rec.storage.key]  # the whole storage: views share its pages
         release_pages(self._map, offset, nbytes)
 
-    def prefetch(self, key: str) -> None:
-        rec = self._records[key]
-        if self._trusted or rec.storage is None:
-            return
-        self._base(rec.storage)  # maps the file
-        offset, nbytes = self._spans[rec.storage.key]
-        populate_pages(self._map, offset, nbytes, self.path)
 
     def _base(self, ref: StorageRef) -> Any:
         base = self._bases.get(ref.key)
