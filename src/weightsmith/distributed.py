@@ -7,8 +7,9 @@
   and every chunk with weightsmith's restricted readers: nothing from the folder is unpickled.
 - `load_sharded_` loads any checkpoint into a model whose parameters are ``DTensor`` shards
   (``distribute_tensor``, FSDP2 ``fully_shard``), all or nothing across ranks: every rank makes
-  the same plan from names and global shapes, reads only its own part, and nothing is written
-  anywhere until every rank has staged and checked its part. ``weightsmith.load_`` routes here.
+  the same plan from names and global shapes, reads only its own part (into the page cache,
+  checked, held as regions of the file's map), and nothing is written anywhere until every
+  rank has read and checked its part. ``weightsmith.load_`` routes here.
 
 Every function here is collective when a process group is initialized: every rank calls it.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -259,6 +261,7 @@ def save_dcp(obj: Any, path: str | Path, *, async_save: bool = False,
     assert state is not None  # no rank failed
     previous: list[Path] = []  # the swapped-out folder, deleted by all ranks together
     stack, stage = _open_stage(path, process_group, previous=None if async_save else previous)
+    _uncache(path, process_group)
     writer = FileSystemWriter(stage, single_file_per_rank=True, sync_files=True)
     options = {"storage_writer": writer, "process_group": process_group, "no_dist": not _distributed()}
     failure: BaseException | None = None
@@ -307,6 +310,29 @@ def _open_stage(path: Path, group: Any, *, previous: list[Path] | None = None) -
     if message is not None:
         raise error if error is not None else SaveError(message)
     return stack, stage
+
+
+def _uncache(path: Path, group: Any) -> None:
+    """Evict the current version's pages from the page cache (the files stay as they are).
+
+    Writing in place would free them as it truncates; the new version goes beside the old
+    one instead, and would otherwise need as much fresh memory again. Each rank evicts a
+    share of the files.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    world = dist.get_world_size(group) if _distributed() else 1
+    try:
+        names = sorted(p.name for p in path.iterdir() if p.is_file())
+    except OSError:
+        return
+    for name in names[_rank(group)::world]:
+        with contextlib.suppress(OSError):
+            fd = os.open(path / name, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def _discard(old: Path, names: list[str], group: Any) -> None:
@@ -437,12 +463,14 @@ def load_sharded_(model: torch.nn.Module, source: Any, *, plan: LoadPlan | None 
     Every rank of the default process group calls it. The plan is made on every rank from key
     names and global shapes (prefixes, renames, adapters and structural matching work as for
     `load_`). Each rank then reads only its own part: from a DCP folder through ``dcp.load``
-    with `WeightsmithDcpReader` into buffers laid out like its shards (only the chunks that
-    overlap them), from a single file or a sharded folder just the slice it owns, over the
-    memory map. A value with a rename transform (concat, split, transpose) or an adapter is
-    read whole, transformed, then sliced. Every rank stages and checks its part; the ranks
-    agree by a collective that all succeeded; only then does each rank copy into its local
-    shards. One rank's failure fails all, and no rank's model is changed.
+    with `WeightsmithDcpReader`, DCP's planner laying the reads onto its shards (only the
+    chunks that overlap them), from a single file or a sharded folder just the slice it owns.
+    Each read is staged in place: its region of the file's memory map is read in (the bytes
+    fetched into the page cache and checked, so a damaged or shrunk file fails here) and held,
+    adding no private memory. A value with a rename transform (concat, split, transpose) or an
+    adapter is read whole into a buffer, transformed, then sliced. The ranks then agree by a
+    collective that every rank's reads and checks succeeded; only then does each rank copy
+    into its local shards. One rank's failure fails all, and no rank's model is changed.
 
     Args:
         model: the ``nn.Module`` whose parameters are ``DTensor`` shards (``distribute_tensor``,
