@@ -202,7 +202,7 @@ class _Peak:
         return max(self.peak, self.now()) - self.base
 
 
-def _scale(rank: int, world: int, tmp: Path, size_gb: float) -> None:
+def _scale(rank: int, world: int, tmp: Path, size_gb: float, repeat: int) -> None:
     import torch.distributed as dist
 
     import weightsmith as ws
@@ -212,14 +212,21 @@ def _scale(rank: int, world: int, tmp: Path, size_gb: float) -> None:
     folder = tmp / f"scale_{world}"
     result: dict[str, Any] = {"shard_bytes": sum(p.to_local().nbytes for p in model.parameters())}
     single = tmp / f"scale_{world}.safetensors"
-    for op, fn in (("save", lambda: ws.save(model, folder, format="dcp")),
-                   ("load", lambda: ws.load_(model, folder)),
-                   ("convert", lambda: ws.convert(folder, single) if rank == 0 else None),
-                   ("load_file", lambda: ws.load_(model, single))):
-        dist.barrier()
-        peak = _Peak()
-        result[f"{op}_s"] = _timed(fn)
-        result[f"{op}_peak"] = peak.stop()
+    ops = (("save", lambda: ws.save(model, folder, format="dcp")),
+           ("load", lambda: ws.load_(model, folder)),
+           ("convert", lambda: ws.convert(folder, single) if rank == 0 else None),
+           ("load_file", lambda: ws.load_(model, single)))
+    times: dict[str, list[float]] = {op: [] for op, _ in ops}
+    peaks: dict[str, list[int]] = {op: [] for op, _ in ops}
+    for _ in range(repeat):
+        for op, fn in ops:
+            dist.barrier()
+            peak = _Peak()
+            times[op].append(_timed(fn))
+            peaks[op].append(peak.stop())
+    for op in times:
+        result[f"{op}_s"] = statistics.median(times[op])
+        result[f"{op}_peak"] = max(peaks[op])
     (tmp / f"scale_{world}_{rank}.json").write_text(json.dumps(result))
 
 
@@ -246,10 +253,11 @@ def main() -> None:
     ap.add_argument("--size-gb", type=float, default=1.0, help="model size for the 2-rank comparison")
     ap.add_argument("--scale-gb", type=float, default=0.4, help="model size for the 1/2/4-rank scaling")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--scale-repeat", type=int, default=3, help="runs per rank count in the scaling part")
     ap.add_argument("--quick", action="store_true", help="0.1 GB, 0.05 GB scaling, 1 run")
     args = ap.parse_args()
     if args.quick:
-        args.size_gb, args.scale_gb, args.repeat = 0.1, 0.05, 1
+        args.size_gb, args.scale_gb, args.repeat, args.scale_repeat = 0.1, 0.05, 1, 1
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         tmp = Path(d)
         _spawn(_pair, 2, tmp, args.size_gb, args.repeat)
@@ -258,7 +266,7 @@ def main() -> None:
         worlds = (1, 2, 4)
         scale = {}
         for world in worlds:
-            _spawn(_scale, world, tmp, args.scale_gb)
+            _spawn(_scale, world, tmp, args.scale_gb, args.scale_repeat)
             scale[world] = [json.loads((tmp / f"scale_{world}_{r}.json").read_text()) for r in range(world)]
 
     med = {k: statistics.median(v) for k, v in samples.items()}
@@ -285,7 +293,7 @@ def main() -> None:
         rows.append((str(world), mb(ranks[0]["shard_bytes"]), f"{ranks[0]['save_s']:.2f}", f"{ranks[0]['load_s']:.2f}",
                      f"{ranks[0]['load_file_s']:.2f}", mb(max(r["save_peak"] for r in ranks)),
                      mb(max(r["load_peak"] for r in ranks)), mb(max(r["load_file_peak"] for r in ranks))))
-    print(f"weightsmith on 1, 2 and 4 ranks, {args.scale_gb} GB model, one run each "
+    print(f"weightsmith on 1, 2 and 4 ranks, {args.scale_gb} GB model, median of {args.scale_repeat} runs "
           f"({os.cpu_count()} CPU cores); peak = private memory added during the call, max over ranks")
     print(table(rows))
 
