@@ -42,9 +42,9 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan as DcpLoadPlan, LoadPlanner
 from torch.futures import Future as TorchFuture
 
-from .errors import CheckpointError, ModelError, SaveError, UsageError, WeightsmithError
+from .errors import CheckpointError, SaveError, UsageError, WeightsmithError
 from .io.dcp import Chunk, DcpReader, copy_chunk, map_chunk, read_object
-from .load import LoadReport, _check, _fill_missing, _report, _resolve, _value
+from .load import LoadReport, _checked, _fill_missing, _report, _value
 from .plan import LoadPlan, PlanError, Source
 from .save import SaveReport
 
@@ -671,13 +671,8 @@ def _prepare(model: torch.nn.Module, source: Any, plan: LoadPlan | None, options
     root, trust = options.pop("root", None), options.pop("trust", False)
     if isinstance(source, (str, Path)):
         source = open_checkpoint(source, root=root, trust=trust)
-    p, src = _resolve(model, source, plan, options)
-    _check(p, strict=strict, min_coverage=min_coverage)
-    state = model.state_dict(keep_vars=True)
-    meta = [s.target for s in p.steps if state[s.target].is_meta and s.how != "tied"]
-    if meta:
-        raise ModelError(f"{len(meta)} target tensor(s) are on the meta device (e.g. {meta[0]!r}); "
-                         "materialize the sharded model (to_empty) before loading into it")
+    p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage,
+                             on_meta="materialize the sharded model (to_empty) before loading into it")
     inits = [s.target for s in p.missing if (s.fill or "").startswith("init: ") and _is_dtensor(state[s.target])]
     if inits:
         raise UsageError(f"init rules for sharded parameters ({', '.join(inits[:5])}) are not applied while "

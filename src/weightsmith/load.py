@@ -179,13 +179,8 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
 
         return load_sharded_(model, source, plan=plan, strict=strict, min_coverage=min_coverage, seed=seed,
                              **plan_options)
-    p, src = _resolve(model, source, plan, dict(plan_options))
-    _check(p, strict=strict, min_coverage=min_coverage)
-    state = model.state_dict(keep_vars=True)
-    meta = [s.target for s in p.steps if state[s.target].is_meta and s.how != "tied"]
-    if meta:
-        raise ModelError(f"{len(meta)} target tensor(s) are on the meta device (e.g. {meta[0]!r}); "
-                         "use weightsmith.build() to construct and load in one step")
+    p, src, state = _checked(model, source, plan, dict(plan_options), strict=strict, min_coverage=min_coverage,
+                             on_meta="use weightsmith.build() to construct and load in one step")
     staged = _stage(p, src, state)
     if isinstance(source, (str, PurePath)) or hasattr(source, "reader"):  # a file: its tensors are mapped
         from .io._base import read_in
@@ -210,6 +205,21 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
                 v.requires_grad_(flags[k])
         raise
     return _report(p)
+
+
+def _checked(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, Any], *, strict: bool,
+             min_coverage: float, on_meta: str) -> tuple[LoadPlan, Source, dict[str, Any]]:
+    """The plan for loading ``source`` into ``model``, checked, with the model's state.
+
+    Refuses targets on the meta device (``on_meta`` says what to do instead).
+    """
+    p, src = _resolve(model, source, plan, options)
+    _check(p, strict=strict, min_coverage=min_coverage)
+    state = model.state_dict(keep_vars=True)
+    meta = [s.target for s in p.steps if state[s.target].is_meta and s.how != "tied"]
+    if meta:
+        raise ModelError(f"{len(meta)} target tensor(s) are on the meta device (e.g. {meta[0]!r}); {on_meta}")
+    return p, src, state
 
 
 def _report(p: LoadPlan) -> LoadReport:

@@ -247,7 +247,7 @@ def warmstart(rank: int, world: int, tmp: Path) -> None:
                 raise OSError(f"injected transform failure for {step.target}")
             wd._value = failing
         try:
-            deferred_errors[name] = attempt(lambda: ws.load_(deferred, tmp / name, rename=rename, strict=False))
+            deferred_errors[name] = attempt(lambda m=deferred, n=name: ws.load_(m, tmp / n, rename=rename, strict=False))
         finally:
             wd._value = value
         deferred_unchanged[name] = unchanged(deferred, deferred_before)
