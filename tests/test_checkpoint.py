@@ -188,6 +188,28 @@ def test_close_keeps_returned_tensors(tmp_path: Path, mlp: nn.Module) -> None:
     assert torch.equal(ckpt.tensor("0.bias"), mlp[0].bias)  # reopens the mapping on demand
 
 
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "sharded"])
+def test_close_unmaps_every_file(tmp_path: Path, mlp: nn.Module, name: str) -> None:
+    import gc
+
+    path = tmp_path / name
+    ws.save(mlp, path, **({"max_shard_size": 100} if name == "sharded" else {}))
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    assert len(files) > (1 if name == "sharded" else 0)
+
+    def mapped() -> set[str]:
+        maps = Path("/proc/self/maps").read_text()
+        return {f.name for f in files if str(f) in maps}
+
+    ckpt = ws.open(path)
+    values = {k: ckpt.tensor(k).clone() for k in ckpt}
+    assert mapped() == {f.name for f in files}
+    ckpt.close()
+    gc.collect()
+    assert mapped() == set()
+    assert all(torch.equal(values[k], v) for k, v in mlp.state_dict().items())
+
+
 def test_loaded_values_feed_a_model(tmp_path: Path, mlp: nn.Module) -> None:
     path = tmp_path / "m.pt"
     ws.save(mlp, path)

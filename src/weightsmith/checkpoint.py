@@ -208,9 +208,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     def close(self) -> None:
         """Drop the file mapping (tensors already returned stay valid)."""
-        for attr in ("_map", "_bases"):
-            if hasattr(self._reader, attr):
-                setattr(self._reader, attr, None if attr == "_map" else {})
+        self._reader.close()
 
     def __enter__(self) -> Checkpoint:
         return self

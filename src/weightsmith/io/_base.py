@@ -71,6 +71,9 @@ class Reader:
     def release(self, key: str) -> None:
         """Drop the mapped pages of ``key``'s data from memory (no-op where nothing is mapped)."""
 
+    def close(self) -> None:
+        """Let go of the file mappings; tensors already returned keep theirs alive."""
+
 
 def map_file(path: Path) -> mmap.mmap:
     """Map a file copy-on-write: tensors over it are writable and never change the file."""

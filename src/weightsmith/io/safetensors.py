@@ -139,6 +139,9 @@ class SafetensorsReader(Reader):
             key = self._aliases.get(key, key)
             release_pages(self._map, self._start + self._offsets[key][0], self.infos[key].nbytes)
 
+    def close(self) -> None:
+        self._map = None
+
 
 def _parse_ties(path: Path, metadata: dict[str, str], infos: dict[str, TensorInfo]) -> dict[str, str]:
     text = metadata.get(TIES_KEY)

@@ -91,6 +91,10 @@ class ShardedReader(Reader):
     def release(self, key: str) -> None:
         self._shards[self._owner[key]].release(key)
 
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+
 
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     try:

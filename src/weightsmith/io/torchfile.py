@@ -357,6 +357,9 @@ class TorchFileReader(Reader):
         offset, nbytes = self._spans[rec.storage.key]  # the whole storage: views share its pages
         release_pages(self._map, offset, nbytes)
 
+    def close(self) -> None:
+        self._map, self._bases = None, {}
+
 
     def _base(self, ref: StorageRef) -> Any:
         base = self._bases.get(ref.key)
