@@ -65,6 +65,34 @@ class _Slot:
     is_buffer: bool
 
 
+Registrations = dict[int, list[tuple[nn.Module, str]]]
+
+
+def _registrations(model: nn.Module) -> Registrations:
+    """Every (module, attribute) registering each Parameter object, by object id."""
+    out: Registrations = {}
+    for mod in model.modules():
+        for attr, param in mod._parameters.items():
+            if param is not None:
+                out.setdefault(id(param), []).append((mod, attr))
+    return out
+
+
+def _replace(regs: Registrations, old: torch.Tensor, new: nn.Parameter, *,
+             fallback: list[tuple[nn.Module, str]] | None = None) -> None:
+    """Put ``new`` wherever the Parameter ``old`` is registered (ties kept), and track it there."""
+    for mod, attr in regs.get(id(old), fallback or []):
+        mod._parameters[attr] = new
+    regs[id(new)] = regs.pop(id(old), fallback or [])
+
+
+def _materialize(regs: Registrations, old: torch.Tensor, device: Any) -> nn.Parameter:
+    """An uninitialized Parameter on ``device`` in place of the meta Parameter ``old``, wherever it is."""
+    new = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device), requires_grad=old.requires_grad)
+    _replace(regs, old, new)
+    return new
+
+
 def _slots(model: nn.Module, *, buffers: bool = True, persistent_only: bool = False) -> dict[str, _Slot]:
     """Map every parameter (and buffer) name to its slot; tied names map to one shared slot.
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import selectors
 from ._result import Result
-from .assign import _Slot, _slots
+from .assign import _materialize, _registrations, _Slot, _slots
 from .errors import ModelError, SelectorError
 from .selectors import Matcher, Selector, compile_selector
 
@@ -301,19 +301,6 @@ def _unused_rules(rules: list[_Rule], picked: list[set[str]]) -> list[str]:
     return unused
 
 
-def _materialize(model: nn.Module, slots: list[_Slot], device: torch.device) -> dict[int, nn.Parameter]:
-    """Replace meta Parameters with empty ones on ``device`` everywhere they are registered (ties kept)."""
-    new: dict[int, nn.Parameter] = {}
-    for slot in slots:
-        old = slot.tensor
-        new[id(old)] = nn.Parameter(torch.empty_like(old, device=device), requires_grad=old.requires_grad)
-    for module in model.modules():
-        for key, param in module._parameters.items():
-            if param is not None and id(param) in new:
-                module._parameters[key] = new[id(param)]
-    return new
-
-
 def init_(
     model: nn.Module,
     rules: Rules,
@@ -395,7 +382,8 @@ def init_(
         raise ModelError(f"cannot initialize; nothing was changed:\n{lines}")
 
     to_materialize = [slot for slot, _ in plan if slot.tensor.is_meta]
-    replaced = _materialize(model, to_materialize, torch.device(device)) if to_materialize else {}
+    regs = _registrations(model) if to_materialize else {}
+    replaced = {id(slot.tensor): _materialize(regs, slot.tensor, torch.device(device)) for slot in to_materialize}
     entries: list[InitEntry] = []
     with torch.no_grad():
         for slot, chosen in plan:

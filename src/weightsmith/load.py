@@ -298,16 +298,6 @@ def empty_init() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
-def _slots(model: Any) -> dict[int, list[tuple[Any, str]]]:
-    """Every (module, attribute) registering each Parameter object, by object id."""
-    out: dict[int, list[tuple[Any, str]]] = {}
-    for mod in model.modules():
-        for attr, param in mod._parameters.items():
-            if param is not None:
-                out.setdefault(id(param), []).append((mod, attr))
-    return out
-
-
 def _owner(model: Any, name: str) -> tuple[Any, str]:
     mod_name, _, attr = name.rpartition(".")
     return (model.get_submodule(mod_name) if mod_name else model), attr
@@ -336,6 +326,8 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     import torch
     from torch import nn
 
+    from .assign import _materialize, _registrations, _replace
+
     with empty_init():
         model = factory()
     if not isinstance(model, nn.Module):
@@ -347,11 +339,12 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     p = make_plan(model, src, init=init, **options)
     _check(p, strict=strict, min_coverage=min_coverage)
     state = model.state_dict(keep_vars=True)
-    slots = _slots(model)
+    slots = _registrations(model)
     # 1. what is missing or adapted: materialize empty, then initialize
     pending = [s for s in p.steps if s.kind == "parameter" and state[s.target].is_meta
                and (s.how == "missing" or any(t.startswith("adapt:") for t in s.transforms))]
-    _materialize(model, [state[s.target] for s in pending], slots, target)
+    for old in {id(state[s.target]): state[s.target] for s in pending}.values():
+        _materialize(slots, old, target)
     _initialize(model, p, pending, slots, seed=seed, device=target)
     state = model.state_dict(keep_vars=True)
     # 2. what the checkpoint has: put in place, mapped from the file where possible
@@ -374,23 +367,6 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     return model, _report(p)
 
 
-def _materialize(model: Any, tensors: list[Any], slots: dict[int, list[tuple[Any, str]]], device: Any) -> None:
-    import torch
-    from torch import nn
-
-    for old in {id(t): t for t in tensors}.values():
-        _replace(slots, old, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
-                                          requires_grad=old.requires_grad))
-
-
-def _replace(slots: dict[int, list[tuple[Any, str]]], old: Any, new: Any, *,
-             fallback: list[tuple[Any, str]] | None = None) -> None:
-    """Put ``new`` wherever the Parameter ``old`` is registered (ties kept), and track it there."""
-    for mod, attr in slots.get(id(old), fallback or []):
-        mod._parameters[attr] = new
-    slots[id(new)] = slots.pop(id(old), fallback or [])
-
-
 def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, list[tuple[Any, str]]],
                 *, seed: int | None, device: Any) -> None:
     """``init`` rules where given; else each owning module's ``reset_parameters``.
@@ -401,6 +377,8 @@ def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, l
     """
     import torch
 
+    from .assign import _materialize
+
     _fill_missing(model, p, seed=seed, device=device)
     rest = {s.target: s for s in pending if not (s.fill or "").startswith("init: ")}
     for mod_name, mod in model.named_modules():
@@ -409,7 +387,8 @@ def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, l
         if not mine:
             continue
         if hasattr(mod, "reset_parameters"):
-            _materialize(model, [t for t in own.values() if t.is_meta], slots, device)
+            for old in {id(t): t for t in own.values() if t.is_meta}.values():
+                _materialize(slots, old, device)
             mod.reset_parameters()
             continue
         with torch.no_grad():
