@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
 from torch import nn
 
 from ._result import Result
@@ -42,7 +39,11 @@ class AssignReport(Result):
     through_ties: tuple[str, ...] = ()
     skipped: tuple[tuple[str, str], ...] = ()
 
-    def _rich_(self) -> Group:
+    def _rich_(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
         summary = f"{len(self.written)} written, {len(self.skipped)} skipped"
         table = Table()
         table.add_column("name")

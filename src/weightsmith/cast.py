@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
 from torch import nn
 
 from . import selectors
@@ -47,7 +45,11 @@ class CastReport(Result):
     cast: tuple[tuple[str, str], ...]
     kept: tuple[tuple[str, str], ...] = ()
 
-    def _rich_(self) -> Group:
+    def _rich_(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
         summary = f"{len(self.cast)} cast to {self.dtype}, {len(self.kept)} kept"
         table = Table()
         table.add_column("name")

@@ -18,9 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
 from torch import nn
 
 from . import selectors
@@ -117,7 +114,11 @@ class InitReport(Result):
         """Every initialized name, tied ones included, → the initializer text it got."""
         return {name: e.initializer for e in self.entries for name in (e.name, *e.tied)}
 
-    def _rich_(self) -> Group:
+    def _rich_(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
         summary = (f"{len(self.entries)} initialized, {len(self.untouched)} untouched, "
                    f"{len(self.skipped)} skipped" + ("" if self.seed is None else f" (seed {self.seed})"))
         table = Table()
