@@ -155,6 +155,25 @@ def test_default_preset_s7():
     assert torch.equal(model[6].in_proj_weight, torch.full_like(model[6].in_proj_weight, 9.0))
 
 
+@pytest.mark.parametrize("rules", ["default", [("*.weight", "ones")], [("*", lambda t: t.fill_(2.0))]])
+def test_an_embeddings_padding_row_stays_zero_whatever_the_rule(rules):
+    model = nn.Sequential(nn.Embedding(10, 4, padding_idx=3), nn.Linear(4, 10))
+    lm = nn.Module()
+    lm.emb = nn.Embedding(6, 4, padding_idx=-1)  # -1: the last row
+    lm.head = nn.Linear(4, 6, bias=False)
+    lm.head.weight = lm.emb.weight  # tied: the padding row is still the embedding's
+
+    report = init_(model, rules, seed=0)
+    tied = init_(lm, rules, seed=0)
+
+    weight = model[0].weight
+    assert torch.equal(weight[3], torch.zeros(4))
+    assert bool((weight[[0, 1, 2, 4, 5]] != 0).all())
+    assert report.initializers["0.weight"].endswith("; padding row 3 zeroed")
+    assert torch.equal(lm.emb.weight[5], torch.zeros(4)) and bool((lm.emb.weight[:5] != 0).all())
+    assert "padding row 5 zeroed" in tied.initializers["emb.weight"]
+
+
 def test_rules_by_module_type_with_per_name_initializers():
     model = conv_net()
     init_(model, [((nn.Linear, nn.Conv2d), {"weight": "orthogonal", "bias": "constant(0.5)"})], seed=0)

@@ -302,6 +302,16 @@ def _unused_rules(rules: list[_Rule], picked: list[set[str]]) -> list[str]:
     return unused
 
 
+def _padding_row(model: nn.Module, names: tuple[str, ...]) -> int | None:
+    """The ``padding_idx`` of an Embedding (or EmbeddingBag) whose weight has one of ``names``."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if leaf == "weight" and isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.padding_idx is not None:
+            return module.padding_idx
+    return None
+
+
 def init_(
     model: nn.Module,
     rules: Rules,
@@ -319,8 +329,9 @@ def init_(
     ``"trunc_normal(std=0.02)"``, or callables ``fn(tensor)`` changing the tensor in place.
 
     Every rule and every (parameter, initializer) pair is checked before any value is written.
-    A tied tensor is initialized once. Parameters on the meta device are first replaced by
-    Parameters on ``device`` (same ``requires_grad``, ties kept).
+    A tied tensor is initialized once. The ``padding_idx`` row of an Embedding's weight is
+    zeroed after whatever initializer it got, as ``nn.Embedding`` itself does. Parameters on the
+    meta device are first replaced by Parameters on ``device`` (same ``requires_grad``, ties kept).
 
     Args:
         model: the live model.
@@ -390,7 +401,12 @@ def init_(
         for slot, chosen in plan:
             tensor = replaced.get(id(slot.tensor), slot.tensor)
             chosen.apply(tensor, None if seed is None else _derive_seed(seed, slot.names[0]))
-            entries.append(InitEntry(slot.names[0], tuple(tensor.shape), chosen.text, slot.names[1:]))
+            text = chosen.text
+            padding = _padding_row(model, slot.names)
+            if padding is not None:  # as nn.Embedding's own init does: the padding vector stays zero
+                tensor[padding].zero_()
+                text += f"; padding row {padding} zeroed"
+            entries.append(InitEntry(slot.names[0], tuple(tensor.shape), text, slot.names[1:]))
     any_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     still_meta = [n for n, s in _slots(model).items() if s.tensor.is_meta] if any_meta else []
     return InitReport(
