@@ -130,14 +130,29 @@ class Exploding(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
+class Wrapped(torch.Tensor):
+    """A tensor subclass that copies fine: a write that could fail, and does not."""
+
+
 def test_a_write_failing_midway_restores_what_was_already_written():
     model = make_mlp()
     before = frozen_state(model)
-    mapping = {"0.weight": torch.zeros(8, 4), "2.bias": torch.ones(1).as_subclass(Exploding)}
+    seen = []
+
+    class Probing(Exploding):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.copy_:
+                seen.append(model[0].bias.detach().clone())  # what the model held when this write came
+            return super().__torch_function__(func, types, args, kwargs)
+
+    mapping = {"0.weight": torch.zeros(8, 4), "0.bias": torch.ones(8).as_subclass(Wrapped),
+               "2.bias": torch.ones(1).as_subclass(Probing)}
     with pytest.raises(AssignError, match="device lost") as info:
         assign_(model, mapping)
+    assert torch.equal(seen[0], torch.ones(8))  # 0.bias had been written ...
     assert isinstance(info.value.__cause__, RuntimeError)
-    assert_unchanged(model, before)
+    assert_unchanged(model, before)  # ... and was put back
 
 
 def test_swapping_two_weights_reads_the_old_values():

@@ -231,14 +231,21 @@ def _write(writes: list[_Write]) -> None:
         elif _shares_memory(w.value, targets):
             # e.g. swapping two weights: the second read would see the first write
             w.value = w.value.clone()
+    # A checked copy between plain tensors on one device cannot fail; any other can (a transfer,
+    # a tensor subclass, a meta value). Those go first, each target backed up before it is
+    # written, so that a failure finds only backed-up writes done and the rest need no backup.
+    risky = [w for w in writes if _may_fail(w.value, w.slot.tensor)]
+    safe = [w for w in writes if not _may_fail(w.value, w.slot.tensor)]
+    backed_up = {id(w) for w in risky}
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     current = ""
     try:
-        for w in writes:
+        for w in risky + safe:
             current = w.given[0]
             if w.value is w.slot.tensor:
                 continue
-            saved.append((w.slot.tensor, _copy(w.slot.tensor, None)))
+            if id(w) in backed_up:
+                saved.append((w.slot.tensor, _copy(w.slot.tensor, None)))
             w.slot.tensor.copy_(w.value)
     except Exception as e:
         for target, old in saved:
@@ -248,6 +255,12 @@ def _write(writes: list[_Write]) -> None:
             "was restored, the model is unchanged",
             problems=(f"{current!r}: {e}",),
         ) from e
+
+
+def _may_fail(value: torch.Tensor, target: torch.Tensor) -> bool:
+    plain = (torch.Tensor, nn.Parameter)
+    return (type(value) not in plain or type(target) not in plain or value.device != target.device
+            or value.is_meta or value.layout != torch.strided or target.layout != torch.strided)
 
 
 def _report(writes: list[_Write], skipped: list[tuple[str, str]]) -> AssignReport:
