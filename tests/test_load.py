@@ -622,6 +622,28 @@ def test_init_rules_fill_missing_keys(tmp_path, src_a):
     assert report.provenance["classifier.bias"] == "init: ones"
 
 
+def test_init_rules_may_be_callables_in_load_build_and_a_reused_plan(tmp_path, src_a):
+    path = tmp_path / "a.safetensors"
+    ws.save(src_a, path)
+
+    def sevens(t):
+        t.fill_(7.0)
+
+    rules = [("classifier.weight", sevens), ("classifier.bias", lambda t: torch.full_like(t, -1.0))]
+    dst = model_b()
+    report = ws.load_(dst, path, strict=False, init=rules)
+    built, _ = ws.build(model_b, path, strict=False, init=rules)
+    plan = ws.plan(model_b(), path, init=rules)
+    again = model_b()
+    ws.load_(again, path, plan=plan, strict=False)
+
+    for model in (dst, built, again):
+        assert torch.equal(model.classifier.weight, torch.full((5, 8), 7.0))
+        assert torch.equal(model.classifier.bias, torch.full((5,), -1.0))
+    assert report.provenance["classifier.weight"] == "init: sevens"
+    assert report.provenance["classifier.bias"] == "init: <lambda>"
+
+
 def test_strict_accepts_missing_keys_that_an_init_rule_fills(tmp_path, src_a):
     state = {k: v for k, v in src_a.state_dict().items() if not k.startswith("head")}
     dst = fresh_a()

@@ -128,15 +128,18 @@ def _stage(p: LoadPlan, src: Source, state: Mapping[str, Any]) -> dict[str, Any]
 
 
 def _fill_missing(model: Any, p: LoadPlan, *, seed: int | None, device: Any = None) -> None:
-    by_rule: dict[str, set[str]] = {}
+    """Run the plan's ``init`` rules on the missing keys they fill."""
+    initializers = getattr(p, "_initializers", {})
+    by_rule: dict[int, tuple[Any, set[str]]] = {}
     for s in p.missing:
         if s.fill and s.fill.startswith("init: "):
-            by_rule.setdefault(s.fill[len("init: "):], set()).add(s.target)
+            how = initializers.get(s.target, s.fill[len("init: "):])
+            by_rule.setdefault(id(how), (how, set()))[1].add(s.target)
     if not by_rule:
         return
     from .init import init_
 
-    for how, names in by_rule.items():
+    for how, names in by_rule.values():
         init_(model, [(lambda n, _p, names=names: n in names, how)], seed=seed, device=device)
 
 

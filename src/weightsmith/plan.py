@@ -398,12 +398,13 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
                                 note=f"tied to {loaded[0]}")
     fill = _fill(model, init)
     ordered = []
+    initializers: dict[str, Any] = {}
     for t in state:
         step = steps.get(t)
         if step is None and t in failed_targets:
             step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill="not loaded: see problems")
         if step is None:
-            how = fill(t)
+            how, initializers[t] = fill(t)
             if how == "current value" and state[t].is_meta and kinds[t] == "parameter":
                 how = "reset_parameters"  # what build() does for a module constructed on meta
             step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill=how)
@@ -415,12 +416,15 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
         unused[k] = _no_target(k, prefix(k), src.specs[k][0], non_persistent)
     for k, base in src.aliases.items():
         unused.setdefault(k, Unused(k, src.specs[k][0], f"tied to {base!r} in the source", expected=True))
-    return LoadPlan(
+    made = LoadPlan(
         source=src.name, fingerprint=src.fingerprint,
         target=type(model).__name__ if hasattr(model, "named_modules") else str(getattr(model, "path", "<state dict>")),
         prefix=prefix.describe(), steps=ordered,
         unused=sorted(unused.values(), key=lambda u: natural_key(u.key)),
         ambiguous=ambiguous, problems=problems)
+    # the initializers themselves (callables have only a name in the plan's text)
+    made._initializers = {t: how for t, how in initializers.items() if how is not None}
+    return made
 
 
 def _no_target(key: str, name: str, shape: tuple[int, ...], non_persistent: set[str]) -> Unused:
@@ -464,19 +468,20 @@ def _apply_rule(rule: Rule, name: str, mapped: Mapping[str, str]) -> list[Step] 
     return None
 
 
-def _fill(model: Any, init: Any) -> Callable[[str], str]:
+def _fill(model: Any, init: Any) -> Callable[[str], tuple[str, Any]]:
+    """For a missing target key: how it is filled, as text, and the initializer (``None``: kept)."""
     if init is None:
-        return lambda _t: "current value"
+        return lambda _t: ("current value", None)
     if isinstance(init, str):
-        return lambda _t: f"init: {init}"
+        return lambda _t: (f"init: {init}", init)
     rules = [(compile_selector(sel), how) for sel, how in init]
     owners = _owners(model) if hasattr(model, "named_modules") else {}
 
-    def fill(t: str) -> str:
+    def fill(t: str) -> tuple[str, Any]:
         for m, how in rules:
             if m(t, None, owners.get(t)):
-                return f"init: {how if isinstance(how, str) else getattr(how, '__name__', 'custom')}"
-        return "current value"
+                return f"init: {how if isinstance(how, str) else getattr(how, '__name__', 'custom')}", how
+        return "current value", None
 
     return fill
 
