@@ -387,8 +387,29 @@ def _plan_and_options(tmp_path):
 
 def _failing_init_rule(tmp_path):
     s = donor_state()
-    del s["4.weight"], s["4.bias"]  # filled by a rule that fails after the loaded values were written
+    del s["4.weight"], s["4.bias"]  # filled by a rule that cannot be used
     return (s,), {"init": [("4.*", "no_such_initializer")]}
+
+
+def _second_init_rule_unusable(tmp_path):
+    s = donor_state()
+    del s["4.weight"], s["4.bias"]  # the first rule is fine, the second is not: neither is applied
+    return (s,), {"init": [("4.bias", "zeros"), ("4.weight", "xavier_uniform(gain='x')")]}
+
+
+def _raising_callable_init(tmp_path):
+    s = donor_state()
+    del s["4.weight"], s["4.bias"]
+
+    calls = []
+
+    def explode(t):  # fills the first tensor it is given, then fails on the next
+        calls.append(t)
+        if len(calls) > 1:
+            raise RuntimeError("initializer exploded")
+        t.fill_(3.0)
+
+    return (s,), {"init": [("4.*", explode)]}
 
 
 FAILURES = {
@@ -403,7 +424,9 @@ FAILURES = {
     "a file deleted after open": (_deleted_file, CheckpointError, "gone"),
     "a plan made from another file": (_plan_from_another_file, PlanError, "another source"),
     "plan= with plan options": (_plan_and_options, PlanError, "not both"),
-    "an init rule that fails after writing": (_failing_init_rule, ModelError, "no_such_initializer"),
+    "an unknown init rule": (_failing_init_rule, ModelError, "no_such_initializer"),
+    "a second init rule that cannot be used": (_second_init_rule_unusable, ModelError, "gain"),
+    "a callable initializer that raises": (_raising_callable_init, RuntimeError, "initializer exploded"),
 }
 
 
@@ -666,3 +689,22 @@ def test_a_model_on_the_meta_device_is_sent_to_build(src_a):
         dst = model_a()
     with pytest.raises(ModelError, match="build"):
         ws.load_(dst, src_a.state_dict())
+
+
+def test_a_backup_is_kept_only_where_writing_can_still_fail():
+    """Plain torch modules on one device cannot fail once checked: no second copy of the model."""
+    from weightsmith.load import _writing_may_fail
+
+    def verdict(model, **kwargs):
+        state = model.state_dict(keep_vars=True)
+        staged = {k: v.detach().clone() for k, v in state.items() if not k.startswith("2.")}
+        return _writing_may_fail(model, staged, state, ws.plan(model, staged, **kwargs))
+
+    plain = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    assert not verdict(plain)
+    assert not verdict(plain, init=[("2.*", "zeros")])
+    assert verdict(plain, init=[("2.*", lambda t: t.zero_())])  # a callable may raise midway
+    hooked = nn.Sequential(nn.Linear(4, 8))
+    hooked.register_load_state_dict_pre_hook(lambda *args: None)
+    assert verdict(hooked)
+    assert verdict(nn.Sequential(Exploding(8, 2, probe=lambda: None)))  # its own loading code

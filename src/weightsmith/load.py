@@ -139,8 +139,9 @@ def _fill_missing(model: Any, p: LoadPlan, *, seed: int | None, device: Any = No
         return
     from .init import init_
 
-    for how, names in by_rule.values():
-        init_(model, [(lambda n, _p, names=names: n in names, how)], seed=seed, device=device)
+    # one call: init_ checks every rule before it writes anything
+    init_(model, [(lambda n, _p, names=names: n in names, how) for how, names in by_rule.values()],
+          seed=seed, device=device)
 
 
 def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool = True,
@@ -191,14 +192,15 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
         for key, value in staged.items():  # a file cut short raises here, not SIGBUS mid-copy
             read_in(value, f"{src.name} (for {key!r})")
     touched = [s.target for s in p.steps if s.loaded or (s.fill or "").startswith("init: ")]
-    backup = {k: state[k].detach().clone() for k in touched}
+    # everything was checked: a backup is kept only where writing can still fail
+    backup = {k: state[k].detach().clone() for k in touched} if _writing_may_fail(model, staged, state, p) else {}
     flags = {k: v.requires_grad for k, v in state.items()}
     try:
+        _fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
         with torch.no_grad():
             result = model.load_state_dict(staged, strict=False)
         if result.unexpected_keys:
             raise ModelError(f"the model refused keys {result.unexpected_keys[:5]}")
-        _fill_missing(model, p, seed=seed)
     except BaseException:
         with torch.no_grad():
             for k, v in backup.items():
@@ -208,6 +210,30 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
                 v.requires_grad_(flags[k])
         raise
     return _report(p)
+
+
+def _writing_may_fail(model: Any, staged: Mapping[str, Any], state: Mapping[str, Any], p: LoadPlan) -> bool:
+    """Whether a load can still fail once the plan and every value are checked.
+
+    It can where code other than torch's runs while writing (a module's own loading code,
+    load hooks, a callable initializer) or where a value moves between devices; copying
+    checked values between plain tensors on one device cannot fail.
+    """
+    from torch import nn
+
+    from .assign import _may_fail
+
+    if type(model).load_state_dict is not nn.Module.load_state_dict:
+        return True
+    for module in model.modules():
+        if module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks:
+            return True
+        own = type(module)._load_from_state_dict
+        if own is not nn.Module._load_from_state_dict and not own.__module__.startswith("torch.nn."):
+            return True
+    if any(_may_fail(value, state[key]) for key, value in staged.items()):
+        return True
+    return any(callable(how) for how in getattr(p, "_initializers", {}).values())
 
 
 def _checked(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, Any], *, strict: bool,
