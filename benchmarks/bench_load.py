@@ -8,7 +8,7 @@ The peak RSS counts the checkpoint's mapped pages (the page cache's, shared and 
 private memory (RssAnon, sampled every millisecond) is what the load allocates for itself.
 `load_` checks the whole plan and every value first and writes through the model's own
 `load_state_dict`; it keeps a backup of what it overwrites only where writing can still fail
-(custom loading code, hooks, callable initializers, transfers between devices), so a plain model
+(custom loading code, hooks, callable initializers, copies from a device into host memory), so a plain model
 is loaded with no second copy. Claim: load_ takes no more memory and no more time than the
 manual way (ratios <= 1).
 """

@@ -1,8 +1,8 @@
 """`weightsmith.snapshot` of a 2 GB model vs `copy.deepcopy(model.state_dict())`.
 
 Both produce detached copies the model does not share. The restore lines compare writing the
-copy back: `restore_` checks every entry first (a checked copy between plain tensors on one
-device cannot fail, so no backup is kept for it; a transfer between devices would be backed up),
+copy back: `restore_` checks every entry first (a checked copy between plain tensors cannot
+fail, so no backup is kept for it; a copy from a device into host memory would be backed up),
 `load_state_dict` checks as it goes; shown for reference.
 Claim: snapshot <= 1x deepcopy.
 """

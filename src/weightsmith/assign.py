@@ -258,9 +258,17 @@ def _write(writes: list[_Write]) -> None:
 
 
 def _may_fail(value: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether copying a checked ``value`` into ``target`` can fail in a way a backup would undo.
+
+    Between plain strided tensors it cannot, on one device or into an accelerator (a transfer
+    there fails only with the device, and a backup on it with it; backing up a GPU model would
+    also double its memory). Subclasses, meta values and transfers into host memory from a
+    device may fail, and a backup in host memory survives them.
+    """
     plain = (torch.Tensor, nn.Parameter)
-    return (type(value) not in plain or type(target) not in plain or value.device != target.device
-            or value.is_meta or value.layout != torch.strided or target.layout != torch.strided)
+    return (type(value) not in plain or type(target) not in plain or value.is_meta
+            or value.layout != torch.strided or target.layout != torch.strided
+            or (value.device != target.device and target.device.type == "cpu"))
 
 
 def _report(writes: list[_Write], skipped: list[tuple[str, str]]) -> AssignReport:

@@ -216,8 +216,8 @@ def _writing_may_fail(model: Any, staged: Mapping[str, Any], state: Mapping[str,
     """Whether a load can still fail once the plan and every value are checked.
 
     It can where code other than torch's runs while writing (a module's own loading code,
-    load hooks, a callable initializer) or where a value moves between devices; copying
-    checked values between plain tensors on one device cannot fail.
+    load hooks, a callable initializer) or where a value comes from a device into host memory
+    (see `assign._may_fail`); copying checked values between plain tensors cannot fail.
     """
     from torch import nn
 
