@@ -188,13 +188,14 @@ def test_close_keeps_returned_tensors(tmp_path: Path, mlp: nn.Module) -> None:
     assert torch.equal(ckpt.tensor("0.bias"), mlp[0].bias)  # reopens the mapping on demand
 
 
-@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "sharded"])
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "sharded", "dcp"])
 def test_close_unmaps_every_file(tmp_path: Path, mlp: nn.Module, name: str) -> None:
     import gc
 
     path = tmp_path / name
-    ws.save(mlp, path, **({"max_shard_size": 100} if name == "sharded" else {}))
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    options = {"sharded": {"max_shard_size": 100}, "dcp": {"format": "dcp"}}.get(name, {})
+    ws.save(mlp, path, **options)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".distcp"))
     assert len(files) > (1 if name == "sharded" else 0)
 
     def mapped() -> set[str]:

@@ -180,6 +180,11 @@ class DcpReader(Reader):
         if reader is not None:
             reader.release("")
 
+    def close(self) -> None:
+        for reader in self._held.values():
+            reader.close()
+        self._held.clear()
+
 
 def _check_cover(meta_path: Path, key: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
     """The chunks must lie inside the tensor and cover it exactly once."""
