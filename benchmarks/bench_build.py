@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import PY, table
+from _common import PY, precompile, table
 
 CHILD = r'''
 import sys, json, time
@@ -59,6 +59,7 @@ print(json.dumps({"seconds": elapsed, "peak_above_import": rss("VmHWM:") - base,
 
 
 def main() -> None:
+    precompile()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=30, help="Linear(width, width) layers (30 x 4096^2 = 503M)")
     ap.add_argument("--width", type=int, default=4096)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from _common import size_arguments, PY, medians, run_process, state_dict, table
+from _common import PY, medians, precompile, run_process, size_arguments, state_dict, table
 
 
 def main() -> None:
+    precompile()
     args = size_arguments(__doc__)
     import torch
     from safetensors.torch import save_file

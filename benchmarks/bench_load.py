@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from _common import PY, table
+from _common import PY, precompile, table
 
 CHILD = r'''
 import sys, json, time, threading
@@ -66,6 +66,7 @@ print(json.dumps({"seconds": seconds, "peak": rss("VmHWM:") - base, "private": p
 
 
 def main() -> None:
+    precompile()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--width", type=int, default=4096)
