@@ -573,7 +573,10 @@ class _Work:
             try:
                 reader = WeightsmithDcpReader(str(self.dcp_folder), reader=self.dcp_reader)
                 reader._deferred = self.deferred
-                dcp.load(self.dcp_state, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True))
+                with warnings.catch_warnings():  # one process, no group: DCP says so, and that is the intent
+                    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                    dcp.load(self.dcp_state, storage_reader=reader,
+                             planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=not _distributed())
             except BaseException as e:  # CheckpointException (a BaseException) arrives on every rank
                 self.dcp_error = e
 

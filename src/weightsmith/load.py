@@ -183,8 +183,15 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
 
         return load_sharded_(model, source, plan=plan, strict=strict, min_coverage=min_coverage, seed=seed,
                              **plan_options)
-    p, src, state = _checked(model, source, plan, dict(plan_options), strict=strict, min_coverage=min_coverage,
+    options = dict(plan_options)
+    if isinstance(source, (str, PurePath)):
+        from .checkpoint import open as open_checkpoint
+
+        source = open_checkpoint(source, root=options.pop("root", None), trust=options.pop("trust", False))
+    p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage,
                              on_meta="use weightsmith.build() to construct and load in one step")
+    if getattr(source, "format", None) == "dcp" and not _writing_may_fail(model, None, state, p):
+        return _load_dcp_in_place(model, p, src, source, seed=seed)
     staged = _stage(p, src, state)
     if isinstance(source, (str, PurePath)) or hasattr(source, "reader"):  # a file: its tensors are mapped
         from .io._base import read_in
@@ -212,12 +219,38 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
     return _report(p)
 
 
-def _writing_may_fail(model: Any, staged: Mapping[str, Any], state: Mapping[str, Any], p: LoadPlan) -> bool:
+def _load_dcp_in_place(model: Any, p: LoadPlan, src: Source, source: Any, *, seed: int | None) -> LoadReport:
+    """A DCP folder into plain torch modules, with no second copy of the model.
+
+    A tensor saved by several ranks is in several chunks; assembling each before writing
+    would hold the whole model twice. Instead ``dcp.load`` plans each chunk's region onto its
+    target, the regions are read in and checked (nothing written), and only then copied in,
+    as a sharded load does on each rank.
+    """
+    import torch
+
+    from .distributed import _Work
+
+    work = _Work(model, p, src, source)
+    try:
+        work.read_collective()
+        staged = work.stage()
+        _fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
+        with torch.no_grad():
+            work.commit(staged)
+    finally:
+        work.close()
+    return _report(p)
+
+
+def _writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mapping[str, Any], p: LoadPlan) -> bool:
     """Whether a load can still fail once the plan and every value are checked.
 
     It can where code other than torch's runs while writing (a module's own loading code,
     load hooks, a callable initializer) or where a value comes from a device into host memory
     (see `assign._may_fail`); copying checked values between plain tensors cannot fail.
+    ``staged=None``: the values are plain host tensors read from a file (only the targets are
+    looked at).
     """
     from torch import nn
 
@@ -231,6 +264,10 @@ def _writing_may_fail(model: Any, staged: Mapping[str, Any], state: Mapping[str,
         own = type(module)._load_from_state_dict
         if own is not nn.Module._load_from_state_dict and not own.__module__.startswith("torch.nn."):
             return True
+    if staged is None:
+        import torch
+
+        staged = {s.target: torch.empty(0) for s in p.loaded}
     if any(_may_fail(value, state[key]) for key, value in staged.items()):
         return True
     return any(callable(how) for how in getattr(p, "_initializers", {}).values())

@@ -5,6 +5,7 @@ failure fails every rank and leaves every model as it was."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,30 @@ def test_a_failure_after_every_read_succeeded_writes_no_deferred_read(warm, sour
     for r in (0, 2):
         assert "staging the load failed on 1 rank(s)" in reports[r]["deferred_errors"][source]["message"]
     assert all(r["unchanged_after_deferred_error"][source] for r in reports)
+
+
+def test_one_process_loads_a_three_rank_folder_without_assembling_it(warm, monkeypatch, tmp_path) -> None:
+    """Chunks go straight toward their targets; a damaged chunk fails the load and changes nothing."""
+    import shutil
+
+    from weightsmith.io.dcp import DcpReader
+
+    tmp, _, _ = warm
+    after = torch.load(tmp / "warm.pt")["after"]
+    assembled = []
+    tensor = DcpReader.tensor
+    monkeypatch.setattr(DcpReader, "tensor", lambda self, key: assembled.append(key) or tensor(self, key))
+    model = plain_net(14)
+    ws.load_(model, tmp / "ckpt3")
+    assert assembled == []  # every value was read chunk by chunk into its target
+    assert all(torch.equal(model.state_dict()[k], after[k]) for k in after)
+
+    damaged = tmp_path / "ckpt3"
+    shutil.copytree(tmp / "ckpt3", damaged)
+    (chunk,) = [c for c in ws.open(damaged).reader.layout["a.weight"] if c.file == "__2_0.distcp"]
+    os.truncate(damaged / chunk.file, chunk.byte_offset + chunk.length // 2)
+    victim = plain_net(15)
+    before = {k: v.clone() for k, v in victim.state_dict().items()}
+    with pytest.raises(ws.CheckpointError, match=r"__2_0\.distcp"):
+        ws.load_(victim, damaged)
+    assert all(torch.equal(before[k], v) for k, v in victim.state_dict().items())
