@@ -708,3 +708,31 @@ def test_a_backup_is_kept_only_where_writing_can_still_fail():
     hooked.register_load_state_dict_pre_hook(lambda *args: None)
     assert verdict(hooked)
     assert verdict(nn.Sequential(Exploding(8, 2, probe=lambda: None)))  # its own loading code
+
+
+def test_ctrl_c_during_the_write_waits_until_the_model_is_whole(tmp_path):
+    """With no backup kept, an interrupt mid-write is held until the last value is in, then raised."""
+    import signal
+
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    path = tmp_path / "s.safetensors"
+    ws.save(source, path)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    copy_ = torch.Tensor.copy_
+    interrupted = []
+
+    def copy_then_interrupt(self, src, *args, **kwargs):
+        if not interrupted:  # Ctrl-C arrives during the first write
+            interrupted.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return copy_(self, src, *args, **kwargs)
+
+    torch.Tensor.copy_ = copy_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ws.load_(model, path)
+    finally:
+        torch.Tensor.copy_ = copy_
+    assert interrupted
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())

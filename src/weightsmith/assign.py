@@ -7,8 +7,11 @@ optimizer holding it keeps working, and a tie (one tensor under several names) s
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Callable, Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,22 +234,23 @@ def _write(writes: list[_Write]) -> None:
         elif _shares_memory(w.value, targets):
             # e.g. swapping two weights: the second read would see the first write
             w.value = w.value.clone()
-    # A checked copy between plain tensors on one device cannot fail; any other can (a transfer,
-    # a tensor subclass, a meta value). Those go first, each target backed up before it is
-    # written, so that a failure finds only backed-up writes done and the rest need no backup.
+    # A checked copy between plain tensors cannot fail; some others can (see `_may_fail`). Those
+    # go first, each target backed up before it is written, so that a failure finds only
+    # backed-up writes done and the rest need no backup. Ctrl-C waits for the last write.
     risky = [w for w in writes if _may_fail(w.value, w.slot.tensor)]
     safe = [w for w in writes if not _may_fail(w.value, w.slot.tensor)]
     backed_up = {id(w) for w in risky}
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     current = ""
     try:
-        for w in risky + safe:
-            current = w.given[0]
-            if w.value is w.slot.tensor:
-                continue
-            if id(w) in backed_up:
-                saved.append((w.slot.tensor, _copy(w.slot.tensor, None)))
-            w.slot.tensor.copy_(w.value)
+        with _uninterrupted():
+            for w in risky + safe:
+                current = w.given[0]
+                if w.value is w.slot.tensor:
+                    continue
+                if id(w) in backed_up:
+                    saved.append((w.slot.tensor, _copy(w.slot.tensor, None)))
+                w.slot.tensor.copy_(w.value)
     except Exception as e:
         for target, old in saved:
             target.copy_(old)
@@ -255,6 +259,25 @@ def _write(writes: list[_Write]) -> None:
             "was restored, the model is unchanged",
             problems=(f"{current!r}: {e}",),
         ) from e
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block is done, then deliver it: no write is left half done.
+
+    Signals reach only the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _may_fail(value: torch.Tensor, target: torch.Tensor) -> bool:

@@ -44,6 +44,7 @@ from torch.futures import Future as TorchFuture
 
 from .errors import CheckpointError, SaveError, UsageError, WeightsmithError
 from .io.dcp import Chunk, DcpReader, copy_chunk, map_chunk, read_object
+from .assign import _uninterrupted
 from .load import LoadReport, _checked, _fill_missing, _report, _value
 from .plan import LoadPlan, PlanError, Source
 from .save import SaveReport
@@ -502,7 +503,8 @@ def load_sharded_(model: torch.nn.Module, source: Any, *, plan: LoadPlan | None 
         except Exception as e:
             error = e
         _raise_agreed(error, _agree(error), "staging the load")
-        work.commit(staged)
+        with _uninterrupted():  # Ctrl-C waits until this rank's shards are whole
+            work.commit(staged)
     finally:
         work.close()
     _fill_missing(model, work.plan, seed=seed)

@@ -178,6 +178,8 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
     """
     import torch
 
+    from .assign import _uninterrupted
+
     if any(type(t).__name__ == "DTensor" for t in model.parameters()):  # sharded: each rank loads its part
         from .distributed import load_sharded_
 
@@ -203,11 +205,12 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
     backup = {k: state[k].detach().clone() for k in touched} if _writing_may_fail(model, staged, state, p) else {}
     flags = {k: v.requires_grad for k, v in state.items()}
     try:
-        _fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
-        with torch.no_grad():
-            result = model.load_state_dict(staged, strict=False)
-        if result.unexpected_keys:
-            raise ModelError(f"the model refused keys {result.unexpected_keys[:5]}")
+        with _uninterrupted():  # Ctrl-C is delivered once the model is whole again
+            _fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
+            with torch.no_grad():
+                result = model.load_state_dict(staged, strict=False)
+            if result.unexpected_keys:
+                raise ModelError(f"the model refused keys {result.unexpected_keys[:5]}")
     except BaseException:
         with torch.no_grad():
             for k, v in backup.items():
@@ -229,14 +232,15 @@ def _load_dcp_in_place(model: Any, p: LoadPlan, src: Source, source: Any, *, see
     """
     import torch
 
+    from .assign import _uninterrupted
     from .distributed import _Work
 
     work = _Work(model, p, src, source)
     try:
         work.read_collective()
         staged = work.stage()
-        _fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
-        with torch.no_grad():
+        with _uninterrupted(), torch.no_grad():
+            _fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
             work.commit(staged)
     finally:
         work.close()
