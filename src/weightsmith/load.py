@@ -185,17 +185,18 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
 
         return load_sharded_(model, source, plan=plan, strict=strict, min_coverage=min_coverage, seed=seed,
                              **plan_options)
+    from .checkpoint import Checkpoint, open as open_checkpoint
+
     options = dict(plan_options)
     if isinstance(source, (str, PurePath)):
-        from .checkpoint import open as open_checkpoint
-
         source = open_checkpoint(source, root=options.pop("root", None), trust=options.pop("trust", False))
     p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage,
                              on_meta="use weightsmith.build() to construct and load in one step")
-    if getattr(source, "format", None) == "dcp" and not _writing_may_fail(model, None, state, p):
+    opened = isinstance(source, Checkpoint)
+    if opened and source.format == "dcp" and not _writing_may_fail(model, None, state, p):
         return _load_dcp_in_place(model, p, src, source, seed=seed)
     staged = _stage(p, src, state)
-    if isinstance(source, (str, PurePath)) or hasattr(source, "reader"):  # a file: its tensors are mapped
+    if opened:  # a file: its tensors are mapped
         from .io._base import read_in
 
         for key, value in staged.items():  # a file cut short raises here, not SIGBUS mid-copy
