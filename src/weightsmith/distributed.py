@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -314,26 +313,15 @@ def _open_stage(path: Path, group: Any, *, previous: list[Path] | None = None) -
 
 
 def _uncache(path: Path, group: Any) -> None:
-    """Evict the current version's pages from the page cache (the files stay as they are).
+    """Evict the current version's cached pages (see `atomic.evict`), each rank a share of the files."""
+    from .io.atomic import evict
 
-    Writing in place would free them as it truncates; the new version goes beside the old
-    one instead, and would otherwise need as much fresh memory again. Each rank evicts a
-    share of the files.
-    """
-    if not hasattr(os, "posix_fadvise"):
-        return
     world = dist.get_world_size(group) if _distributed() else 1
     try:
         names = sorted(p.name for p in path.iterdir() if p.is_file())
     except OSError:
         return
-    for name in names[_rank(group)::world]:
-        with contextlib.suppress(OSError):
-            fd = os.open(path / name, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    evict(path / name for name in names[_rank(group)::world])
 
 
 def _discard(old: Path, names: list[str], group: Any) -> None:

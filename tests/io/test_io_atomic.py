@@ -159,3 +159,27 @@ def test_clean_stale_reports_what_it_removed(tmp_path: Path) -> None:
         p.write_bytes(b"")
     assert atomic.clean_stale(path) == [theirs]
     assert mine.exists() and junk.exists()
+
+
+def test_the_version_being_replaced_leaves_the_page_cache_first(tmp_path: Path, monkeypatch) -> None:
+    """Its pages are evicted before the new version is written beside it; its bytes are untouched."""
+    evicted: list[list[str]] = []
+    real = atomic.evict
+
+    def spy(files):
+        files = list(files)
+        evicted.append(sorted(Path(f).name for f in files))
+        real(files)
+
+    monkeypatch.setattr(atomic, "evict", spy)
+    state = {"w": torch.arange(12.0).reshape(3, 4)}
+    ws.save(state, tmp_path / "m.safetensors")
+    ws.save(state, tmp_path / "sharded", max_shard_size=16)
+    assert evicted == []  # nothing to replace yet
+    before = (tmp_path / "m.safetensors").read_bytes()
+    ws.save({"w": torch.zeros(3, 4)}, tmp_path / "m.safetensors")
+    ws.save(state, tmp_path / "sharded", max_shard_size=16)
+    assert evicted[0] == ["m.safetensors"]
+    assert evicted[1] == sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert before != (tmp_path / "m.safetensors").read_bytes()
+    assert torch.equal(ws.open(tmp_path / "sharded").tensor("w"), state["w"])

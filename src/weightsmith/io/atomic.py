@@ -13,13 +13,13 @@ import ctypes
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
 from ..errors import SaveError
 
-__all__ = ["atomic_file", "atomic_folder", "fsync_dir", "clean_stale"]
+__all__ = ["atomic_file", "atomic_folder", "fsync_dir", "clean_stale", "evict"]
 
 _TMP = ".tmp-"
 
@@ -31,6 +31,26 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def evict(files: Iterable[Path]) -> None:
+    """Drop the files' pages from the page cache; their contents on disk stay as they are.
+
+    Called on the version a save is about to replace: writing in place would free those pages
+    as it truncates, but the new version is written beside the old one, and would otherwise
+    need as much memory again while the old pages linger (on a virtual machine, memory not
+    used lately can cost a host fault per page: saving over a 1 GB file took 1.75 s, 0.69 s
+    with the old pages evicted first).
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in files:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -78,6 +98,8 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
     if not path.parent.is_dir():
         raise SaveError(f"{path}: the folder {path.parent} does not exist")
     clean_stale(path)
+    if path.is_file():
+        evict([path])
     tmp = _temp_name(path)
     replaced = False
     try:
@@ -119,14 +141,18 @@ def atomic_folder(path: Path, *, previous: list[Path] | None = None) -> Iterator
     """Build a folder in a staging folder beside ``path``, then swap it into place.
 
     The caller writes its files into the yielded folder, its index or commit marker last.
-    The previous version is deleted once swapped out, or, when ``previous`` is a list, left
-    under its temporary name and appended to it for the caller to delete (a later save removes
-    it if the caller dies first).
+    The previous version's cached pages are evicted first (see `evict`), unless ``previous``
+    is given; it is deleted once swapped out, or, when ``previous`` is a list, left under its
+    temporary name and appended to it for the caller to delete (a later save removes it if the
+    caller dies first). A caller passing ``previous`` evicts and deletes as it sees fit (ranks
+    of a distributed save share the work).
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise SaveError(f"{path}: the folder {path.parent} does not exist")
     clean_stale(path)
+    if previous is None and path.is_dir():
+        evict(sorted(p for p in path.iterdir() if p.is_file()))
     stage = _temp_name(path)
     try:
         stage.mkdir()
