@@ -41,11 +41,15 @@ class Row:
     nbytes: int
     tied_with: tuple[str, ...] = ()
     count: int = 1
+    stored_in: tuple[str, ...] = ()  # with ``layout``: the file (and region) of each stored piece
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "shape": None if self.shape is None else list(self.shape),
-                "dtype": self.dtype, "numel": self.numel, "nbytes": self.nbytes,
-                "tied_with": list(self.tied_with), "count": self.count}
+        out = {"key": self.key, "shape": None if self.shape is None else list(self.shape),
+               "dtype": self.dtype, "numel": self.numel, "nbytes": self.nbytes,
+               "tied_with": list(self.tied_with), "count": self.count}
+        if self.stored_in:
+            out["stored_in"] = list(self.stored_in)
+        return out
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Listing(Result):
     other_objects: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     folded: bool = False
+    layout: bool = False
 
     def _rich_(self) -> Any:
         from rich.console import Group
@@ -79,11 +84,13 @@ class Listing(Result):
         table.add_column("parameters", justify="right")
         table.add_column("size", justify="right")
         table.add_column("tied with", overflow="fold")
+        if self.layout:
+            table.add_column("stored in", overflow="fold")
         for row in self.rows:
             name = row.key + (f"  ×{row.count}" if row.count > 1 else "")
             shape = "various" if row.shape is None else str(tuple(row.shape))
-            table.add_row(name, shape, row.dtype, f"{row.numel:,}", human_bytes(row.nbytes),
-                          ", ".join(row.tied_with))
+            cells = [name, shape, row.dtype, f"{row.numel:,}", human_bytes(row.nbytes), ", ".join(row.tied_with)]
+            table.add_row(*cells, *(["\n".join(row.stored_in)] if self.layout else []))
         lines = [f"{self.tensors} tensors, {self.parameters:,} parameters (tied counted once), "
                  f"{human_bytes(self.nbytes)}"]
         lines += [f"  {dt}: {v['tensors']} tensors, {v['parameters']:,} parameters, {human_bytes(v['nbytes'])}"
@@ -100,7 +107,8 @@ class Listing(Result):
         return Group(table, Text("\n".join(lines)))
 
 
-def list_checkpoint(ckpt: Any, *, select: Any = None, sort: str | None = None, fold: bool = False) -> Listing:
+def list_checkpoint(ckpt: Any, *, select: Any = None, sort: str | None = None, fold: bool = False,
+                    layout: bool = False) -> Listing:
     """The table of a `Checkpoint` (or any mapping of key -> `TensorInfo`).
 
     Args:
@@ -108,6 +116,8 @@ def list_checkpoint(ckpt: Any, *, select: Any = None, sort: str | None = None, f
         select: a selector (glob, ``re:``) keeping only matching keys.
         sort: ``"name"``, ``"size"`` (largest first) or ``None`` (file order).
         fold: fold layer indices, one row per family (``layers.#.mlp.weight  ×24``).
+        layout: say where each tensor is stored: its shard file in a sharded folder, each chunk's
+            file and region of the global tensor in a DCP folder (``__1_0.distcp [4:8, 0:16]``).
     """
     from .selectors import select as pick
 
@@ -125,7 +135,8 @@ def list_checkpoint(ckpt: Any, *, select: Any = None, sort: str | None = None, f
     for key in keys:
         info = infos[key]
         others = tuple(k for k in tied.get(info.storage or "", ()) if k != key)
-        rows.append(Row(key, info.shape, info.dtype, info.numel, info.nbytes, others))
+        rows.append(Row(key, info.shape, info.dtype, info.numel, info.nbytes, others,
+                        stored_in=_stored_in(ckpt, key, info) if layout else ()))
         totals["tensors"] += 1
         if info.storage is not None and info.storage in seen:
             continue
@@ -150,8 +161,17 @@ def list_checkpoint(ckpt: Any, *, select: Any = None, sort: str | None = None, f
         parameters=totals["parameters"], nbytes=totals["nbytes"], by_dtype=by_dtype,
         roots=tuple(getattr(ckpt, "roots", ())), metadata=dict(getattr(ckpt, "metadata", {})),
         other_objects=dict(getattr(ckpt, "other_objects", {})),
-        notes=list(reader.notes) if reader is not None else [], folded=fold,
+        notes=list(reader.notes) if reader is not None else [], folded=fold, layout=layout and not fold,
     )
+
+
+def _stored_in(ckpt: Any, key: str, info: TensorInfo) -> tuple[str, ...]:
+    """Where ``key``'s data lies: chunks of a DCP folder with their regions, else its file."""
+    chunks = getattr(getattr(ckpt, "reader", None), "layout", {}).get(key)
+    if chunks:
+        return tuple(f"{c.file} [{', '.join(f'{o}:{o + n}' for o, n in zip(c.offsets, c.sizes))}]"
+                     for c in chunks if c.numel)
+    return (info.file,) if info.file else ()
 
 
 def _fold(rows: list[Row]) -> list[Row]:

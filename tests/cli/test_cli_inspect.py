@@ -174,3 +174,18 @@ def test_inspect_never_imports_torch(tmp_path: Path, mlp: nn.Module, kind: str) 
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "TORCH-FREE" in proc.stdout and "0.weight" in proc.stdout
+
+
+def test_layout_names_the_shard_file_of_each_tensor(tmp_path: Path) -> None:
+    state = {"a": torch.zeros(64, 64), "b": torch.zeros(64, 64), "c": torch.zeros(3)}
+    ws.save(state, tmp_path / "sharded", max_shard_size=20_000)  # 16 KB per matrix: one per shard
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "sharded"), "--layout", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["key"]: r["stored_in"] for r in json.loads(result.output)["rows"]}
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert rows == {k: [index[k]] for k in state}
+    assert len(set(index.values())) > 1
+    plain = CliRunner().invoke(cli, ["inspect", str(tmp_path / "sharded"), "--json"])
+    assert all("stored_in" not in r for r in json.loads(plain.output)["rows"])
+    table = CliRunner().invoke(cli, ["inspect", str(tmp_path / "sharded"), "--layout"], env={"COLUMNS": "200"})
+    assert "stored in" in table.output and index["a"] in table.output

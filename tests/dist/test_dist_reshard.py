@@ -59,6 +59,17 @@ def test_four_ranks_write_their_own_shards(saved: Path) -> None:
     assert sorted(p.name for p in saved.iterdir() if p.name.startswith(".ckpt")) == []  # no staging left
 
 
+def test_inspect_layout_shows_each_chunk_file_and_region(saved: Path) -> None:
+    from weightsmith.listing import list_checkpoint
+
+    listing = list_checkpoint(ws.open(saved / "ckpt"), layout=True)
+    rows = {r.key: r.stored_in for r in listing.rows}
+    assert rows["a.weight"] == tuple(f"__{r}_0.distcp [{2 * r}:{2 * r + 2}, 0:4]" for r in range(4))
+    assert rows["b.weight"] == tuple(f"__{r}_0.distcp [0:10, {2 * r}:{2 * r + 2}]" for r in range(4))
+    assert len(rows["head.weight"]) == 3  # rank 3's chunk is empty and not listed
+    assert "stored in" in str(listing) and "__3_0.distcp [6:8, 0:4]" in str(listing)
+
+
 def test_async_save_with_a_process_group_writes_the_same_tensors(saved: Path) -> None:
     assert read(saved, "save_0.json")["async_report"]["tensors"] == 7
     reference = torch.load(saved / "reference.pt")
