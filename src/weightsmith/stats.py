@@ -133,7 +133,9 @@ def stats(
 
     Parameters and buffers of a model are both measured; a tied tensor is measured once,
     under its first name (the other names go to ``aliases``). Checkpoint tensors are loaded
-    one at a time with ``.tensor(key)`` and released once measured.
+    one at a time with ``.tensor(key)`` and released once measured. For a model sharded across
+    ranks (``DTensor`` parameters, FSDP2) every rank calls it: each measures its own shards and
+    the ranks combine their moments, so every rank gets the whole tensors' statistics.
 
     Args:
         target: an ``nn.Module``, a mapping of names to tensors, an opened checkpoint, or a
@@ -181,16 +183,41 @@ def stats(
     report = StatsReport(source, [])
     workers = workers or min(torch.get_num_threads(), MAX_WORKERS)
     done = 0
+    sharded: list[tuple[int, _Tensor]] = []
     with torch.no_grad(), _Runner(workers, chunk_bytes) as run:
         for tensor, nbytes in run(_load(items, report)):
             if nbytes is None:  # the tensor's last chunk is in
+                if tensor.sharded:
+                    sharded.append((len(report.tensors), tensor))
                 report.tensors.append(tensor.result())
                 report.nbytes += tensor.nbytes
                 continue
             done += nbytes
             if progress is not None:
                 progress(done, total, tensor.name)
+    if sharded:
+        _combine_ranks(report, sharded)
     return report
+
+
+def _holds_its_share(t: Any) -> bool:
+    """Whether this rank measures its shard of ``t``: once per replica group (coordinate 0 of
+    every mesh dimension ``t`` is replicated over), so replicated pieces are counted once."""
+    coordinate = t.device_mesh.get_coordinate()
+    if coordinate is None:  # not in the mesh
+        return False
+    return all(c == 0 for c, p in zip(coordinate, t.placements) if type(p).__name__ == "Replicate")
+
+
+def _combine_ranks(report: StatsReport, sharded: list[tuple[int, _Tensor]]) -> None:
+    """Whole-tensor statistics of sharded tensors: every rank's moments, combined (one collective)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, [tensor.partial() for _, tensor in sharded])
+    for i, (row, tensor) in enumerate(sharded):
+        tensor.combine([ranks[i] for ranks in gathered])
+        report.tensors[row] = tensor.result()
 
 
 # ---------------------------------------------------------------- what to measure
@@ -259,9 +286,11 @@ def _lazy(ckpt: Any, name: str) -> Callable[[], torch.Tensor]:
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    """Bytes that will be read: none for a tensor without readable data."""
+    """Bytes that will be read (this rank's shard of a DTensor): none for a tensor without readable data."""
     if _unreadable(t):
         return 0
+    if _is_dtensor(t):
+        t = t.to_local()  # type: ignore[attr-defined]
     return t.numel() * t.element_size()
 
 
@@ -271,7 +300,16 @@ def _unreadable(t: torch.Tensor) -> str:
     if t.device.type == "meta":
         return "meta tensor: no data"
     if _is_dtensor(t) and t.to_local().numel() != t.numel():  # type: ignore[attr-defined]
-        return "sharded DTensor: this rank holds part of it; measure shards with t.to_local()"
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return "sharded DTensor without a process group: measure shards with t.to_local()"
+        if any(type(p).__name__ not in ("Shard", "Replicate") for p in t.placements):  # type: ignore[attr-defined]
+            return f"DTensor with placements {t.placements}: no rank holds a slice of its value"  # type: ignore
+    return _unsupported(t)
+
+
+def _unsupported(t: torch.Tensor) -> str:
     if t.dtype in _UNSUPPORTED:
         return f"dtype {_dtype_name(t.dtype)} cannot be converted for measuring"
     return ""
@@ -315,8 +353,9 @@ class _Tensor:
     def __init__(self, name: str, t: torch.Tensor) -> None:
         self.name, self.numel, self.shape = name, t.numel(), tuple(t.shape)
         self.dtype, self.nbytes = _dtype_name(t.dtype), _nbytes(t)
+        self.sharded = _is_dtensor(t) and t.to_local().numel() != t.numel()  # type: ignore[attr-defined]
         if _is_dtensor(t):
-            t = t.to_local()  # type: ignore[attr-defined]
+            t = t.to_local() if not self.sharded or _holds_its_share(t) else t.to_local()[:0]  # type: ignore
         t = t.detach()
         if t.is_quantized:
             t = t.dequantize()
@@ -326,6 +365,19 @@ class _Tensor:
         self.work = torch.float64 if self.data.dtype in _WIDE else torch.float32
         self.n, self.mean, self.m2, self.lo, self.hi = 0, 0.0, 0.0, math.inf, -math.inf
         self.zeros = self.nans = self.infs = 0
+        self.elements = self.data.numel()
+
+    def partial(self) -> tuple[_Chunk, int]:
+        """This rank's moments and element count, to combine with the other ranks'."""
+        return _Chunk(self.n, self.mean, self.m2, self.lo, self.hi, self.zeros, self.nans, self.infs), self.elements
+
+    def combine(self, partials: list[tuple[_Chunk, int]]) -> None:
+        """Become the whole tensor's statistics from every rank's `partial`, in rank order."""
+        self.n, self.mean, self.m2, self.lo, self.hi = 0, 0.0, 0.0, math.inf, -math.inf
+        self.zeros = self.nans = self.infs = 0
+        for chunk, _ in partials:
+            self.add(_Chunk(*chunk))
+        self.elements = sum(elements for _, elements in partials)
 
     def add(self, c: _Chunk) -> None:
         self.zeros += c.zeros
@@ -343,7 +395,7 @@ class _Tensor:
     def result(self) -> TensorStats:
         n, nan = self.n, math.nan
         lo, hi = (self.lo, self.hi) if n else (nan, nan)
-        elements = self.data.numel()
+        elements = self.elements
         return TensorStats(
             self.name, self.dtype, self.shape, self.numel,
             mean=self.mean if n else nan,

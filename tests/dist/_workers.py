@@ -154,7 +154,16 @@ def save_sharded(rank: int, world: int, tmp: Path) -> None:
     if rank == 0:
         torch.save(full, tmp / "reference.pt")
     summary = ws.summary(model)
+    # a 2 x 2 mesh, replicated over its first dimension: each piece must be counted once
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch.manual_seed(21)
+    value = torch.randn(6, 5)
+    grid = distribute_tensor(value, init_device_mesh("cpu", (2, 2)), [Replicate(), Shard(0)])
+    grid_stats = ws.stats({"grid": grid}).to_dict()["tensors"]
     write_json(tmp / f"save_{rank}.json", {
+        "grid_stats": grid_stats, "grid_whole": ws.stats({"grid": value}).to_dict()["tensors"],
         "report": report.to_dict(), "async_report": async_report.to_dict(),
         "local_shapes": local_shapes(model),
         "summary": {r.name: {"shape": list(r.shape), "local": list(r.local_shape or ()), "count": r.count}
@@ -222,6 +231,13 @@ def warmstart(rank: int, world: int, tmp: Path) -> None:
         torch.save({"before": head_before, "after": after, "from_dcp": from_dcp_full}, tmp / "warm.pt")
     ws.save(model, tmp / "ckpt3", format="dcp")
     summary = ws.summary(model)
+    # statistics of sharded tensors: every rank measures its shards, the ranks combine them
+    sharded_stats = ws.stats(model).to_dict()
+    whole_stats = ws.stats(full_state(model)).to_dict()
+    with torch.no_grad():
+        if rank == 2:  # a NaN only rank 2 holds
+            model.a.weight.to_local()[0, 0] = float("nan")
+    health = ws.check(model).to_dict()
 
     # one rank's model disagrees with the source: a shape problem only rank 1 sees
     odd = sharded_net(seed=5, count=2 if rank == 1 else 1)
@@ -255,5 +271,6 @@ def warmstart(rank: int, world: int, tmp: Path) -> None:
         "deferred_errors": deferred_errors, "unchanged_after_deferred_error": deferred_unchanged,
         "plan_counts": plan.counts(), "report": report.to_dict(), "local_shapes": local_shapes(model),
         "summary": {r.name: {"shape": list(r.shape), "local": list(r.local_shape or ())} for r in summary.rows},
+        "sharded_stats": sharded_stats, "whole_stats": whole_stats, "health": health,
         "shape_error": shape_error, "unchanged_after_shape_error": unchanged(odd, odd_before),
         "read_error": read_error, "unchanged_after_read_error": unchanged(good, good_before)})

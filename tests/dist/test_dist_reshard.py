@@ -134,3 +134,13 @@ def test_summary_of_a_sharded_model_gives_global_and_per_rank_shapes(saved: Path
     assert rows[0]["count"]["local"] == []  # a plain buffer has no shard
     assert "(3, 10) local (0, 10)" in read(saved, "save_3.json")["summary_text"]
     assert set(placements()) == {k for k in rows[0] if k != "count"}
+
+
+def test_stats_count_a_piece_replicated_over_a_mesh_dimension_once(saved: Path) -> None:
+    for r in range(4):
+        report = read(saved, f"save_{r}.json")
+        (got,), (whole,) = report["grid_stats"], report["grid_whole"]
+        assert got["numel"] == whole["numel"] == 30
+        for field in ("mean", "std", "l2"):
+            assert got[field] == pytest.approx(whole[field], rel=1e-6), field
+        assert (got["min"], got["max"]) == (whole["min"], whole["max"])

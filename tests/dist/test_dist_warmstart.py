@@ -146,3 +146,29 @@ def test_one_process_loads_a_three_rank_folder_without_assembling_it(warm, monke
     with pytest.raises(ws.CheckpointError, match=r"__2_0\.distcp"):
         ws.load_(victim, damaged)
     assert all(torch.equal(before[k], v) for k, v in victim.state_dict().items())
+
+
+def test_stats_of_a_sharded_model_are_the_whole_tensors_on_every_rank(warm) -> None:
+    """Uneven row and column shards and a replicated bias: moments combined across the 3 ranks."""
+    tmp, _, _ = warm
+    reports = [read(tmp, f"warm_{r}.json") for r in range(3)]
+    whole = {t["key"]: t for t in reports[0]["whole_stats"]["tensors"]}
+    for report in reports:
+        sharded = {t["key"]: t for t in report["sharded_stats"]["tensors"]}
+        assert report["sharded_stats"]["skipped"] == {}
+        assert sharded.keys() == whole.keys()
+        for key, expected in whole.items():
+            got = sharded[key]
+            assert got["shape"] == expected["shape"] and got["numel"] == expected["numel"]
+            for field in ("mean", "std", "l2"):
+                assert got[field] == pytest.approx(expected[field], rel=1e-6, abs=1e-9), (key, field)
+            for field in ("min", "max", "zero_fraction", "nan_count"):
+                assert got[field] == expected[field], (key, field)
+
+
+def test_a_nan_one_rank_holds_is_found_on_every_rank(warm) -> None:
+    tmp, _, _ = warm
+    for r in range(3):
+        health = read(tmp, f"warm_{r}.json")["health"]
+        assert not health["ok"] and health["checked"] == 7
+        assert [(f["key"], f["kind"], f["value"]) for f in health["findings"]] == [("a.weight", "nan", 1)]
