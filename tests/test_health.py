@@ -99,3 +99,12 @@ def test_report_serializes_with_schema_and_verdict():
 def test_public_names_resolve():
     assert weightsmith.check is check
     assert weightsmith.HealthReport is HealthReport
+
+
+def test_a_model_with_no_data_is_not_called_healthy():
+    with torch.device("meta"):
+        model = nn.Linear(4, 2)
+    report = check(model)
+    assert report.checked == 0 and set(report.skipped) == {"weight", "bias"}
+    assert str(report).startswith("nothing checked: every tensor was skipped")
+    assert "healthy" not in str(report)

@@ -77,6 +77,8 @@ class HealthReport(Result):
 
         skipped = (f" ({len(self.skipped)} skipped: {', '.join(self.skipped)})"
                    if self.skipped else "")
+        if self.ok and not self.checked and self.skipped:  # "healthy" would claim what was not looked at
+            return Text(f"nothing checked: every tensor was skipped{skipped}")
         if self.ok:
             return Text(f"healthy: {_tensors(self.checked)} checked{skipped}")
         table = Table(title=f"health of {self.source}")
