@@ -96,3 +96,18 @@ def reset_peak() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return proc_status("VmRSS")
+
+
+def model_arguments(doc: str | None) -> Any:
+    """Parse ``--layers``, ``--width`` (a stack of Linear(width, width)), ``--repeat`` and ``--quick``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--layers", type=int, default=30, help="Linear(width, width) layers (30 x 4096^2 = 503M)")
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="4 layers of 2048, 1 run")
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.width, args.repeat = 4, 2048, 1
+    return args

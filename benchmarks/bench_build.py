@@ -10,7 +10,6 @@ Claims: build <= 0.6x (b)'s time, >= 5x faster than (a), peak <= 1.15x the param
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -18,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import PY, precompile, table
+from _common import PY, model_arguments, precompile, table
 
 CHILD = r'''
 import sys, json, time
@@ -60,14 +59,7 @@ print(json.dumps({"seconds": elapsed, "peak_above_import": rss("VmHWM:") - base,
 
 def main() -> None:
     precompile()
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--layers", type=int, default=30, help="Linear(width, width) layers (30 x 4096^2 = 503M)")
-    ap.add_argument("--width", type=int, default=4096)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="4 layers of 2048, 1 run")
-    args = ap.parse_args()
-    if args.quick:
-        args.layers, args.width, args.repeat = 4, 2048, 1
+    args = model_arguments(__doc__)
     import torch
     from torch import nn
 

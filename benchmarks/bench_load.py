@@ -15,14 +15,13 @@ manual way (ratios <= 1).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
-from _common import PY, precompile, table
+from _common import PY, model_arguments, precompile, table
 
 CHILD = r'''
 import sys, json, time, threading
@@ -67,14 +66,7 @@ print(json.dumps({"seconds": seconds, "peak": rss("VmHWM:") - base, "private": p
 
 def main() -> None:
     precompile()
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--width", type=int, default=4096)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="4 layers of 2048, 1 run")
-    args = ap.parse_args()
-    if args.quick:
-        args.layers, args.width, args.repeat = 4, 2048, 1
+    args = model_arguments(__doc__)
     import torch
     from torch import nn
 
