@@ -303,7 +303,7 @@ def _open_stage(path: Path, group: Any, *, previous: list[Path] | None = None) -
     stage, error = None, None
     if _rank(group) == 0:
         try:
-            stage = stack.enter_context(atomic_folder(path, previous=previous))
+            stage = stack.enter_context(atomic_folder(path, previous=previous, uncache=False))  # see _uncache
         except Exception as e:  # the other ranks wait for the name: send the error instead
             error = e
     stage, message = _broadcast((stage, None if error is None else str(error)), group)

@@ -137,21 +137,20 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: Path, *, previous: list[Path] | None = None) -> Iterator[Path]:
+def atomic_folder(path: Path, *, previous: list[Path] | None = None, uncache: bool = True) -> Iterator[Path]:
     """Build a folder in a staging folder beside ``path``, then swap it into place.
 
     The caller writes its files into the yielded folder, its index or commit marker last.
-    The previous version's cached pages are evicted first (see `evict`), unless ``previous``
-    is given; it is deleted once swapped out, or, when ``previous`` is a list, left under its
-    temporary name and appended to it for the caller to delete (a later save removes it if the
-    caller dies first). A caller passing ``previous`` evicts and deletes as it sees fit (ranks
-    of a distributed save share the work).
+    The previous version's cached pages are evicted first (see `evict`; ``uncache=False``:
+    the caller does it). It is deleted once swapped out, or, when ``previous`` is a list, left
+    under its temporary name and appended to it for the caller to delete (a later save removes
+    it if the caller dies first). Ranks of a distributed save share both jobs that way.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise SaveError(f"{path}: the folder {path.parent} does not exist")
     clean_stale(path)
-    if previous is None and path.is_dir():
+    if uncache and path.is_dir():
         evict(sorted(p for p in path.iterdir() if p.is_file()))
     stage = _temp_name(path)
     try:
