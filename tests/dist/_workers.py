@@ -185,6 +185,7 @@ def load_resharded(rank: int, world: int, tmp: Path) -> None:
     fsdp = fsdp_net(seed=3)
     ws.load_(fsdp, tmp / "ckpt")
     full_fsdp = full_state(fsdp)
+    fsdp_stats = {"sharded": ws.stats(fsdp).to_dict()["tensors"], "whole": ws.stats(full_fsdp).to_dict()["tensors"]}
     optimizer = torch.optim.SGD(fsdp.parameters(), lr=0.1)
     fsdp(torch.ones(2, 4)).sum().backward()
     optimizer.step()
@@ -202,6 +203,7 @@ def load_resharded(rank: int, world: int, tmp: Path) -> None:
     error = attempt(lambda: ws.load_(model, tmp / "ckpt_truncated"))
     write_json(tmp / f"load_{world}_{rank}.json", {
         "report": report.to_dict(), "local_shapes": local_shapes(model), "same_params": same_params,
+        "fsdp_stats": fsdp_stats,
         "truncated_error": error, "unchanged_after_truncated": unchanged(model, before)})
 
 

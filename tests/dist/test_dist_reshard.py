@@ -96,6 +96,18 @@ def test_an_fsdp2_model_loads_and_still_trains(loaded: Path) -> None:
     assert not torch.equal(got["fsdp_stepped"]["a.weight"], reference["a.weight"])
 
 
+def test_stats_of_an_fsdp2_model_are_its_whole_tensors(loaded: Path) -> None:
+    for r in range(2):
+        got = read(loaded, f"load_2_{r}.json")["fsdp_stats"]
+        whole = {t["key"]: t for t in got["whole"]}
+        assert [t["key"] for t in got["sharded"]] == list(whole)
+        for t in got["sharded"]:
+            assert t["numel"] == whole[t["key"]]["numel"]
+            assert t["mean"] == pytest.approx(whole[t["key"]]["mean"], rel=1e-6, abs=1e-9)
+            assert t["std"] == pytest.approx(whole[t["key"]]["std"], rel=1e-6, abs=1e-9)
+            assert (t["min"], t["max"]) == (whole[t["key"]]["min"], whole[t["key"]]["max"])
+
+
 def test_one_process_reads_the_four_rank_folder(saved: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
