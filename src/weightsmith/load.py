@@ -151,8 +151,12 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
     The whole plan is checked first; every value is then read and transformed; only then is
     anything written, through the model's own ``load_state_dict`` (so modules that customize
     loading keep working), into the existing Parameters (optimizers holding them keep working,
-    ties survive). Values are cast to each target's dtype and moved to its device. On any error
-    the model is restored bit for bit.
+    ties survive). Values are cast to each target's dtype and moved to its device. A failed load
+    leaves the model bit for bit as it was: bad input and unreadable bytes are found before the
+    first write, and where writing itself can still fail (a module's own loading code, load
+    hooks, a callable initializer, a copy from a device into host memory) a backup is kept and
+    put back; otherwise no second copy of the model is made. Ctrl-C during the write is held
+    until the model is whole.
 
     Args:
         model: the target ``nn.Module``.
