@@ -505,7 +505,7 @@ class _Work:
     A value the plan takes as stored (a cast at most) is never copied twice: from a DCP folder,
     DCP plans its reads straight onto the target's shard, from a file this rank slices its box
     of the memory map; either way the region is read in (faulted into the page cache, errors
-    raised) and waits in ``deferred`` until `commit`, after every rank agreed. Values that are
+    raised) and waits in ``writes`` until `commit`, after every rank agreed. Values that are
     transformed are computed into buffers of their own.
     """
 
@@ -525,8 +525,10 @@ class _Work:
                        if len(s.sources) == 1 and all(t.startswith("cast ") for t in s.transforms)}
         self.currents: dict[str, torch.Tensor] = {}
         self.dcp_state: dict[str, torch.Tensor] = {}
-        self.into_model: set[str] = set()  # source keys whose reads wait in `deferred` for their target
-        self.deferred: list[tuple[str, torch.Tensor, torch.Tensor, Callable[[], None]]] = []
+        self.into_model: set[str] = set()  # DCP keys planned straight onto their target
+        self.deferred: list[tuple[str, torch.Tensor, torch.Tensor, Callable[[], None]]] = []  # DCP's reads
+        self.writes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target, region read in) for `commit`
+        self.releases: list[Callable[[], None]] = []
         self.dcp_error: BaseException | None = None
         if self.dcp_folder is not None:
             self.dcp_state = self._dcp_targets()
@@ -580,14 +582,16 @@ class _Work:
         private = self.dcp_folder is not None  # dcp.load read into buffers of our own: no copy needed
         if private:
             for key, target, region, _ in self.deferred:
-                if key not in self.into_model:
+                if key in self.into_model:
+                    self.writes.append((target, region))
+                else:  # a buffer of our own, read for a transform
                     target.copy_(region)
             state = self.dcp_state
             src = replace(src, get=lambda key: state[key])
         staged = {}
         for s in self.steps:
             if s.sources[0] in self.into_model:
-                continue  # DCP planned its reads onto the target's own shard; they wait in `deferred`
+                continue  # DCP planned its reads onto the target's own shard; they wait in `writes`
             target, box = self.state[s.target], self.boxes[s.target]
             local = target.to_local() if _is_dtensor(target) else target
             defer = False
@@ -614,30 +618,29 @@ class _Work:
                 raise PlanError(f"{s.target}: this rank's part of {', '.join(s.sources)} has shape "
                                 f"{list(value.shape)}, its shard {list(local.shape)}; nothing was changed")
             if defer:
-                self.into_model.add(s.sources[0])
-                self.deferred.append((s.sources[0], local, value, functools.partial(self.release, s.sources[0])))
+                self.writes.append((local, value))
+                self.releases.append(functools.partial(self.source.release, s.sources[0]))
             else:
                 staged[s.target] = value
         return staged
-
-    def release(self, key: str) -> None:
-        """Let the pages of a file source's ``key`` go (they are read again if touched)."""
-        self.source.release(key)
 
     def commit(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Write every staged value and every deferred read into the model; every rank agreed."""
         for name, value in staged.items():
             target = self.state[name]
             (target.to_local() if _is_dtensor(target) else target).copy_(value)
-        for key, target, region, _ in self.deferred:
-            if key in self.into_model:
-                target.copy_(region)
+        for target, region in self.writes:
+            target.copy_(region)
 
     def close(self) -> None:
         """Unmap the regions read for this load."""
         for *_, release in self.deferred:
             release()
+        for release in self.releases:
+            release()
         self.deferred.clear()
+        self.releases.clear()
+        self.writes.clear()
 
 
 def _box(name: str, t: torch.Tensor) -> tuple[slice, ...] | None:

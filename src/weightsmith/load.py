@@ -273,10 +273,10 @@ def _writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mappi
         own = type(module)._load_from_state_dict
         if own is not nn.Module._load_from_state_dict and not own.__module__.startswith("torch.nn."):
             return True
-    if staged is None:
+    if staged is None:  # what a file gives: plain host tensors
         import torch
 
-        staged = {s.target: torch.empty(0) for s in p.loaded}
+        staged = dict.fromkeys((s.target for s in p.loaded), torch.empty(0))
     if any(_may_fail(value, state[key]) for key, value in staged.items()):
         return True
     return any(callable(how) for how in getattr(p, "_initializers", {}).values())
