@@ -118,7 +118,7 @@ def read_in(tensor: Any, where: str | Path) -> None:
             (the file, and the key where known).
     """
     global _libc
-    if tensor.numel() == 0:
+    if tensor.numel() == 0 or tensor.device.type != "cpu":  # only host memory is ever mapped
         return
     if _libc is None:
         try:

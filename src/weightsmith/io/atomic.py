@@ -39,7 +39,7 @@ def evict(files: Iterable[Path]) -> None:
     Called on the version a save is about to replace: writing in place would free those pages
     as it truncates, but the new version is written beside the old one, and would otherwise
     need as much memory again while the old pages linger (on a virtual machine, memory not
-    used lately can cost a host fault per page: saving over a 1 GB file took 1.75 s, 0.69 s
+    used lately can cost a host fault per page: saving over a 1 GB file took 1.68 s, 0.70 s
     with the old pages evicted first).
     """
     if not hasattr(os, "posix_fadvise"):
