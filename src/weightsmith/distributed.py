@@ -312,16 +312,20 @@ def _open_stage(path: Path, group: Any, *, previous: list[Path] | None = None) -
     return stack, stage
 
 
+def _my_share(names: list[str], group: Any) -> list[str]:
+    """This rank's share of a list every rank holds in the same order (all of it without a group)."""
+    return names[_rank(group)::dist.get_world_size(group)] if _distributed() else names
+
+
 def _uncache(path: Path, group: Any) -> None:
     """Evict the current version's cached pages (see `atomic.evict`), each rank a share of the files."""
     from .io.atomic import evict
 
-    world = dist.get_world_size(group) if _distributed() else 1
     try:
         names = sorted(p.name for p in path.iterdir() if p.is_file())
     except OSError:
         return
-    evict(path / name for name in names[_rank(group)::world])
+    evict(path / name for name in _my_share(names, group))
 
 
 def _discard(old: Path, names: list[str], group: Any) -> None:
@@ -332,8 +336,7 @@ def _discard(old: Path, names: list[str], group: Any) -> None:
     """
     import shutil
 
-    world = dist.get_world_size(group) if _distributed() else 1
-    for name in names[_rank(group)::world]:
+    for name in _my_share(names, group):
         with contextlib.suppress(OSError):
             (old / name).unlink()
     if _distributed():
