@@ -11,6 +11,7 @@ from torch import nn
 import weightsmith
 from weightsmith.errors import SelectorError
 from weightsmith.stats import StatsReport, TensorStats, stats
+from _one_rank import one_rank_mesh
 
 
 def reference(t):
@@ -204,22 +205,14 @@ def test_report_renders_and_serializes():
 
 def test_a_sharded_dtensor_without_its_process_group_is_skipped_and_a_whole_one_measured():
     """With the ranks gone, a shard alone says nothing of its tensor (with them: tests/dist)."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available():
-        pytest.skip("torch built without distributed")
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    with one_rank_mesh() as mesh:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        mesh = init_device_mesh("cpu", (1,))
         whole = torch.arange(8.0).reshape(2, 4)
         sd = {"whole": DTensor.from_local(whole, mesh, [Replicate()]),
               # this rank holds half of a (4, 4) tensor, as one of two ranks would
               "half": DTensor.from_local(whole.clone(), mesh, [Shard(0)], run_check=False,
                                          shape=torch.Size([4, 4]), stride=(4, 1))}
-    finally:
-        dist.destroy_process_group()
     r = stats(sd)
     assert r["whole"].mean == 3.5 and r["whole"].shape == (2, 4)
     assert list(r.skipped) == ["half"] and "without a process group" in r.skipped["half"]

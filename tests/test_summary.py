@@ -9,6 +9,7 @@ from torch import nn
 
 import weightsmith
 from weightsmith.summary import Summary, summary
+from _one_rank import one_rank_mesh
 
 
 class FakeInfo:
@@ -187,23 +188,15 @@ def test_real_safetensors_checkpoint(tmp_path, mlp):
 
 
 def test_dtensor_shows_global_and_local_shape():
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available():
-        pytest.skip("torch built without distributed")
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
+    with one_rank_mesh() as mesh:
+        from torch.distributed.tensor import DTensor, Shard
 
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        mesh = init_device_mesh("cpu", (1,))
         lin = nn.Linear(4, 6)
         # this rank holds rows 0-2 of a (6, 4) weight, as one of two ranks would
         local = lin.weight.detach()[:3].clone()
         lin.weight = nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
                                                      shape=torch.Size([6, 4]), stride=(4, 1)))
         s = summary(lin)
-    finally:
-        dist.destroy_process_group()
     assert s["weight"].shape == (6, 4) and s["weight"].local_shape == (3, 4)
     assert s["weight"].count == 24 and s["bias"].local_shape is None
     assert "(6, 4) local (3, 4)" in str(s)
