@@ -665,13 +665,10 @@ def _box(name: str, t: torch.Tensor) -> tuple[slice, ...] | None:
 
 def _prepare(model: torch.nn.Module, source: Any, plan: LoadPlan | None, options: dict[str, Any], *,
              strict: bool, min_coverage: float) -> _Work:
-    from .checkpoint import Checkpoint, open as open_checkpoint
+    from .checkpoint import Checkpoint
 
-    root, trust = options.pop("root", None), options.pop("trust", False)
-    if isinstance(source, (str, Path)):
-        source = open_checkpoint(source, root=root, trust=trust)
-    p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage,
-                             on_meta="materialize the sharded model (to_empty) before loading into it")
+    source, p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage,
+                                     on_meta="materialize the sharded model (to_empty) before loading into it")
     inits = [s.target for s in p.missing if (s.fill or "").startswith("init: ") and _is_dtensor(state[s.target])]
     if inits:
         raise UsageError(f"init rules for sharded parameters ({', '.join(inits[:5])}) are not applied while "

@@ -189,13 +189,11 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
 
         return load_sharded_(model, source, plan=plan, strict=strict, min_coverage=min_coverage, seed=seed,
                              **plan_options)
-    from .checkpoint import Checkpoint, open as open_checkpoint
+    from .checkpoint import Checkpoint
 
-    options = dict(plan_options)
-    if isinstance(source, (str, PurePath)):
-        source = open_checkpoint(source, root=options.pop("root", None), trust=options.pop("trust", False))
-    p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage,
-                             on_meta="use weightsmith.build() to construct and load in one step")
+    source, p, src, state = _checked(model, source, plan, dict(plan_options), strict=strict,
+                                     min_coverage=min_coverage,
+                                     on_meta="use weightsmith.build() to construct and load in one step")
     opened = isinstance(source, Checkpoint)
     if opened and source.format == "dcp" and not _writing_may_fail(model, None, state, p):
         return _load_dcp_in_place(model, p, src, source, seed=seed)
@@ -283,18 +281,23 @@ def _writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mappi
 
 
 def _checked(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, Any], *, strict: bool,
-             min_coverage: float, on_meta: str) -> tuple[LoadPlan, Source, dict[str, Any]]:
-    """The plan for loading ``source`` into ``model``, checked, with the model's state.
+             min_coverage: float, on_meta: str) -> tuple[Any, LoadPlan, Source, dict[str, Any]]:
+    """The source (a path opened, with ``root`` and ``trust`` from ``options``), the plan for
+    loading it into ``model``, checked, and the model's state.
 
     Refuses targets on the meta device (``on_meta`` says what to do instead).
     """
+    if isinstance(source, (str, PurePath)):
+        from .checkpoint import open as open_checkpoint
+
+        source = open_checkpoint(source, root=options.pop("root", None), trust=options.pop("trust", False))
     p, src = _resolve(model, source, plan, options)
     _check(p, strict=strict, min_coverage=min_coverage)
     state = model.state_dict(keep_vars=True)
     meta = [s.target for s in p.steps if state[s.target].is_meta and s.how != "tied"]
     if meta:
         raise ModelError(f"{len(meta)} target tensor(s) are on the meta device (e.g. {meta[0]!r}); {on_meta}")
-    return p, src, state
+    return source, p, src, state
 
 
 def _report(p: LoadPlan) -> LoadReport:
