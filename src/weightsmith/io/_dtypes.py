@@ -17,7 +17,8 @@ SAFETENSORS_TO_NAME: dict[str, str] = {
     "F6_E2M3": "float6_e2m3", "F6_E3M2": "float6_e3m2", "F4": "float4_e2m1",
 }
 NAME_TO_SAFETENSORS: dict[str, str] = {v: k for k, v in SAFETENSORS_TO_NAME.items()}
-NAME_TO_SAFETENSORS["complex128"] = "C128"  # not in the reference list; written only if asked
+# complex128 has no safetensors code: safetensors and transformers refuse a "C128" header, so
+# weightsmith never writes one
 
 # safetensors codes that torch stores several values to one element: code -> (torch dtype name,
 # values per element). An F4 header of shape [4, 6] is a float4_e2m1fn_x2 tensor of shape [4, 3]:
