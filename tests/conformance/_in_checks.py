@@ -72,12 +72,16 @@ class Case:
         expected: key -> tensor, as the writer's loader returns them.
         model: builds the model the file fits (for the ``load`` check), if any.
         root: the nested dict weightsmith should read (``None``: its default).
+        load_options: keyword arguments for `weightsmith.load_` (rename rules, ``strict``).
+        model_key: maps a key of the file to the model's name for it.
     """
 
     path: Path
     expected: dict[str, torch.Tensor]
     model: Callable[[], torch.nn.Module] | None = None
     root: str | None = None
+    load_options: dict[str, Any] = field(default_factory=dict)  # for `load_`: renames, strictness
+    model_key: Callable[[str], str] = str  # a file key's name in the model
 
 
 @dataclass(frozen=True)
@@ -221,9 +225,9 @@ def _convert(case: Case, tmp: Path) -> None:
 def _load(case: Case, tmp: Path) -> None:
     assert case.model is not None
     model = case.model()
-    ws.load_(model, case.path, **({"root": case.root} if case.root else {}))
+    ws.load_(model, case.path, **({"root": case.root} if case.root else {}), **case.load_options)
     state = model.state_dict()
-    _compare({k: state[k] for k in case.expected}, case.expected, f"model loaded from {case.path}")
+    _compare({k: state[case.model_key(k)] for k in case.expected}, case.expected, f"model loaded from {case.path}")
 
 
 def run(spec: Spec, case: Case, check: str, tmp: Path) -> None:
