@@ -29,12 +29,12 @@ CHECKS = ("read", "inspect", "check", "diff", "convert", "load")
 
 # what each check proves, as the conformance table shows it
 LABELS = {
-    "read": "keys, shapes, dtypes; bit-identical to the writer's loader",
-    "inspect": "`weightsmith inspect` exit 0",
-    "check": "`weightsmith check` exit 0",
-    "diff": "`weightsmith diff` with itself exit 0",
-    "convert": "`weightsmith convert` to .safetensors and back to .pt, bit-identical",
-    "load": "`weightsmith.load_` into the model, bit-identical",
+    "read": "open: keys, shapes, dtypes, bit-identical to the writer's loader",
+    "inspect": "inspect exit 0",
+    "check": "check exit 0",
+    "diff": "diff with itself exit 0",
+    "convert": "convert to .safetensors and back to .pt, bit-identical",
+    "load": "load_ into the model, bit-identical",
 }
 
 # reasons of the strict xfails: each names what still has to land
