@@ -74,6 +74,7 @@ class Case:
         root: the nested dict weightsmith should read (``None``: its default).
         load_options: keyword arguments for `weightsmith.load_` (rename rules, ``strict``).
         model_key: maps a key of the file to the model's name for it.
+        strides: also compare strides (files that store views, such as ``torch.save``'s).
     """
 
     path: Path
@@ -82,6 +83,7 @@ class Case:
     root: str | None = None
     load_options: dict[str, Any] = field(default_factory=dict)  # for `load_`: renames, strictness
     model_key: Callable[[str], str] = str  # a file key's name in the model
+    strides: bool = False  # the writer keeps views' strides, and weightsmith must too
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,10 @@ def _read(case: Case, tmp: Path) -> None:
         for key, want in case.expected.items():
             info = ckpt[key]
             assert (info.shape, info.dtype) == (tuple(want.shape), str(want.dtype).removeprefix("torch.")), key
-        _compare({k: ckpt.tensor(k) for k in ckpt}, case.expected, str(case.path))
+        got = {k: ckpt.tensor(k) for k in ckpt}
+        _compare(got, case.expected, str(case.path))
+        if case.strides:
+            assert {k: got[k].stride() for k in got} == {k: v.stride() for k, v in case.expected.items()}
 
 
 def _root_args(case: Case) -> list[str]:

@@ -26,7 +26,7 @@ def _build(dtype_name: str, zipped: bool):
                    "empty": values(dtype, (0, 3))}
         path = folder / f"{dtype_name}.pt"
         torch.save(tensors, path, _use_new_zipfile_serialization=zipped)
-        return Case(path, torch.load(path, weights_only=True))
+        return Case(path, torch.load(path, weights_only=True), strides=True)
     return build
 
 
