@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import weightsmith as ws
 from weightsmith.errors import CheckpointError
+from weightsmith.io._dtypes import from_safetensors, to_safetensors
 
 WRITER = "safetensors.torch.save_file"
 VERSIONS = versions("torch", "safetensors")
@@ -95,3 +96,21 @@ def test_f6_kinds_torch_lacks_are_refused_naming_file_key_and_dtype(tmp_path: Pa
         assert ckpt.tensor("ok").item() == 1.5
         with pytest.raises(CheckpointError, match=rf"f6\.safetensors.*'v'.*{code}.*no float6"):
             ckpt.tensor("v")
+
+
+@pytest.mark.parametrize(("code", "header", "name", "shape"), [
+    ("F4", (4, 6), "float4_e2m1fn_x2", (4, 3)),
+    ("F4", (0, 2), "float4_e2m1fn_x2", (0, 1)),
+    ("F8_E4M3", (4, 6), "float8_e4m3fn", (4, 6)),
+    ("U64", (), "uint64", ()),
+])
+def test_header_shape_and_torch_shape_map_both_ways(code: str, header: tuple, name: str, shape: tuple) -> None:
+    assert from_safetensors(code, header) == (name, shape)
+    assert to_safetensors(name, shape) == (code, header)
+
+
+def test_odd_f4_keeps_the_header_shape_and_0d_packed_is_not_storable() -> None:
+    assert from_safetensors("F4", (2, 3)) == ("float4_e2m1", (2, 3))
+    assert from_safetensors("F4", ()) == ("float4_e2m1", ())
+    assert to_safetensors("float4_e2m1fn_x2", ()) is None
+    assert to_safetensors("complex128", (2,)) is None  # safetensors has no C128: never written

@@ -102,7 +102,7 @@ def to_torch(name: str) -> Any:
     if not isinstance(value, torch.dtype):
         from ..errors import CheckpointError
 
-        raise CheckpointError(f"dtype {name!r} is not supported by this torch ({torch.__version__})")
+        raise CheckpointError(f"dtype {name!r} cannot be a torch tensor: {unrepresentable(name)}")
     return value
 
 
