@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SAFETENSORS_TO_NAME", "NAME_TO_SAFETENSORS", "STORAGE_TO_NAME", "BITS", "nbytes_of",
-           "to_torch", "name_of"]
+__all__ = ["SAFETENSORS_TO_NAME", "NAME_TO_SAFETENSORS", "STORAGE_TO_NAME", "BITS", "PACKED", "nbytes_of",
+           "to_torch", "name_of", "from_safetensors", "to_safetensors", "unrepresentable"]
 
 # safetensors code -> torch dtype name
 SAFETENSORS_TO_NAME: dict[str, str] = {
@@ -17,7 +17,13 @@ SAFETENSORS_TO_NAME: dict[str, str] = {
     "F6_E2M3": "float6_e2m3", "F6_E3M2": "float6_e3m2", "F4": "float4_e2m1",
 }
 NAME_TO_SAFETENSORS: dict[str, str] = {v: k for k, v in SAFETENSORS_TO_NAME.items()}
-NAME_TO_SAFETENSORS["complex128"] = "C128"  # not in the reference list; written only if asked
+# complex128 has no safetensors code: safetensors and transformers refuse a "C128" header, so
+# weightsmith never writes one
+
+# safetensors codes that torch stores several values to one element: code -> (torch dtype name,
+# values per element). An F4 header of shape [4, 6] is a float4_e2m1fn_x2 tensor of shape [4, 3]:
+# safetensors counts the 4-bit values, torch the bytes that hold two of them.
+PACKED: dict[str, tuple[str, int]] = {"F4": ("float4_e2m1fn_x2", 2)}
 
 # bits per element, by torch dtype name
 BITS: dict[str, int] = {
@@ -25,7 +31,7 @@ BITS: dict[str, int] = {
     "int32": 32, "uint32": 32, "float32": 32, "float64": 64, "int64": 64, "uint64": 64,
     "complex64": 64, "complex128": 128, "complex32": 32, "float8_e5m2": 8, "float8_e4m3fn": 8,
     "float8_e8m0fnu": 8, "float8_e4m3fnuz": 8, "float8_e5m2fnuz": 8, "float6_e2m3": 6,
-    "float6_e3m2": 6, "float4_e2m1": 4, "qint8": 8, "quint8": 8, "qint32": 32,
+    "float6_e3m2": 6, "float4_e2m1": 4, "float4_e2m1fn_x2": 8, "qint8": 8, "quint8": 8, "qint32": 32,
 }
 
 # legacy typed-storage class names in torch pickles -> torch dtype name
@@ -44,17 +50,59 @@ def nbytes_of(dtype: str, numel: int) -> int:
     return (bits + 7) // 8
 
 
+def from_safetensors(code: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
+    """The torch dtype name and shape of a safetensors entry, ``None`` for an unknown code.
+
+    Packed codes (`PACKED`) take torch's packed dtype and divide the last dimension, so that the
+    element count times the element size is the entry's byte length. Where torch cannot hold the
+    values that way (an odd last dimension, a 0-d tensor), the per-value name (``float4_e2m1``)
+    and the header's shape are kept; `unrepresentable` then says why no tensor can be made.
+    """
+    name = SAFETENSORS_TO_NAME.get(code)
+    if name is None:
+        return None
+    packed = PACKED.get(code)
+    if packed is not None and shape and shape[-1] % packed[1] == 0:
+        return packed[0], (*shape[:-1], shape[-1] // packed[1])
+    return name, shape
+
+
+def to_safetensors(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
+    """The safetensors code and header shape of a torch dtype name and shape; ``None``: not storable.
+
+    A packed dtype multiplies the last dimension (float4_e2m1fn_x2 ``[4, 3]`` is F4 ``[4, 6]``);
+    a 0-d packed tensor has no dimension to multiply and reads back with another shape, so it is
+    not storable.
+    """
+    for code, (packed, per) in PACKED.items():
+        if name == packed:
+            return (code, (*shape[:-1], shape[-1] * per)) if shape else None
+    code = NAME_TO_SAFETENSORS.get(name)
+    return None if code is None else (code, shape)
+
+
+def unrepresentable(name: str) -> str | None:
+    """Why no torch tensor can hold values of dtype ``name``; ``None`` when one can."""
+    import torch
+
+    for code, (packed, per) in PACKED.items():
+        if SAFETENSORS_TO_NAME[code] == name:
+            return (f"torch's {packed} holds {per} values per element, so the last dimension must be a "
+                    f"multiple of {per}")
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        return f"torch {torch.__version__} has no {name} dtype"
+    return None
+
+
 def to_torch(name: str) -> Any:
     """The ``torch.dtype`` for a dtype name."""
     import torch
 
-    if name == "float4_e2m1":
-        name = "float4_e2m1fn_x2"
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype):
         from ..errors import CheckpointError
 
-        raise CheckpointError(f"dtype {name!r} is not supported by this torch ({torch.__version__})")
+        raise CheckpointError(f"dtype {name!r} cannot be a torch tensor: {unrepresentable(name)}")
     return value
 
 

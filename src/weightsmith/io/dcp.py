@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ._base import Reader, TensorInfo, read_in
 from ._detect import METADATA_NAME
-from ._dtypes import nbytes_of
+from ._dtypes import BITS, nbytes_of, unrepresentable
 from ._pickle import Opaque, TensorRecord, scan_pickle
 from .sharded import confine
 from .torchfile import TorchFileReader, unreadable, unsafe_message
@@ -140,7 +140,7 @@ class DcpReader(Reader):
                 continue
             body = _state(entry, "TensorStorageMetadata", meta_path)
             props = body["properties"].ws_state
-            dtype = str(props[0] if isinstance(props, tuple) else props["dtype"]).removeprefix("torch.")
+            dtype = _dtype_name(meta_path, key, props[0] if isinstance(props, tuple) else props["dtype"])
             shape = _dims(body["size"])
             chunks = []
             for chunk in body["chunks"]:
@@ -184,6 +184,25 @@ class DcpReader(Reader):
         for reader in self._held.values():
             reader.close()
         self._held.clear()
+
+
+def _dtype_name(meta_path: Path, key: str, value: Any) -> str:
+    """The dtype name a tensor's properties give, checked to be one weightsmith reads.
+
+    A dtype is pickled as a reference to a ``torch`` global and never called, so a name the
+    allowlist does not know yet (a newer dtype) arrives as an unconstructed placeholder class;
+    its name is all that is needed.
+    """
+    if isinstance(value, type) and issubclass(value, Opaque) and value._ws_global.startswith("torch."):
+        name = value._ws_global.removeprefix("torch.")
+    elif isinstance(value, str):
+        name = value.removeprefix("torch.")
+    else:
+        raise CorruptCheckpointError(f"{meta_path}: tensor {key!r} has dtype {value!r:.80}, which is no torch dtype")
+    why = "weightsmith does not know its size" if name not in BITS else unrepresentable(name)
+    if why is not None:
+        raise CheckpointError(f"{meta_path}: tensor {key!r} has dtype {name}, which weightsmith cannot read ({why})")
+    return name
 
 
 def _check_cover(meta_path: Path, key: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:

@@ -7,9 +7,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError
 from ._base import Reader, TensorInfo, map_file, release_pages, tensor_from_buffer
-from ._dtypes import SAFETENSORS_TO_NAME, nbytes_of
+from ._dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, from_safetensors, nbytes_of, unrepresentable
 
 __all__ = ["SafetensorsReader", "read_header", "MAX_HEADER", "TIES_KEY", "CHECKSUMS_KEY"]
 
@@ -92,7 +92,9 @@ def _entry(path: Path, key: str, entry: Any) -> tuple[TensorInfo, tuple[int, int
         raise CorruptCheckpointError(
             f"{path}: tensor {key!r} {code}{shape} needs {expected:,} bytes but data_offsets "
             f"{span} span {span[1] - span[0]:,}")
-    return TensorInfo(key, tuple(shape), dtype, expected), (span[0], span[1])
+    # the shape torch gives the values: F4 [4, 6] is float4_e2m1fn_x2 [4, 3], two values a byte
+    dtype, torch_shape = from_safetensors(code, tuple(shape)) or (dtype, tuple(shape))
+    return TensorInfo(key, torch_shape, dtype, expected), (span[0], span[1])
 
 
 def _check_layout(path: Path, offsets: dict[str, tuple[int, int]], buffer_len: int) -> None:
@@ -128,6 +130,13 @@ class SafetensorsReader(Reader):
     def tensor(self, key: str) -> Any:
         key = self._aliases.get(key, key)
         info = self.infos[key]
+        why = unrepresentable(info.dtype)
+        if why is not None:
+            code = NAME_TO_SAFETENSORS.get(info.dtype, info.dtype)
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} is {code} of shape {list(info.shape)}, which weightsmith cannot "
+                f"represent as a torch tensor ({why}); leave it out with a key filter, or convert it with a "
+                "tool that reads that dtype")
         if self._map is None:
             self._map = map_file(self.path)
         begin, _ = self._offsets[key]
