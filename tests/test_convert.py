@@ -208,3 +208,19 @@ def test_verify_reads_a_header_whose_length_starts_with_0x80(tmp_path, mlp):
     report = weightsmith.convert(src, tmp_path / "checked.safetensors", verify=True)
     assert report.verified
     assert (tmp_path / "checked.safetensors").read_bytes()[0] == 0x80
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_convert_to_a_dcp_folder(tmp_path, tied_mlp):
+    import torch.distributed.checkpoint as dcp
+
+    weightsmith.save(tied_mlp, tmp_path / "a.safetensors", metadata={"note": "n"})
+    report = weightsmith.convert(tmp_path / "a.safetensors", tmp_path / "ckpt", format="dcp", dtype="bfloat16")
+    assert report.format == "dcp" and (tmp_path / "ckpt" / ".metadata").is_file()
+    assert report.notes == ["DCP folders carry no string metadata; not kept: note"]
+    target = {k: torch.empty_like(v, dtype=torch.bfloat16) for k, v in tied_mlp.state_dict().items()}
+    dcp.load(target, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    for k, v in tied_mlp.state_dict().items():
+        assert torch.equal(target[k], v.to(torch.bfloat16)), k
+    with pytest.raises(UsageError, match="verify is not available for DCP"):
+        weightsmith.convert(tmp_path / "a.safetensors", tmp_path / "ckpt2", format="dcp", verify=True)

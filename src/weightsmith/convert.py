@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,7 +35,7 @@ class ConvertReport(Result):
 
     Attributes:
         source: the checkpoint read; ``source_format`` its format.
-        path: what was written; ``format`` is ``safetensors``, ``sharded`` or ``torch``.
+        path: what was written; ``format`` is ``safetensors``, ``sharded``, ``torch`` or ``dcp``.
         files: every file written (shards and index for a sharded folder).
         tensors: keys written, tied keys included.
         nbytes: bytes of tensor data written (tied tensors once).
@@ -111,8 +112,10 @@ def convert(
             ``"float32"`` or a ``torch.dtype``); other tensors keep theirs.
         max_shard_size: write a sharded folder with shards of at most this size (``"5GB"``).
         select: a selector on the source keys; only those are written.
-        format: ``"safetensors"``, ``"sharded"`` or ``"torch"``; by default from ``dst``'s
-            suffix (``.pt``/``.pth``/``.bin``/``.ckpt`` -> torch) and ``max_shard_size``.
+        format: ``"safetensors"``, ``"sharded"``, ``"torch"`` or ``"dcp"`` (a
+            torch.distributed.checkpoint folder, written by `weightsmith.distributed.save_dcp`; no
+            ``verify``); by default from ``dst``'s suffix (``.pt``/``.pth``/``.bin``/``.ckpt`` ->
+            torch) and ``max_shard_size``.
         verify: read the output back before it replaces ``dst`` and compare every tensor with
             the source, bit for bit (after the same cast).
         progress: called as ``progress(done_bytes, total_bytes, key)``.
@@ -132,15 +135,17 @@ def convert(
     problems: list[str] = []
     target = _target_dtype(dtype, problems)
     fmt, limit = _output(dst, format, max_shard_size, problems)
+    if fmt == "dcp" and verify:
+        problems.append("verify is not available for DCP output; compare afterwards with weightsmith.diff")
     ckpt, owned = _source(src, root, trust, problems)
     try:
         keys = list(ckpt) if select is None else select_names(ckpt, select)
         stored, ties = _dedupe(ckpt, keys)
         out_dtype = {k: _cast_to(ckpt[k].dtype, target) for k in stored}
-        if fmt != "torch":
-            from .io._dtypes import NAME_TO_SAFETENSORS
+        if fmt in {"safetensors", "sharded"}:
+            from .io.writers.safetensors import storable
 
-            bad = [f"{k!r} ({out_dtype[k]})" for k in stored if out_dtype[k] not in NAME_TO_SAFETENSORS]
+            bad = [f"{k!r} ({out_dtype[k]})" for k in stored if not storable(out_dtype[k])]
             if bad:
                 raise UsageError(f"safetensors cannot store the dtype of {', '.join(bad[:10])}; "
                                  "convert to a torch file (.pt) instead")
@@ -148,6 +153,8 @@ def convert(
         meta = _metadata(ckpt)
         if fmt == "torch":
             report = _write_torch(job, verify)
+        elif fmt == "dcp":
+            report = _write_dcp(job)
         elif fmt == "sharded":
             report = _write_sharded(job, meta, limit or 0, verify)
         else:
@@ -176,7 +183,7 @@ def _output(dst: Path, format: str | None, max_shard_size: Any, problems: list[s
 
     fmt = "safetensors"
     try:
-        fmt = _format_for(dst, format, max_shard_size)
+        fmt = "dcp" if format == "dcp" else _format_for(dst, format, max_shard_size)
     except SaveError as e:
         problems.append(str(e))
     limit = None
@@ -191,9 +198,9 @@ def _output(dst: Path, format: str | None, max_shard_size: Any, problems: list[s
         problems.append(f"{dst}: a sharded folder needs max_shard_size (e.g. '5GB')")
     if not dst.parent.is_dir():
         problems.append(f"{dst}: the folder {dst.parent} does not exist")
-    elif fmt == "sharded" and dst.exists() and not dst.is_dir():
-        problems.append(f"{dst} is a file; a sharded checkpoint is a folder")
-    elif fmt != "sharded" and dst.is_dir():
+    elif fmt in {"sharded", "dcp"} and dst.exists() and not dst.is_dir():
+        problems.append(f"{dst} is a file; a {fmt} checkpoint is a folder")
+    elif fmt not in {"sharded", "dcp"} and dst.is_dir():
         problems.append(f"{dst} is a folder; give a file name, or max_shard_size for a sharded folder")
     return fmt, limit
 
@@ -348,6 +355,16 @@ def _write_torch(job: _Job, verify: bool) -> ConvertReport:
                              progress=job.progress, check=check)
     notes = [f"torch files carry no string metadata; not kept: {', '.join(dropped)}"] if dropped else []
     return job.report("torch", files, {}, verify, notes)
+
+
+def _write_dcp(job: _Job) -> ConvertReport:
+    from .distributed import save_dcp
+
+    dropped = sorted(k for k in _metadata(job.ckpt) if k != CONVERTED_FROM_KEY)
+    saved = save_dcp(job.ckpt.load(job.keys, dtype=job.target), job.dst)
+    assert not isinstance(saved, Future)  # a synchronous save
+    notes = [f"DCP folders carry no string metadata; not kept: {', '.join(dropped)}"] if dropped else []
+    return job.report("dcp", [Path(f) for f in saved.files], {}, False, notes)
 
 
 # ---------------------------------------------------------------- verifying

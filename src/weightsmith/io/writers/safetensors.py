@@ -19,7 +19,7 @@ from .. import safetensors as st_format
 from ..safetensors import CHECKSUMS_KEY, TIES_KEY
 from ._entries import Entries, Progress
 
-__all__ = ["write_safetensors", "write_safetensors_file", "file_metadata", "header_entry", "FORMAT_KEY"]
+__all__ = ["write_safetensors", "write_safetensors_file", "file_metadata", "header_entry", "storable", "FORMAT_KEY"]
 
 FORMAT_KEY = "format"  # what transformers 4.x checks: "pt" for torch tensors
 _FLOAT4 = "float4_e2m1fn_x2"
@@ -35,6 +35,13 @@ def file_metadata(metadata: dict[str, str], ties: dict[str, str]) -> dict[str, s
     if ties:
         meta[TIES_KEY] = json.dumps(ties, separators=(",", ":"))
     return meta
+
+
+def storable(dtype: str) -> bool:
+    """Whether a tensor of this dtype name can be written to safetensors."""
+    from .._dtypes import NAME_TO_SAFETENSORS
+
+    return dtype in NAME_TO_SAFETENSORS or dtype == _FLOAT4
 
 
 def header_entry(key: str, t: Any) -> tuple[str, list[int]]:
