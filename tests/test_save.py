@@ -291,7 +291,8 @@ def test_a_single_file_save_leaves_its_neighbours_untouched(tmp_path: Path, mlp:
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
     ws.save(mlp, tmp_path / "model.safetensors")
     ws.save(mlp, tmp_path / "model.safetensors")
-    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir() if p.name != "model.safetensors"}
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+             for p in tmp_path.iterdir() if p.name != "model.safetensors"}
     assert after == before
 
 
@@ -337,3 +338,16 @@ def test_float4_saves_as_f4_with_two_values_per_byte(tmp_path: Path) -> None:
     assert torch.equal(loaded.view(torch.uint8), packed.view(torch.uint8))
     with pytest.raises(SaveError, match="0-d"):
         ws.save({"w": packed[0, 0]}, tmp_path / "scalar.safetensors")
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_unstorable_dtypes_are_refused_at_once_naming_file_keys_and_dtypes(tmp_path: Path) -> None:
+    state = {"ok": torch.zeros(2), "a": torch.zeros(2, dtype=torch.complex32), "b": torch.zeros(2, dtype=torch.uint1),
+             "c": torch.zeros(2, dtype=torch.complex32)}
+    for path, options in [(tmp_path / "m.safetensors", {}), (tmp_path / "sharded", {"max_shard_size": "1KB"})]:
+        with pytest.raises(SaveError) as err:
+            ws.save(state, path, **options)
+        text = str(err.value)
+        assert str(path) in text and "3 tensor(s)" in text
+        assert "'a' has dtype torch.complex32" in text and "'b' has dtype torch.uint1" in text and "'c'" in text
+        assert not path.exists()

@@ -19,7 +19,8 @@ from .. import safetensors as st_format
 from ..safetensors import CHECKSUMS_KEY, TIES_KEY
 from ._entries import Entries, Progress
 
-__all__ = ["write_safetensors", "write_safetensors_file", "file_metadata", "header_entry", "storable", "FORMAT_KEY"]
+__all__ = ["write_safetensors", "write_safetensors_file", "file_metadata", "header_entry", "check_storable",
+           "storable", "FORMAT_KEY"]
 
 FORMAT_KEY = "format"  # what transformers 4.x checks: "pt" for torch tensors
 _FLOAT4 = "float4_e2m1fn_x2"
@@ -42,6 +43,19 @@ def storable(dtype: str) -> bool:
     from .._dtypes import NAME_TO_SAFETENSORS
 
     return dtype in NAME_TO_SAFETENSORS or dtype == _FLOAT4
+
+
+def check_storable(path: Path, entries: Entries) -> None:
+    """Raise once, naming ``path`` and every key whose tensor safetensors cannot hold."""
+    problems: list[str] = []
+    for key, t in entries.items:
+        try:
+            header_entry(key, t)
+        except SaveError as e:
+            problems.append(str(e))
+    if problems:
+        raise SaveError("\n  - ".join([f"{path}: cannot be written as safetensors ({len(problems)} tensor(s)); "
+                                        "nothing was written:", *problems[:20]]))
 
 
 def header_entry(key: str, t: Any) -> tuple[str, list[int]]:
@@ -129,6 +143,7 @@ def write_safetensors_file(path: Path, entries: Entries, metadata: dict[str, str
     from ..atomic import atomic_file
 
     meta = file_metadata(metadata, entries.ties)
+    check_storable(path, entries)
     with atomic_file(path) as f:
         write_safetensors(f, entries, meta, checksums=checksums, progress=progress)
         if check is not None:

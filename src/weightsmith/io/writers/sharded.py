@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._entries import Entries, Progress
-from .safetensors import file_metadata, write_safetensors
+from .safetensors import check_storable, file_metadata, write_safetensors
 
 __all__ = ["write_sharded_folder", "pack", "shard_names", "replaced_by_a_save", "INDEX_NAME"]
 
@@ -47,14 +47,15 @@ def replaced_by_a_save(folder: Path) -> Callable[[str], bool]:
     Those are the index, the plain ``.safetensors`` file names its weight map gives, and names of
     the pattern Hugging Face writers use (``model.safetensors``, ``model-00001-of-00002.safetensors``).
     """
-    named: set[str] = set()
     try:
         index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
-        weight_map = index.get("weight_map", {}) if isinstance(index, dict) else {}
-        named = {v for v in weight_map.values() if isinstance(v, str) and v.endswith(".safetensors")
-                 and "/" not in v and "\\" not in v and not v.startswith(".")} if isinstance(weight_map, dict) else set()
     except (OSError, UnicodeDecodeError, ValueError):
-        pass
+        index = {}
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    values = weight_map.values() if isinstance(weight_map, dict) else []
+    # only plain shard file names inside the folder: a hostile index cannot get other files deleted
+    named = {v for v in values if isinstance(v, str) and v.endswith(".safetensors")
+             and "/" not in v and "\\" not in v and not v.startswith(".")}
     return lambda name: name in named or _OURS.fullmatch(name) is not None
 
 
@@ -67,6 +68,8 @@ def write_sharded_folder(folder: Path, entries: Entries, metadata: dict[str, str
     """
     from ..atomic import atomic_folder, new_file
 
+    file_metadata(metadata, {})  # refused metadata and dtypes fail here, before anything is written
+    check_storable(folder, entries)
     shards = pack(entries, limit)
     names = shard_names(len(shards))
     total = entries.nbytes
