@@ -351,3 +351,21 @@ def test_unstorable_dtypes_are_refused_at_once_naming_file_keys_and_dtypes(tmp_p
         assert str(path) in text and "3 tensor(s)" in text
         assert "'a' has dtype torch.complex32" in text and "'b' has dtype torch.uint1" in text and "'c'" in text
         assert not path.exists()
+
+
+def test_checksums_are_zlib_crc32_with_or_without_isal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from weightsmith.io.writers import safetensors as writer
+
+    data = torch.arange(1000, dtype=torch.float32)
+    expected = f"{zlib.crc32(data.numpy().tobytes()) & 0xFFFFFFFF:08x}"
+    monkeypatch.setitem(sys.modules, "isal.isal_zlib", None)  # as where isal is not installed
+    fallback = writer._crc32_function()
+    monkeypatch.undo()
+    assert fallback is zlib.crc32
+    for crc in (fallback, writer._crc32_function()):
+        monkeypatch.setattr(writer, "crc32", crc)
+        ws.save({"x": data}, tmp_path / "m.safetensors")
+        with safetensors.safe_open(tmp_path / "m.safetensors", "pt") as f:
+            assert json.loads(f.metadata()[CHECKSUMS_KEY]) == {"x": expected}

@@ -26,6 +26,21 @@ FORMAT_KEY = "format"  # what transformers 4.x checks: "pt" for torch tensors
 _FLOAT4 = "float4_e2m1fn_x2"
 
 
+def _crc32_function() -> Callable[..., int]:
+    """zlib's CRC-32, from ISA-L when it is installed: the same value, about 8x faster (checksums
+    would otherwise take longer than writing the bytes)."""
+    try:
+        from isal.isal_zlib import crc32 as fast
+    except ImportError:
+        from zlib import crc32
+
+        return crc32
+    return fast
+
+
+crc32 = _crc32_function()
+
+
 def file_metadata(metadata: dict[str, str], ties: dict[str, str]) -> dict[str, str]:
     """The string metadata a safetensors file gets: ``"format": "pt"``, the caller's keys, the ties."""
     given = metadata.get(FORMAT_KEY, "pt")
@@ -85,7 +100,6 @@ def write_safetensors(f: Any, entries: Entries, metadata: dict[str, str], *, che
     writing and patched into a fixed-width header. ``progress(done, total, key)`` counts this
     file's data bytes.
     """
-    import zlib
     from concurrent.futures import ThreadPoolExecutor
 
     header: dict[str, Any] = {}
@@ -114,7 +128,7 @@ def write_safetensors(f: Any, entries: Entries, metadata: dict[str, str], *, che
         for key, spec in entries.items:
             t = entries.tensor(key, spec)
             data = st_format.tensor_bytes(key, t)  # looked up here: one byte view, shared with verify
-            crc = pool.submit(zlib.crc32, data) if checksums else None
+            crc = pool.submit(crc32, data) if checksums else None
             f.write(memoryview(data))
             if crc is not None:
                 crcs[key] = f"{crc.result() & 0xFFFFFFFF:08x}"
