@@ -369,3 +369,10 @@ def test_checksums_are_zlib_crc32_with_or_without_isal(tmp_path: Path, monkeypat
         ws.save({"x": data}, tmp_path / "m.safetensors")
         with safetensors.safe_open(tmp_path / "m.safetensors", "pt") as f:
             assert json.loads(f.metadata()[CHECKSUMS_KEY]) == {"x": expected}
+
+
+def test_progress_follows_a_torch_save_too(tmp_path: Path, mlp: nn.Module) -> None:
+    seen: list[tuple[int, int]] = []
+    report = ws.save(mlp, tmp_path / "m.pt", progress=lambda done, total, _key: seen.append((done, total)))
+    assert seen and seen[-1] == (report.nbytes, report.nbytes)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)

@@ -14,6 +14,8 @@ from .errors import SaveError
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from .io.writers import Entries
+
 __all__ = ["save", "SaveReport", "parse_size"]
 
 Progress = Callable[[int, int, str], None]
@@ -100,7 +102,7 @@ def save(obj: Any, path: str | Path, *, format: str | None = None, metadata: Map
     if fmt == "torch":
         if metadata:
             raise SaveError(f"{path}: torch files carry no string metadata; save as safetensors to keep it")
-        return _save_torch(tensors, stored, ties, path)
+        return _save_torch(tensors, stored, ties, path, progress)
     if fmt == "sharded":
         if max_shard_size is None:
             raise SaveError(f"{path}: a sharded folder needs max_shard_size (e.g. '5GB')")
@@ -155,7 +157,7 @@ def _format_for(path: Path, fmt: str | None, max_shard_size: Any) -> str:
     return fmt
 
 
-def _entries(stored: list[tuple[str, Any]], ties: dict[str, str]) -> Any:
+def _entries(stored: list[tuple[str, Any]], ties: dict[str, str]) -> Entries:
     from .io.writers import Entries
 
     return Entries(stored, ties)
@@ -171,11 +173,11 @@ def _save_single(stored: list[tuple[str, Any]], ties: dict[str, str], path: Path
 
 
 def _save_torch(tensors: Mapping[str, Any], stored: list[tuple[str, Any]], ties: dict[str, str],
-                path: Path) -> SaveReport:
+                path: Path, progress: Progress | None) -> SaveReport:
     from .io.writers import write_torch_file
 
     nbytes = _entries(stored, ties).nbytes
-    files = write_torch_file(path, tensors, total=nbytes)
+    files = write_torch_file(path, tensors, total=nbytes, progress=progress)
     return SaveReport(str(path), "torch", [str(f) for f in files], len(tensors), nbytes, ties)
 
 
