@@ -4,8 +4,13 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# transformers 4.x (its last release) beside the main environment, put first on PYTHONPATH by the
+# conformance tests that load weightsmith's files with it; its other needs come from the main one
+TF4    := .venv-tf4
+TF4_PKGS := "transformers==4.57.*" "tokenizers>=0.22,<0.23" "huggingface_hub>=0.34,<1.0" \
+            requests urllib3 certifi idna charset-normalizer
 
-.PHONY: demo test bench clean
+.PHONY: demo test tf4 bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +27,16 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
+tf4: $(TF4)/.installed
+
+$(TF4)/.installed: $(BIN)/python
+	rm -rf $(TF4)
+	$(BIN)/pip install --quiet --no-deps --target $(TF4) $(TF4_PKGS)
+	PYTHONPATH=$(TF4) $(BIN)/python -c "import transformers as t; assert t.__version__.startswith('4.'), t.__version__"
+	touch $@
+
 bench: $(VENV)/.installed
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) $(TF4) demo-output

@@ -8,9 +8,9 @@ The output appears complete or not at all, and ``verify=True`` checks it before 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,7 +24,7 @@ from .selectors import Selector, select as select_names
 __all__ = ["convert", "ConvertReport", "CONVERTED_FROM_KEY"]
 
 Progress = Callable[[int, int, str], None]
-CONVERTED_FROM_KEY = "weightsmith.converted_from"  # metadata: the source checkpoint's path
+CONVERTED_FROM_KEY = "weightsmith.converted_from"  # metadata: the source's file name (no machine path)
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "float32": torch.float32, "float": torch.float32, "float64": torch.float64}
 
@@ -35,7 +35,7 @@ class ConvertReport(Result):
 
     Attributes:
         source: the checkpoint read; ``source_format`` its format.
-        path: what was written; ``format`` is ``safetensors``, ``sharded`` or ``torch``.
+        path: what was written; ``format`` is ``safetensors``, ``sharded``, ``torch`` or ``dcp``.
         files: every file written (shards and index for a sharded folder).
         tensors: keys written, tied keys included.
         nbytes: bytes of tensor data written (tied tensors once).
@@ -100,7 +100,9 @@ def convert(
     dict, so it is given the memory-mapped source tensors (no copy without a cast, but every
     page read stays resident until the save ends; with a cast, all cast tensors are held).
     Ties are kept (stored once, recorded); metadata of a safetensors or sharded source is
-    carried over, with ``weightsmith.converted_from`` added.
+    carried over, with ``weightsmith.converted_from`` (the source's file name) added and
+    ``"format": "pt"`` set. A sharded output replaces only the previous checkpoint's index and
+    shards in an existing folder; its other files (config, tokenizer, README) are kept.
 
     Args:
         src: a path (anything `weightsmith.open` reads) or an opened `Checkpoint`. Pages of
@@ -110,8 +112,10 @@ def convert(
             ``"float32"`` or a ``torch.dtype``); other tensors keep theirs.
         max_shard_size: write a sharded folder with shards of at most this size (``"5GB"``).
         select: a selector on the source keys; only those are written.
-        format: ``"safetensors"``, ``"sharded"`` or ``"torch"``; by default from ``dst``'s
-            suffix (``.pt``/``.pth``/``.bin``/``.ckpt`` -> torch) and ``max_shard_size``.
+        format: ``"safetensors"``, ``"sharded"``, ``"torch"`` or ``"dcp"`` (a
+            torch.distributed.checkpoint folder, written by `weightsmith.distributed.save_dcp`; no
+            ``verify``); by default from ``dst``'s suffix (``.pt``/``.pth``/``.bin``/``.ckpt`` ->
+            torch) and ``max_shard_size``.
         verify: read the output back before it replaces ``dst`` and compare every tensor with
             the source, bit for bit (after the same cast).
         progress: called as ``progress(done_bytes, total_bytes, key)``.
@@ -131,15 +135,17 @@ def convert(
     problems: list[str] = []
     target = _target_dtype(dtype, problems)
     fmt, limit = _output(dst, format, max_shard_size, problems)
+    if fmt == "dcp" and verify:
+        problems.append("verify is not available for DCP output; compare afterwards with weightsmith.diff")
     ckpt, owned = _source(src, root, trust, problems)
     try:
         keys = list(ckpt) if select is None else select_names(ckpt, select)
         stored, ties = _dedupe(ckpt, keys)
         out_dtype = {k: _cast_to(ckpt[k].dtype, target) for k in stored}
-        if fmt != "torch":
-            from .io._dtypes import NAME_TO_SAFETENSORS
+        if fmt in {"safetensors", "sharded"}:
+            from .io.writers.safetensors import storable
 
-            bad = [f"{k!r} ({out_dtype[k]})" for k in stored if out_dtype[k] not in NAME_TO_SAFETENSORS]
+            bad = [f"{k!r} ({out_dtype[k]})" for k in stored if not storable(out_dtype[k])]
             if bad:
                 raise UsageError(f"safetensors cannot store the dtype of {', '.join(bad[:10])}; "
                                  "convert to a torch file (.pt) instead")
@@ -147,6 +153,8 @@ def convert(
         meta = _metadata(ckpt)
         if fmt == "torch":
             report = _write_torch(job, verify)
+        elif fmt == "dcp":
+            report = _write_dcp(job)
         elif fmt == "sharded":
             report = _write_sharded(job, meta, limit or 0, verify)
         else:
@@ -175,7 +183,7 @@ def _output(dst: Path, format: str | None, max_shard_size: Any, problems: list[s
 
     fmt = "safetensors"
     try:
-        fmt = _format_for(dst, format, max_shard_size)
+        fmt = "dcp" if format == "dcp" else _format_for(dst, format, max_shard_size)
     except SaveError as e:
         problems.append(str(e))
     limit = None
@@ -190,9 +198,9 @@ def _output(dst: Path, format: str | None, max_shard_size: Any, problems: list[s
         problems.append(f"{dst}: a sharded folder needs max_shard_size (e.g. '5GB')")
     if not dst.parent.is_dir():
         problems.append(f"{dst}: the folder {dst.parent} does not exist")
-    elif fmt == "sharded" and dst.exists() and not dst.is_dir():
-        problems.append(f"{dst} is a file; a sharded checkpoint is a folder")
-    elif fmt != "sharded" and dst.is_dir():
+    elif fmt in {"sharded", "dcp"} and dst.exists() and not dst.is_dir():
+        problems.append(f"{dst} is a file; a {fmt} checkpoint is a folder")
+    elif fmt not in {"sharded", "dcp"} and dst.is_dir():
         problems.append(f"{dst} is a folder; give a file name, or max_shard_size for a sharded folder")
     return fmt, limit
 
@@ -249,18 +257,17 @@ def _cast_to(dtype: str, target: torch.dtype | None) -> str:
 
 
 def _metadata(ckpt: Any) -> dict[str, str]:
-    """The source's string metadata, less what is rewritten (ties, checksums, sizes)."""
+    """The source's string metadata, less what is rewritten (format, ties, checksums, sizes).
+
+    The source is named by its file name only: a path would record the machine it ran on.
+    """
     from .io.safetensors import CHECKSUMS_KEY, TIES_KEY
+    from .io.writers.safetensors import FORMAT_KEY
 
-    meta = {k: v for k, v in ckpt.metadata.items() if k not in {TIES_KEY, CHECKSUMS_KEY, "total_size"}}
-    meta[CONVERTED_FROM_KEY] = str(ckpt.path)
+    rewritten = {TIES_KEY, CHECKSUMS_KEY, FORMAT_KEY, "total_size"}
+    meta = {k: v for k, v in ckpt.metadata.items() if k not in rewritten}
+    meta[CONVERTED_FROM_KEY] = Path(ckpt.path).name
     return meta
-
-
-def _tie_meta(meta: dict[str, str], ties: dict[str, str]) -> dict[str, str]:
-    from .io.safetensors import TIES_KEY
-
-    return {**meta, TIES_KEY: json.dumps(ties, separators=(",", ":"))} if ties else meta
 
 
 # ---------------------------------------------------------------- writing
@@ -304,16 +311,12 @@ class _Job:
         if self.owned:
             self.ckpt.release(key)
 
-    def written(self, base: int) -> Callable[[int, int, str], None]:
-        """A progress callback for one file that releases each tensor's pages once it is written."""
-        total = self.total
+    def entries(self) -> Any:
+        """What the writers take: header specs, each tensor read (and cast) in its turn, then released."""
+        from .io.writers import Entries
 
-        def step(done: int, _file_total: int, key: str) -> None:
-            self.release(key)
-            if self.progress is not None:
-                self.progress(base + done, total, key)
-
-        return step
+        return Entries([(k, self.spec(k)) for k in self.stored], dict(self.ties), materialize=self.tensor,
+                       written=self.release)
 
     def report(self, fmt: str, files: list[Path], meta: dict[str, str], verified: bool,
                notes: list[str] | None = None) -> ConvertReport:
@@ -325,86 +328,43 @@ class _Job:
 
 
 def _write_single(job: _Job, meta: dict[str, str], verify: bool) -> ConvertReport:
-    from .io.atomic import atomic_file
-    from .io.safetensors import write_safetensors
+    from .io.writers import write_safetensors_file
 
-    written = _tie_meta(meta, job.ties)
-    with atomic_file(job.dst) as f:
-        write_safetensors(f, [(k, job.spec(k)) for k in job.stored], written, progress=job.written(0),
-                          materialize=job.tensor)
-        if verify:
-            f.flush()
-            _verify(job, Path(f.name), "safetensors")
-    return job.report("safetensors", [job.dst], meta, verify)
+    check = (lambda written: _verify(job, written, "safetensors")) if verify else None
+    files = write_safetensors_file(job.dst, job.entries(), meta, progress=job.progress, check=check)
+    return job.report("safetensors", files, meta, verify)
 
 
 def _write_sharded(job: _Job, meta: dict[str, str], limit: int, verify: bool) -> ConvertReport:
-    from .io.atomic import atomic_folder
-    from .io.safetensors import write_safetensors
-    from .io.sharded import INDEX_NAMES
+    from .io.writers import write_sharded_folder
 
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key in job.stored:
-        n = job.nbytes(key)
-        if shards[-1] and size + n > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += n
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    done = 0
-    with atomic_folder(job.dst) as stage:
-        for name, shard in zip(names, shards):
-            kept = set(shard)
-            shard_ties = {alias: key for alias, key in job.ties.items() if key in kept}
-            with open(stage / name, "wb") as f:
-                write_safetensors(f, [(k, job.spec(k)) for k in shard], _tie_meta(meta, shard_ties),
-                                  progress=job.written(done), materialize=job.tensor)
-            done += sum(job.nbytes(k) for k in shard)
-        index = {"metadata": {"total_size": job.total, **meta},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        (stage / INDEX_NAMES[0]).write_text(json.dumps(index, indent=2, sort_keys=True))
-        if verify:
-            _verify(job, stage, "sharded")
-    return job.report("sharded", [job.dst / n for n in [*names, INDEX_NAMES[0]]], meta, verify)
+    check = (lambda stage: _verify(job, stage, "sharded")) if verify else None
+    files = write_sharded_folder(job.dst, job.entries(), meta, limit=limit, progress=job.progress, check=check)
+    return job.report("sharded", files, meta, verify)
 
 
 def _write_torch(job: _Job, verify: bool) -> ConvertReport:
-    from .io.atomic import atomic_file
+    from .io.writers import write_torch_file
 
     # torch.save takes the whole dict; tied keys share one tensor (written once), and views of
-    # one source storage share it without a cast
-    tensors = job.ckpt.load(job.keys, dtype=job.target)
+    # one source storage share it without a cast. Handed over without a name here, so the writer
+    # lets it go before verifying.
     dropped = sorted(k for k in _metadata(job.ckpt) if k != CONVERTED_FROM_KEY)
-    with atomic_file(job.dst) as f:
-        try:
-            torch.save(tensors, _Counting(f, job.total, job.progress))
-        except RuntimeError as e:  # torch's zip writer turns a failed write (disk full) into this
-            raise SaveError(f"{job.dst}: torch.save failed ({e}); the previous file is intact") from e
-        del tensors
-        if verify:
-            f.flush()
-            _verify(job, Path(f.name), "torch")
+    check = (lambda written: _verify(job, written, "torch")) if verify else None
+    files = write_torch_file(job.dst, job.ckpt.load(job.keys, dtype=job.target), total=job.total,
+                             progress=job.progress, check=check)
     notes = [f"torch files carry no string metadata; not kept: {', '.join(dropped)}"] if dropped else []
-    return job.report("torch", [job.dst], {}, verify, notes)
+    return job.report("torch", files, {}, verify, notes)
 
 
-class _Counting:
-    """A file wrapper reporting the bytes ``torch.save`` has written."""
+def _write_dcp(job: _Job) -> ConvertReport:
+    from .distributed import save_dcp
 
-    def __init__(self, f: Any, total: int, progress: Progress | None) -> None:
-        self.f, self.total, self.progress, self.done = f, total, progress, 0
-
-    def write(self, data: Any) -> int:
-        n = self.f.write(data)
-        self.done += len(memoryview(data).cast("B"))
-        if self.progress is not None:
-            self.progress(min(self.done, self.total), self.total, "")
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
+    dropped = sorted(k for k in _metadata(job.ckpt) if k != CONVERTED_FROM_KEY)
+    saved = save_dcp(job.ckpt.load(job.keys, dtype=job.target), job.dst)
+    assert not isinstance(saved, Future)  # a synchronous save
+    notes = [f"DCP folders carry no string metadata; not kept: {', '.join(dropped)}"] if dropped else []
+    return job.report("dcp", [Path(f) for f in saved.files], {}, False, notes)
 
 
 # ---------------------------------------------------------------- verifying

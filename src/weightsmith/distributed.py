@@ -232,6 +232,7 @@ def save_dcp(obj: Any, path: str | Path, *, async_save: bool = False,
     ``FileSystemWriter(single_file_per_rank=True, sync_files=True)``; once every rank has
     written and ``.metadata`` is in place, rank 0 swaps it into ``path``. A crash leaves the
     previous folder at ``path`` intact (the ranks must share the filesystem, as DCP requires).
+    Files in the folder other than DCP's own (``.metadata``, ``*.distcp``) are kept as they were.
 
     Args:
         obj: an ``nn.Module`` (its state through ``get_model_state_dict``), a mapping of key ->
@@ -303,13 +304,19 @@ def _open_stage(path: Path, group: Any, *, previous: list[Path] | None = None) -
     stage, error = None, None
     if _rank(group) == 0:
         try:
-            stage = stack.enter_context(atomic_folder(path, previous=previous, uncache=False))  # see _uncache
+            stage = stack.enter_context(atomic_folder(path, previous=previous, uncache=False,  # see _uncache
+                                                      keep=_not_dcp_own))
         except Exception as e:  # the other ranks wait for the name: send the error instead
             error = e
     stage, message = _broadcast((stage, None if error is None else str(error)), group)
     if message is not None:
         raise error if error is not None else SaveError(message)
     return stack, stage
+
+
+def _not_dcp_own(name: str) -> bool:
+    """Whether a file in a DCP folder is someone else's (kept by a save), not DCP's own data or metadata."""
+    return not (name.endswith(".distcp") or name.endswith(".metadata") or name.endswith(".metadata.tmp"))
 
 
 def _my_share(names: list[str], group: Any) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ from .errors import SaveError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
+
+    from .io.writers import Entries
 
 __all__ = ["save", "SaveReport", "parse_size"]
 
@@ -69,9 +70,12 @@ def save(obj: Any, path: str | Path, *, format: str | None = None, metadata: Map
             torch.distributed.checkpoint folder; every rank calls save, see
             `weightsmith.distributed.save_dcp`); inferred from the suffix
             (``.pt``/``.pth``/``.bin``/``.ckpt`` -> torch) and from ``max_shard_size``.
-        metadata: string metadata (safetensors only).
+        metadata: string metadata (safetensors only); every safetensors file also carries
+            ``"format": "pt"``, which transformers 4.x requires.
         max_shard_size: write a Hugging Face sharded folder with shards of at most this size
-            (``"5GB"``); the index is written last.
+            (``"5GB"``); the index is written last. Into an existing model folder, only the
+            previous checkpoint's index and shards are replaced: ``config.json``, tokenizer files
+            and everything else stay as they were.
         checksums: store a CRC-32 per tensor (safetensors), checked by ``check --verify``.
         progress: called as ``progress(done_bytes, total_bytes, key)``.
         async_save: with ``format="dcp"``, save through ``dcp.async_save`` and return a future.
@@ -98,7 +102,7 @@ def save(obj: Any, path: str | Path, *, format: str | None = None, metadata: Map
     if fmt == "torch":
         if metadata:
             raise SaveError(f"{path}: torch files carry no string metadata; save as safetensors to keep it")
-        return _save_torch(tensors, stored, ties, path)
+        return _save_torch(tensors, stored, ties, path, progress)
     if fmt == "sharded":
         if max_shard_size is None:
             raise SaveError(f"{path}: a sharded folder needs max_shard_size (e.g. '5GB')")
@@ -153,70 +157,34 @@ def _format_for(path: Path, fmt: str | None, max_shard_size: Any) -> str:
     return fmt
 
 
-def _tie_meta(meta: dict[str, str], ties: dict[str, str]) -> dict[str, str]:
-    from .io.safetensors import TIES_KEY
+def _entries(stored: list[tuple[str, Any]], ties: dict[str, str]) -> Entries:
+    from .io.writers import Entries
 
-    return {**meta, TIES_KEY: json.dumps(ties, separators=(",", ":"))} if ties else meta
+    return Entries(stored, ties)
 
 
 def _save_single(stored: list[tuple[str, Any]], ties: dict[str, str], path: Path, meta: dict[str, str],
                  checksums: bool, progress: Progress | None) -> SaveReport:
-    from .io.atomic import atomic_file
-    from .io.safetensors import write_safetensors
+    from .io.writers import write_safetensors_file
 
-    with atomic_file(path) as f:
-        write_safetensors(f, stored, _tie_meta(meta, ties), checksums=checksums, progress=progress)
-    nbytes = sum(t.numel() * t.element_size() for _, t in stored)
-    return SaveReport(str(path), "safetensors", [str(path)], len(stored) + len(ties), nbytes, ties)
+    entries = _entries(stored, ties)
+    files = write_safetensors_file(path, entries, meta, checksums=checksums, progress=progress)
+    return SaveReport(str(path), "safetensors", [str(f) for f in files], entries.count, entries.nbytes, ties)
 
 
 def _save_torch(tensors: Mapping[str, Any], stored: list[tuple[str, Any]], ties: dict[str, str],
-                path: Path) -> SaveReport:
-    import torch
+                path: Path, progress: Progress | None) -> SaveReport:
+    from .io.writers import write_torch_file
 
-    from .io.atomic import atomic_file
-
-    with atomic_file(path) as f:
-        try:
-            torch.save(dict(tensors), f)  # torch.save keeps ties: shared storages are written once
-        except RuntimeError as e:  # torch's zip writer turns a failed write (disk full) into this
-            raise SaveError(f"{path}: torch.save failed ({e}); the previous file is intact") from e
-    nbytes = sum(t.numel() * t.element_size() for _, t in stored)
-    return SaveReport(str(path), "torch", [str(path)], len(tensors), nbytes, ties)
+    nbytes = _entries(stored, ties).nbytes
+    files = write_torch_file(path, tensors, total=nbytes, progress=progress)
+    return SaveReport(str(path), "torch", [str(f) for f in files], len(tensors), nbytes, ties)
 
 
 def _save_sharded(stored: list[tuple[str, Any]], ties: dict[str, str], folder: Path, meta: dict[str, str],
                   limit: int, checksums: bool, progress: Progress | None) -> SaveReport:
-    from .io.atomic import atomic_folder
-    from .io.sharded import INDEX_NAMES
-    from .io.safetensors import write_safetensors
+    from .io.writers import write_sharded_folder
 
-    shards: list[list[tuple[str, Any]]] = [[]]
-    size = 0
-    for key, t in stored:
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, t))
-        size += n
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    shard_of = {key: names[i] for i, shard in enumerate(shards) for key, _ in shard}
-    total = sum(t.numel() * t.element_size() for _, t in stored)
-    done = 0
-    with atomic_folder(folder) as stage:
-        for name, shard in zip(names, shards):
-            keys = {k for k, _ in shard}
-            shard_ties = {a: s for a, s in ties.items() if s in keys}
-
-            def step(d: int, _t: int, key: str, base: int = done) -> None:
-                if progress is not None:
-                    progress(base + d, total, key)
-
-            with open(stage / name, "wb") as f:
-                write_safetensors(f, shard, _tie_meta(meta, shard_ties), checksums=checksums, progress=step)
-            done += sum(t.numel() * t.element_size() for _, t in shard)
-        index = {"metadata": {"total_size": total, **meta}, "weight_map": shard_of}
-        (stage / INDEX_NAMES[0]).write_text(json.dumps(index, indent=2, sort_keys=True))
-    return SaveReport(str(folder), "sharded", [str(folder / n) for n in names] + [str(folder / INDEX_NAMES[0])],
-                      len(stored) + len(ties), total, ties)
+    entries = _entries(stored, ties)
+    files = write_sharded_folder(folder, entries, meta, limit=limit, checksums=checksums, progress=progress)
+    return SaveReport(str(folder), "sharded", [str(f) for f in files], entries.count, entries.nbytes, ties)

@@ -183,3 +183,32 @@ def test_the_version_being_replaced_leaves_the_page_cache_first(tmp_path: Path, 
     assert evicted[1] == sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert before != (tmp_path / "m.safetensors").read_bytes()
     assert torch.equal(ws.open(tmp_path / "sharded").tensor("w"), state["w"])
+
+
+def test_atomic_folder_carries_kept_entries_as_links(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    path.mkdir()
+    (path / "old.bin").write_bytes(b"old")
+    (path / "config.json").write_text("{}")
+    (path / "sub").mkdir()
+    (path / "sub" / "deep.txt").write_text("deep")
+    (path / "link").symlink_to("config.json")
+    inode = (path / "config.json").stat().st_ino
+    with atomic.atomic_folder(path, keep=lambda name: name != "old.bin") as stage:
+        (stage / "new.bin").write_bytes(b"new")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "link", "new.bin", "sub"]
+    assert (path / "config.json").stat().st_ino == inode and (path / "sub" / "deep.txt").read_text() == "deep"
+    assert (path / "link").is_symlink() and (path / "link").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_atomic_folder_copies_where_links_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    stamp = (path / "config.json").stat().st_mtime_ns
+    monkeypatch.setattr(atomic.os, "link", enospc)
+    with atomic.atomic_folder(path, keep=lambda name: True) as stage:
+        (stage / "new.bin").write_bytes(b"new")
+    monkeypatch.undo()
+    assert (path / "config.json").read_text() == "{}" and (path / "config.json").stat().st_mtime_ns == stamp

@@ -2,8 +2,10 @@
 
 One file: a temporary file in the same folder named for its writer, written, flushed and
 fsynced, renamed over the path, then the folder fsynced. A folder: staged beside the path,
-its index written last, then swapped into place. Temporary files of writers that died are
-removed by later saves; a live writer's files are never touched.
+its index written last, then swapped into place; what the previous folder holds besides the
+writer's own files (a model folder's config, tokenizer, README) is carried into the new one
+as hard links, so those files keep their bytes, times and inodes. Temporary files of writers
+that died are removed by later saves; a live writer's files are never touched.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import contextlib
 import ctypes
 import os
 import shutil
+import stat
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
 from ..errors import SaveError
 
-__all__ = ["atomic_file", "atomic_folder", "fsync_dir", "clean_stale", "evict"]
+__all__ = ["atomic_file", "atomic_folder", "new_file", "fsync_dir", "clean_stale", "evict"]
 
 _TMP = ".tmp-"
 
@@ -31,6 +34,11 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def new_file(path: Path) -> IO[bytes]:
+    """Open a file that must not exist yet, for writing (a shard inside a staging folder)."""
+    return open(path, "xb")
 
 
 def evict(files: Iterable[Path]) -> None:
@@ -137,10 +145,15 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: Path, *, previous: list[Path] | None = None, uncache: bool = True) -> Iterator[Path]:
+def atomic_folder(path: Path, *, previous: list[Path] | None = None, uncache: bool = True,
+                  keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Build a folder in a staging folder beside ``path``, then swap it into place.
 
     The caller writes its files into the yielded folder, its index or commit marker last.
+    With ``keep``, every entry of the previous folder whose name it accepts (everything the
+    caller did not write: ``config.json``, tokenizer files, subfolders) is carried into the new
+    folder before the swap, as a hard link (a copy with its times where links are unsupported),
+    so it stays byte for byte and time for time what it was; without ``keep`` nothing is.
     The previous version's cached pages are evicted first (see `evict`; ``uncache=False``:
     the caller does it). It is deleted once swapped out, or, when ``previous`` is a list, left
     under its temporary name and appended to it for the caller to delete (a later save removes
@@ -151,7 +164,7 @@ def atomic_folder(path: Path, *, previous: list[Path] | None = None, uncache: bo
         raise SaveError(f"{path}: the folder {path.parent} does not exist")
     clean_stale(path)
     if uncache and path.is_dir():
-        evict(sorted(p for p in path.iterdir() if p.is_file()))
+        evict(sorted(p for p in path.iterdir() if p.is_file() and not (keep and keep(p.name))))
     stage = _temp_name(path)
     try:
         stage.mkdir()
@@ -162,9 +175,11 @@ def atomic_folder(path: Path, *, previous: list[Path] | None = None, uncache: bo
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fsync_dir(stage)
         if path.exists() and not path.is_dir():
             raise SaveError(f"{path}: exists and is not a folder; refusing to replace it with one")
+        if keep is not None and path.is_dir():
+            _carry(path, stage, keep)
+        fsync_dir(stage)
         old: Path | None = None
         if path.exists() and _exchange(stage, path):
             old = stage  # now holds the previous version
@@ -184,3 +199,35 @@ def atomic_folder(path: Path, *, previous: list[Path] | None = None, uncache: bo
         if isinstance(e, OSError):
             raise SaveError(f"{path}: could not be written ({e.strerror or e}); the previous folder is intact") from e
         raise
+
+
+def _carry(old: Path, stage: Path, keep: Callable[[str], bool]) -> None:
+    """Give ``stage`` the entries of ``old`` that ``keep`` accepts, as they are (see `atomic_folder`)."""
+    info = old.stat()
+    os.chmod(stage, stat.S_IMODE(info.st_mode))
+    for entry in sorted(old.iterdir()):
+        if keep(entry.name) and not (stage / entry.name).exists():
+            _link_tree(entry, stage / entry.name)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        for entry in sorted(src.iterdir()):
+            _link_tree(entry, dst / entry.name)
+        info = src.stat()
+        os.chmod(dst, stat.S_IMODE(info.st_mode))
+        os.utime(dst, ns=(info.st_atime_ns, info.st_mtime_ns))
+        fsync_dir(dst)
+    else:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:  # a filesystem without hard links: a copy, made durable, with the same times
+            shutil.copy2(src, dst, follow_symlinks=False)
+            fd = os.open(dst, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

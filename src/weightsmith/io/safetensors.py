@@ -179,7 +179,10 @@ def looks_like_safetensors(head: bytes, size: int) -> bool:
 
 
 def tensor_bytes(key: str, tensor: Any) -> Any:
-    """A zero-copy byte view of a tensor's data on the CPU (copying only if it must)."""
+    """A zero-copy byte view of a tensor's data on the CPU (copying only if it must).
+
+    What the writer (`io.writers.safetensors`) writes and what ``check --verify`` checksums.
+    """
     import torch
 
     from ..errors import SaveError
@@ -195,77 +198,3 @@ def tensor_bytes(key: str, tensor: Any) -> Any:
     if not t.is_contiguous():
         t = t.contiguous()
     return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def write_safetensors(f: Any, entries: list[tuple[str, Any]], metadata: dict[str, str], *,
-                      checksums: bool = True, progress: Any = None, materialize: Any = None) -> int:
-    """Write tensors to an open binary file in safetensors layout; returns bytes written.
-
-    With ``checksums``, a CRC-32 of each tensor's bytes is stored in the metadata under
-    ``weightsmith.crc32``; it is computed while writing and patched into a fixed-width header.
-    With ``materialize``, entries may be meta tensors giving only shape and dtype for the header:
-    ``materialize(key, entry)`` returns the tensor to write when its turn comes, so a caller can
-    stream tensors one at a time (it must return that shape and dtype).
-    """
-    import zlib
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ._dtypes import NAME_TO_SAFETENSORS, name_of
-    from ..errors import SaveError
-
-    header: dict[str, Any] = {}
-    offset = 0
-    for key, t in entries:
-        code = NAME_TO_SAFETENSORS.get(name_of(t.dtype))
-        if code is None:
-            raise SaveError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
-        size = t.numel() * t.element_size()
-        header[key] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    meta = dict(metadata)
-    crcs = {key: "00000000" for key, _ in entries}
-    if checksums:
-        meta[CHECKSUMS_KEY] = json.dumps(crcs, separators=(",", ":"))
-
-    def render() -> bytes:
-        body = json.dumps({"__metadata__": meta, **header} if meta else header,
-                          separators=(",", ":")).encode()
-        return body + b" " * (-len(body) % 8)
-
-    head = render()
-    start = f.tell()
-    f.write(struct.pack("<Q", len(head)))
-    f.write(head)
-    done = 0
-    # the CRC runs on a second thread while the same bytes are written (both release the GIL)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for key, t in entries:
-            if materialize is not None:
-                t = _materialized(key, t, materialize(key, t))
-            data = tensor_bytes(key, t)
-            crc = pool.submit(zlib.crc32, data) if checksums else None
-            f.write(memoryview(data))
-            if crc is not None:
-                crcs[key] = f"{crc.result() & 0xFFFFFFFF:08x}"
-            done += data.nbytes
-            del t, data, crc  # let a streamed tensor go before the next one is read
-            if progress is not None:
-                progress(done, offset, key)
-    if checksums:
-        meta[CHECKSUMS_KEY] = json.dumps(crcs, separators=(",", ":"))
-        final = render()
-        assert len(final) == len(head)  # fixed-width hex keeps the header's size
-        end = f.tell()
-        f.seek(start + 8)
-        f.write(final)
-        f.seek(end)
-    return 8 + len(head) + offset
-
-
-def _materialized(key: str, spec: Any, t: Any) -> Any:
-    from ..errors import SaveError
-
-    if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
-        raise SaveError(f"tensor {key!r} arrived as {t.dtype}{list(t.shape)}, but the header was written "
-                        f"for {spec.dtype}{list(spec.shape)}")
-    return t
