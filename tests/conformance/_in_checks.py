@@ -23,7 +23,7 @@ import weightsmith as ws
 from weightsmith.cli import cli
 
 __all__ = ["CHECKS", "Case", "Spec", "Corpus", "params", "run", "same_bits", "values", "PICKLE_V3",
-           "FOLDER_CHECK", "FLOAT4_DIFF", "FLOAT4_WRITE", "versions"]
+           "FOLDER_CHECK", "FLOAT4_DIFF", "versions"]
 
 CHECKS = ("read", "inspect", "check", "diff", "convert", "load")
 
@@ -41,7 +41,6 @@ LABELS = {
 PICKLE_V3 = "needs torch.save v3 storages in the pickle reader"
 FOLDER_CHECK = "`check` on a folder without pickles exits 2 (issue 12 item 5, in trust.py)"
 FLOAT4_DIFF = "`diff` cannot compare float4_e2m1fn_x2 values (diff.py)"
-FLOAT4_WRITE = "the safetensors writer refuses float4_e2m1fn_x2 (issue 12 item 4, writer side)"
 
 # every dtype torch and safetensors share, by torch name
 SHARED_DTYPES = ("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
