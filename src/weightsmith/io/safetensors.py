@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptCheckpointError
-from ._base import Reader, TensorInfo, map_file, release_pages, tensor_from_buffer
+from ._base import Reader, TensorInfo, check_bytes, map_file, release_pages, tensor_from_buffer
 from ._dtypes import SAFETENSORS_TO_NAME, nbytes_of
 
 __all__ = ["SafetensorsReader", "read_header", "MAX_HEADER", "TIES_KEY", "CHECKSUMS_KEY"]
@@ -126,11 +126,12 @@ class SafetensorsReader(Reader):
         return dict(self._aliases)
 
     def tensor(self, key: str) -> Any:
-        key = self._aliases.get(key, key)
+        name, key = key, self._aliases.get(key, key)
         info = self.infos[key]
         if self._map is None:
             self._map = map_file(self.path)
-        begin, _ = self._offsets[key]
+        begin, end = self._offsets[key]
+        check_bytes(self._map, self.path, self.stamp, name, self._start + begin, self._start + end)
         flat = tensor_from_buffer(self._map, self._start + begin, info.nbytes, info.dtype)
         return flat.reshape(info.shape)
 
