@@ -55,6 +55,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, tuple[int,
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptCheckpointError(f"{path}: header is not valid UTF-8 JSON ({e})") from e
+    except RecursionError as e:  # the parser recurses per level: 10**5 nested brackets exhaust it
+        raise CorruptCheckpointError(f"{path}: header JSON is nested too deeply to be a safetensors header") from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -150,7 +152,7 @@ def _parse_ties(path: Path, metadata: dict[str, str], infos: dict[str, TensorInf
         return {}
     try:
         ties = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: metadata {TIES_KEY!r} is not JSON ({e})") from e
     if not isinstance(ties, dict):
         raise CorruptCheckpointError(f"{path}: metadata {TIES_KEY!r} must be a JSON object")
