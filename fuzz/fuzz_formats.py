@@ -395,6 +395,77 @@ def tensor_pickles(draw: Any) -> Case:
     return Case(".pt", _rezip(members), f"written data.pkl: {n} tensor(s) over {len(storages)} storage(s)")
 
 
+# -- folders: sharded (index + shards) and DCP (.metadata + data files) ------------------------------
+FOLDER = "/"  # the suffix of a folder case, whose data is a zip of the folder's files
+
+
+@lru_cache(maxsize=1)
+def folder_bases() -> dict[str, list[tuple[str, bytes]]]:
+    """The undamaged folders, as (name, bytes) lists: a sharded folder and a DCP folder."""
+    import torch
+
+    import weightsmith
+
+    torch.manual_seed(0)
+    state = {"a.weight": torch.randn(4, 4), "a.bias": torch.randn(4), "b.weight": torch.randn(2, 4),
+             "steps": torch.tensor([7])}
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        weightsmith.save(state, Path(d) / "sharded", max_shard_size=100)
+        weightsmith.save(state, Path(d) / "dcp", format="dcp")
+        for kind in ("sharded", "dcp"):
+            out[kind] = [(f.name, f.read_bytes()) for f in sorted((Path(d) / kind).iterdir())]
+    return out
+
+
+def _zip_folder(files: list[tuple[str, bytes]]) -> bytes:
+    return _rezip([(n, data, zipfile.ZIP_STORED) for n, data in files])
+
+
+_SHARD_NAMES = st.sampled_from(["model.safetensors.index.json", "other.index.json", "../escape.safetensors",
+                                "/etc/passwd", "", ".", "sub/", "missing.safetensors", ".metadata",
+                                "model-00001-of-00002.safetensors"])
+
+
+@st.composite
+def folder_edits(draw: Any) -> Case:
+    """A sharded or DCP folder with one member damaged, or its index pointed somewhere odd."""
+    kind = draw(st.sampled_from(["sharded", "dcp"]))
+    files = [list(f) for f in folder_bases()[kind]]
+    i = draw(st.integers(0, len(files) - 1))
+    name, data = files[i]
+    edit = draw(st.sampled_from(["flip", "truncate", "splice", "drop", "index"]))
+    if edit == "index" and kind == "sharded":
+        index = json.loads(next(d for n, d in files if n.endswith(".index.json")))
+        key = draw(st.sampled_from(sorted(index["weight_map"])))
+        index["weight_map"][key] = draw(st.one_of(_SHARD_NAMES, st.text(max_size=12), _JSON))
+        if draw(st.booleans()):  # a second index naming the first: a cycle
+            files.append(["other.index.json", json.dumps({"weight_map": {key: "model.safetensors.index.json"}})
+                          .encode()])
+        files = [[n, json.dumps(index).encode() if n.endswith(".index.json") and n != "other.index.json" else d]
+                 for n, d in files]
+        how = f"sharded: {key!r} mapped to {index['weight_map'][key]!r:.40}"
+    elif edit in ("flip", "index"):
+        buf = bytearray(data)
+        for _ in range(draw(st.integers(1, 8))):
+            pos = draw(st.integers(0, max(len(buf) - 1, 0)))
+            if buf:
+                buf[pos] ^= draw(st.integers(1, 255))
+        files[i][1] = bytes(buf)
+        how = f"{kind}: bytes of {name} flipped"
+    elif edit == "truncate":
+        files[i][1] = data[:draw(st.integers(0, max(len(data) - 1, 0)))]
+        how = f"{kind}: {name} truncated to {len(files[i][1])} bytes"
+    elif edit == "splice":
+        at = draw(st.integers(0, len(data)))
+        files[i][1] = data[:at] + draw(st.binary(max_size=32)) + data[at + draw(st.integers(0, 32)):]
+        how = f"{kind}: bytes of {name} spliced at {at}"
+    else:
+        del files[i]
+        how = f"{kind}: {name} removed"
+    return Case(FOLDER, _zip_folder([(n, d) for n, d in files]), how)
+
+
 @st.composite
 def cuts_while_open(draw: Any) -> Case:
     """A whole file, opened and read, then cut short while still open."""
@@ -407,7 +478,7 @@ def cuts_while_open(draw: Any) -> Case:
 def cases() -> st.SearchStrategy[Case]:
     """Every kind of damaged file, mixed."""
     return st.one_of(flips(), truncations(), splices(), header_edits(), pickle_edits(), zip_edits(),
-                     tensor_pickles(), cuts_while_open())
+                     tensor_pickles(), cuts_while_open(), folder_edits())
 
 
 # -- running one case -------------------------------------------------------------------------------
@@ -477,9 +548,19 @@ def run_case(case: Case, folder: Path, *, timeout_s: int = 10) -> Outcome:
     from weightsmith.errors import WeightsmithError
     from weightsmith.trust import scan_globals, verify
 
-    path = folder / f"case{case.suffix}"
-    path.unlink(missing_ok=True)  # a new file each time: maps of the last one stay its own
-    path.write_bytes(case.data)
+    if case.suffix == FOLDER:  # a new folder each time; its files come zipped
+        import shutil
+
+        path = folder / "case_dir"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        with zipfile.ZipFile(io.BytesIO(case.data)) as zf:
+            for info in zf.infolist():
+                (path / info.filename).write_bytes(zf.read(info))
+    else:
+        path = folder / f"case{case.suffix}"
+        path.unlink(missing_ok=True)  # a new file each time: maps of the last one stay its own
+        path.write_bytes(case.data)
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout_s)
     opened = False
@@ -568,6 +649,8 @@ def _serve() -> None:
     with tempfile.TemporaryDirectory() as d:
         for kind, data in bases().items():  # whole files first: every lazy import happens before the cap
             run_case(Case(_SUFFIX[kind], data, "warm-up"), Path(d))
+        for files in folder_bases().values():
+            run_case(Case(FOLDER, _zip_folder(files), "warm-up"), Path(d))
         _send(out, "ready")
         while (message := _recv(0)) is not None:
             case = Case(*message)
