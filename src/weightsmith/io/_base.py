@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import mmap
@@ -122,6 +123,7 @@ class Reader:
 # live maps: by start address, for read_in to find the file under a tensor; and the mapped
 # file's stamp, for check_bytes to see whether the path named another file by then
 _MAPS: dict[int, tuple[weakref.ref[mmap.mmap], int, str]] = {}
+_STARTS: list[int] = []  # _MAPS's keys, sorted: a lookup is a bisection
 _MAPPED: weakref.WeakKeyDictionary[mmap.mmap, FileStamp] = weakref.WeakKeyDictionary()
 
 
@@ -135,7 +137,8 @@ def map_file(path: Path) -> mmap.mmap:
     anchor = ctypes.c_char.from_buffer(buf)  # a buffer export, dropped at once: just the address
     start = ctypes.addressof(anchor)
     del anchor
-    _MAPS[start] = (weakref.ref(buf, lambda _ref, start=start: _MAPS.pop(start, None)), len(buf), str(path))
+    _MAPS[start] = (weakref.ref(buf, lambda _ref, start=start: _forget(start)), len(buf), str(path))
+    bisect.insort(_STARTS, start)
     _MAPPED[buf] = FileStamp.of(st)
     return buf
 
@@ -174,13 +177,26 @@ def check_bytes(buf: mmap.mmap, path: Path, stamp: FileStamp | None, key: str, b
             "header says; open it again once it is complete")
 
 
+def _forget(start: int) -> None:
+    if _MAPS.pop(start, None) is not None:
+        i = bisect.bisect_left(_STARTS, start)
+        if i < len(_STARTS) and _STARTS[i] == start:
+            del _STARTS[i]
+
+
 def _mapped_file(address: int) -> tuple[mmap.mmap, int, str] | None:
     """The live map holding ``address``, the offset of ``address`` in it, and its file."""
-    for start, (ref, length, path) in list(_MAPS.items()):
-        if start <= address < start + length:
-            buf = ref()
-            return None if buf is None else (buf, address - start, path)
-    return None
+    i = bisect.bisect_right(_STARTS, address) - 1
+    try:
+        start = _STARTS[i] if i >= 0 else -1
+    except IndexError:  # a map collected meanwhile (weakref callbacks run at any time)
+        return None
+    entry = _MAPS.get(start)
+    if entry is None:
+        return None
+    ref, length, path = entry
+    buf = ref()
+    return (buf, address - start, path) if buf is not None and address < start + length else None
 
 
 def release_pages(buf: mmap.mmap, offset: int, nbytes: int) -> None:
