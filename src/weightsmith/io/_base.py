@@ -124,7 +124,7 @@ class Reader:
 # file's stamp, for check_bytes to see whether the path named another file by then
 _MAPS: dict[int, tuple[weakref.ref[mmap.mmap], int, str]] = {}
 _STARTS: list[int] = []  # _MAPS's keys, sorted: a lookup is a bisection
-_MAPPED: weakref.WeakKeyDictionary[mmap.mmap, FileStamp] = weakref.WeakKeyDictionary()
+_MAPPED: dict[int, FileStamp] = {}  # by id() of the live map
 
 
 def map_file(path: Path) -> mmap.mmap:
@@ -137,9 +137,10 @@ def map_file(path: Path) -> mmap.mmap:
     anchor = ctypes.c_char.from_buffer(buf)  # a buffer export, dropped at once: just the address
     start = ctypes.addressof(anchor)
     del anchor
-    _MAPS[start] = (weakref.ref(buf, lambda _ref, start=start: _forget(start)), len(buf), str(path))
+    _MAPS[start] = (weakref.ref(buf, lambda _ref, start=start, ident=id(buf): _forget(start, ident)), len(buf),
+                    str(path))
     bisect.insort(_STARTS, start)
-    _MAPPED[buf] = FileStamp.of(st)
+    _MAPPED[id(buf)] = FileStamp.of(st)
     return buf
 
 
@@ -162,22 +163,26 @@ def check_bytes(buf: mmap.mmap, path: Path, stamp: FileStamp | None, key: str, b
             "after it was opened; open it again once it is complete")
     if stamp is None:
         return
-    mapped = _MAPPED.get(buf)
-    change = stamp.changes(FileStamp(mapped.dev, mapped.ino, size, mapped.mtime_ns)) if mapped else ""
-    if not change:
+    mapped = _MAPPED.get(id(buf)) or stamp
+    change = ""
+    if (mapped.dev, mapped.ino, mapped.mtime_ns, size) != (stamp.dev, stamp.ino, stamp.mtime_ns, stamp.size):
+        change = stamp.changes(FileStamp(mapped.dev, mapped.ino, size, mapped.mtime_ns))
+    else:
         try:
-            now = FileStamp.of(os.stat(path))
+            st = os.stat(path)
         except OSError:
-            now = None  # removed: the map keeps the old file's bytes
-        if now is not None and (now.dev, now.ino) == (stamp.dev, stamp.ino):
-            change = stamp.changes(now)
+            return  # removed: the map keeps the old file's bytes
+        if st.st_ino == stamp.ino and st.st_dev == stamp.dev and (st.st_mtime_ns, st.st_size) != (
+                stamp.mtime_ns, stamp.size):
+            change = stamp.changes(FileStamp.of(st))
     if change:
         raise CorruptCheckpointError(
             f"{path}: the file was {change} after it was opened, so tensor {key!r} may not be what its "
             "header says; open it again once it is complete")
 
 
-def _forget(start: int) -> None:
+def _forget(start: int, ident: int) -> None:
+    _MAPPED.pop(ident, None)
     if _MAPS.pop(start, None) is not None:
         i = bisect.bisect_left(_STARTS, start)
         if i < len(_STARTS) and _STARTS[i] == start:
