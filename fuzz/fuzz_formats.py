@@ -533,8 +533,9 @@ def _bytes_of(tensor: Any) -> bytes:
     """A tensor's bytes, whatever its dtype (NaN compares equal to itself here)."""
     import torch
 
-    t = tensor.detach().reshape(-1).contiguous()
-    return bytes(t.view(torch.uint8).numpy()) if t.numel() else b""
+    flat = torch.empty(tensor.numel(), dtype=tensor.dtype)  # a fresh stride-1 copy, whatever the view
+    flat.copy_(tensor.detach().reshape(-1))
+    return bytes(flat.view(torch.uint8).numpy()) if flat.numel() else b""
 
 
 def run_case(case: Case, folder: Path, *, timeout_s: int = 10) -> Outcome:

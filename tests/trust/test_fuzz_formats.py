@@ -224,3 +224,10 @@ def test_a_class_stored_by_reference_is_not_walked_as_an_object(tmp_path: Path) 
     assert torch.equal(ckpt.load()["w"], torch.ones(2))
     uses = {g.name: g for g in scan_globals(path).globals}["argparse.Namespace"]
     assert (uses.status, uses.uses) == ("data", ("imported",))
+
+
+def test_the_fuzzer_compares_odd_views_by_their_bytes() -> None:
+    # a 1-element view keeps any stride: viewing it as bytes must not fail (seen in a long run)
+    odd = torch.arange(8, dtype=torch.int64).as_strided((1,), (31,))
+    assert ff._bytes_of(odd) == (0).to_bytes(8, "little")
+    assert ff._bytes_of(torch.tensor(1.5, dtype=torch.float64)) == struct.pack("<d", 1.5)
