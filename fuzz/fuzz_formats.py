@@ -7,13 +7,19 @@ non-string metadata, duplicate keys, a wrong length prefix), edits of the opcode
 ``data.pkl`` (ints, strings, globals, inserted and deleted opcodes), and zip-level edits
 (members dropped, duplicated, compressed). Then `weightsmith.open`, ``Checkpoint.load()``
 (touching every tensor's bytes), `weightsmith.trust.verify` and `scan_globals` must each
-succeed or raise a `WeightsmithError`: never another exception, never a hang.
+succeed or raise a `WeightsmithError`: never another exception, never a hang. Some files are
+whole but cut short while open: they must then fail, or load the values they held.
 
-    python fuzz/fuzz_formats.py --cases 10000 [--seed 0] [--max-memory-gb 6]
+Cases run in a worker process (`Worker`) under an address-space cap (`memory_limit`: 2x the
+file + 256 MiB) and a time limit (`time_limit`, linear in the file's size); a worker that
+crashes or hangs is counted and replaced.
 
-Prints the number of cases, how many opened fine, how many gave a WeightsmithError, and the
-uncaught exceptions and hangs (both must be 0), with one example of each kind.
-The test suite imports `cases` and `run_case` from here for a short run.
+    python fuzz/fuzz_formats.py --cases 10000 [--seed 0] [--found fuzz/found]
+
+Prints the number of cases, how many opened fine, how many gave a WeightsmithError, the
+uncaught exceptions, wrong values, hangs and crashes (all must be 0) with one example of each
+kind, the worst time and the peak memory of one case. Failing inputs are kept under --found.
+The test suite imports `cases` and `Worker` from here for a short run.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import pickletools
 import resource
 import signal
@@ -42,11 +49,15 @@ from hypothesis import strategies as st
 # -- the real files the cases start from ----------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    """One fuzz input: a file's bytes, the suffix it is saved with, and what was done to it."""
+    """One fuzz input: a file's bytes, the suffix it is saved with, and what was done to it.
+
+    With ``cut``, the file is whole when opened and is cut to ``cut`` bytes while open.
+    """
 
     suffix: str
     data: bytes
     how: str
+    cut: int | None = None
 
     def __repr__(self) -> str:  # hypothesis prints failing examples; keep it short
         return f"Case({self.suffix}, {len(self.data)} bytes, {self.how})"
@@ -138,9 +149,10 @@ def header_edits(draw: Any) -> Case:
     done: list[str] = []
     raw_prefix: bytes | None = None
     duplicate = False
+    deep = 0
     for _ in range(draw(st.integers(1, 3))):
         edit = draw(st.sampled_from(["shape", "offsets", "dtype", "metadata", "ties", "crc", "drop", "extra",
-                                     "duplicate", "entry", "prefix", "body", "not-object"]))
+                                     "duplicate", "entry", "prefix", "body", "not-object", "deep"]))
         key = draw(st.sampled_from(keys))
         entry = header.get(key)
         if edit == "shape" and isinstance(entry, dict):
@@ -179,6 +191,10 @@ def header_edits(draw: Any) -> Case:
             raw_prefix = struct.pack("<Q", draw(st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 4096))))
         elif edit == "body":
             body = body[: draw(st.integers(0, len(body)))] + draw(st.binary(max_size=16))
+        elif edit == "deep":  # nesting past the JSON parser's recursion limit, or just under it
+            depth = draw(st.sampled_from([500, 5_000, 100_000]))
+            header[key] = "\x00deep"
+            deep = depth
         elif edit == "not-object":
             header = draw(_JSON)  # type: ignore[assignment]
             keys = keys or ["x"]
@@ -189,6 +205,8 @@ def header_edits(draw: Any) -> Case:
     if duplicate and isinstance(header, dict) and keys and text.startswith("{"):
         key = keys[0]
         text = "{" + json.dumps(key) + ":" + json.dumps(header.get(key)) + "," + text[1:]
+    if deep:
+        text = text.replace(json.dumps("\x00deep"), "[" * deep + "]" * deep)
     raw = text.encode()
     raw += b" " * (-len(raw) % 8)
     prefix = raw_prefix if raw_prefix is not None else struct.pack("<Q", len(raw))
@@ -377,19 +395,121 @@ def tensor_pickles(draw: Any) -> Case:
     return Case(".pt", _rezip(members), f"written data.pkl: {n} tensor(s) over {len(storages)} storage(s)")
 
 
+# -- folders: sharded (index + shards) and DCP (.metadata + data files) ------------------------------
+FOLDER = "/"  # the suffix of a folder case, whose data is a zip of the folder's files
+
+
+@lru_cache(maxsize=1)
+def folder_bases() -> dict[str, list[tuple[str, bytes]]]:
+    """The undamaged folders, as (name, bytes) lists: a sharded folder and a DCP folder."""
+    import torch
+
+    import weightsmith
+
+    torch.manual_seed(0)
+    state = {"a.weight": torch.randn(4, 4), "a.bias": torch.randn(4), "b.weight": torch.randn(2, 4),
+             "steps": torch.tensor([7])}
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        weightsmith.save(state, Path(d) / "sharded", max_shard_size=100)
+        weightsmith.save(state, Path(d) / "dcp", format="dcp")
+        for kind in ("sharded", "dcp"):
+            out[kind] = [(f.name, f.read_bytes()) for f in sorted((Path(d) / kind).iterdir())]
+    return out
+
+
+def _zip_folder(files: list[tuple[str, bytes]]) -> bytes:
+    return _rezip([(n, data, zipfile.ZIP_STORED) for n, data in files])
+
+
+_SHARD_NAMES = st.sampled_from(["model.safetensors.index.json", "other.index.json", "../escape.safetensors",
+                                "/etc/passwd", "", ".", "sub/", "missing.safetensors", ".metadata",
+                                "model-00001-of-00002.safetensors"])
+
+
+@st.composite
+def folder_edits(draw: Any) -> Case:
+    """A sharded or DCP folder with one member damaged, or its index pointed somewhere odd."""
+    kind = draw(st.sampled_from(["sharded", "dcp"]))
+    files = [list(f) for f in folder_bases()[kind]]
+    i = draw(st.integers(0, len(files) - 1))
+    name, data = files[i]
+    edit = draw(st.sampled_from(["flip", "truncate", "splice", "drop", "index"]))
+    if edit == "index" and kind == "sharded":
+        index = json.loads(next(d for n, d in files if n.endswith(".index.json")))
+        key = draw(st.sampled_from(sorted(index["weight_map"])))
+        index["weight_map"][key] = draw(st.one_of(_SHARD_NAMES, st.text(max_size=12), _JSON))
+        if draw(st.booleans()):  # a second index naming the first: a cycle
+            files.append(["other.index.json", json.dumps({"weight_map": {key: "model.safetensors.index.json"}})
+                          .encode()])
+        files = [[n, json.dumps(index).encode() if n.endswith(".index.json") and n != "other.index.json" else d]
+                 for n, d in files]
+        how = f"sharded: {key!r} mapped to {index['weight_map'][key]!r:.40}"
+    elif edit in ("flip", "index"):
+        buf = bytearray(data)
+        for _ in range(draw(st.integers(1, 8))):
+            pos = draw(st.integers(0, max(len(buf) - 1, 0)))
+            if buf:
+                buf[pos] ^= draw(st.integers(1, 255))
+        files[i][1] = bytes(buf)
+        how = f"{kind}: bytes of {name} flipped"
+    elif edit == "truncate":
+        files[i][1] = data[:draw(st.integers(0, max(len(data) - 1, 0)))]
+        how = f"{kind}: {name} truncated to {len(files[i][1])} bytes"
+    elif edit == "splice":
+        at = draw(st.integers(0, len(data)))
+        files[i][1] = data[:at] + draw(st.binary(max_size=32)) + data[at + draw(st.integers(0, 32)):]
+        how = f"{kind}: bytes of {name} spliced at {at}"
+    else:
+        del files[i]
+        how = f"{kind}: {name} removed"
+    return Case(FOLDER, _zip_folder([(n, d) for n, d in files]), how)
+
+
+@st.composite
+def cuts_while_open(draw: Any) -> Case:
+    """A whole file, opened and read, then cut short while still open."""
+    kind = draw(st.sampled_from(sorted(bases())))
+    data = bases()[kind]
+    n = draw(st.integers(0, len(data) - 1))
+    return Case(_SUFFIX[kind], data, f"{kind}: cut to {n} bytes while open", cut=n)
+
+
 def cases() -> st.SearchStrategy[Case]:
     """Every kind of damaged file, mixed."""
     return st.one_of(flips(), truncations(), splices(), header_edits(), pickle_edits(), zip_edits(),
-                     tensor_pickles())
+                     tensor_pickles(), cuts_while_open(), folder_edits())
 
 
 # -- running one case -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Outcome:
-    """``ok`` (opened and loaded), ``error`` (a WeightsmithError), ``uncaught`` or ``hang``."""
+    """What one case did.
+
+    ``kind``: ``ok`` (opened and loaded), ``error`` (a WeightsmithError), ``uncaught`` (any other
+    exception, ``MemoryError`` past the memory cap included), ``wrong`` (a file cut while open
+    loaded other values than it held), ``hang`` (past its time limit) or ``crash`` (the process
+    died, e.g. SIGBUS). ``seconds`` and ``peak_mib`` (peak resident memory above the level before
+    the case) are measured in the worker; 0 where it died.
+    """
 
     kind: str
     detail: str = ""
+    seconds: float = 0.0
+    peak_mib: float = 0.0
+
+
+FAILURES = ("uncaught", "wrong", "hang", "crash")
+
+
+def time_limit(size: int) -> float:
+    """Seconds a case of ``size`` bytes may take: linear in the size, generous for a busy machine."""
+    return 10.0 + size / 2**20
+
+
+def memory_limit(size: int) -> int:
+    """Bytes of address space a case of ``size`` bytes may add: 2x the file + 256 MiB."""
+    return 2 * size + (256 << 20)
 
 
 class _Hang(Exception):
@@ -409,14 +529,39 @@ def _where(error: BaseException) -> str:
     return f"{Path(frame.filename).name}:{frame.lineno}"
 
 
+def _bytes_of(tensor: Any) -> bytes:
+    """A tensor's bytes, whatever its dtype (NaN compares equal to itself here)."""
+    import torch
+
+    flat = torch.empty(tensor.numel(), dtype=tensor.dtype)  # a fresh stride-1 copy, whatever the view
+    flat.copy_(tensor.detach().reshape(-1))
+    return bytes(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+
+
 def run_case(case: Case, folder: Path, *, timeout_s: int = 10) -> Outcome:
-    """Open, load, verify and scan one damaged file; classify what happened."""
+    """Open, load, verify and scan one damaged file; classify what happened.
+
+    Runs in the calling process: a crash kills it. `Worker` runs cases in a child instead.
+    """
+    import os
+
     import weightsmith
     from weightsmith.errors import WeightsmithError
     from weightsmith.trust import scan_globals, verify
 
-    path = folder / f"case{case.suffix}"
-    path.write_bytes(case.data)
+    if case.suffix == FOLDER:  # a new folder each time; its files come zipped
+        import shutil
+
+        path = folder / "case_dir"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        with zipfile.ZipFile(io.BytesIO(case.data)) as zf:
+            for info in zf.infolist():
+                (path / info.filename).write_bytes(zf.read(info))
+    else:
+        path = folder / f"case{case.suffix}"
+        path.unlink(missing_ok=True)  # a new file each time: maps of the last one stay its own
+        path.write_bytes(case.data)
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout_s)
     opened = False
@@ -424,8 +569,12 @@ def run_case(case: Case, folder: Path, *, timeout_s: int = 10) -> Outcome:
         try:
             with weightsmith.open(path) as ckpt:
                 _ = (len(ckpt), repr(ckpt), ckpt.other_objects, ckpt.ties, ckpt.metadata)
-                for key, tensor in ckpt.load().items():
-                    tensor.clone()  # touch every byte the header claims
+                whole = {key: _bytes_of(tensor) for key, tensor in ckpt.load().items()}  # every byte touched
+                if case.cut is not None:
+                    os.truncate(path, case.cut)
+                    wrong = [k for k, t in ckpt.load().items() if _bytes_of(t) != whole[k]]
+                    if wrong:
+                        return Outcome("wrong", f"{wrong[0]!r} changed after the cut [{case.how}]")
             opened = True
         except WeightsmithError:
             pass
@@ -442,53 +591,223 @@ def run_case(case: Case, folder: Path, *, timeout_s: int = 10) -> Outcome:
     return Outcome("ok" if opened else "error")
 
 
+# -- running cases in a child process ------------------------------------------------------------------
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` figure in bytes (0 where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak() -> None:
+    """Reset this process's peak resident memory (Linux: ``clear_refs`` 5), so it is per case."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _send(fd: int, obj: Any) -> None:
+    import pickle
+
+    data = pickle.dumps(obj)
+    view = memoryview(struct.pack("<I", len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _recv(fd: int) -> Any:
+    """One message, or ``None`` at the end of the stream."""
+    import pickle
+
+    def exactly(n: int) -> bytes | None:
+        parts, left = [], n
+        while left:
+            chunk = os.read(fd, left)
+            if not chunk:
+                return None
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+    head = exactly(4)
+    body = exactly(struct.unpack("<I", head)[0]) if head is not None else None
+    return None if body is None else pickle.loads(body)  # noqa: S301 - our own child's messages
+
+
+def _serve() -> None:
+    """The worker's loop: read a case, run it under the memory cap, answer its outcome."""
+    import weightsmith  # noqa: F401 - imported before the cap: the case measures only itself
+    import weightsmith.trust  # noqa: F401
+
+    out = os.dup(1)
+    os.dup2(2, 1)  # stray prints go to stderr, not into the answers
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with tempfile.TemporaryDirectory() as d:
+        for kind, data in bases().items():  # whole files first: every lazy import happens before the cap
+            run_case(Case(_SUFFIX[kind], data, "warm-up"), Path(d))
+        for files in folder_bases().values():
+            run_case(Case(FOLDER, _zip_folder(files), "warm-up"), Path(d))
+        _send(out, "ready")
+        while (message := _recv(0)) is not None:
+            case = Case(*message)
+            _reset_peak()
+            before = _status("VmRSS")
+            space = _status("VmSize")
+            if space:
+                cap = space + memory_limit(len(case.data))
+                resource.setrlimit(resource.RLIMIT_AS, (cap if hard < 0 else min(cap, hard), hard))
+            start = time.perf_counter()
+            try:
+                outcome = run_case(case, Path(d), timeout_s=int(time_limit(len(case.data))))
+            finally:
+                resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+            seconds = time.perf_counter() - start
+            peak = max(0, _status("VmHWM") - before) / 2**20
+            _send(out, (outcome.kind, outcome.detail, seconds, peak))
+
+
+class Worker:
+    """A child process that runs cases one after another, each under a memory and a time limit.
+
+    The child caps its address space at `memory_limit` above its size before each case (an
+    allocation beyond fails as an uncaught ``MemoryError``); the parent kills it when a case
+    runs past `time_limit` plus a margin (a hang) and starts a new one, as it does when the
+    child dies (a crash, such as SIGBUS). One child serves many cases: starting one costs the
+    import of torch.
+    """
+
+    def __init__(self) -> None:
+        self._proc: Any = None
+        self._log = tempfile.TemporaryFile()
+        self.started = 0
+
+    def _start(self) -> None:
+        import subprocess
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._log, env=env)
+        self.started += 1
+        if _recv(self._proc.stdout.fileno()) != "ready":
+            raise RuntimeError(f"the fuzz worker did not start (exit {self._proc.wait()}): {self._stderr()}")
+
+    def _stderr(self) -> str:
+        self._log.seek(0)
+        text = self._log.read()[-400:].decode(errors="replace").strip()
+        self._log.seek(0)
+        self._log.truncate()
+        return text
+
+    def _stop(self) -> int:
+        proc, self._proc = self._proc, None
+        if proc.poll() is None:
+            proc.kill()
+        for stream in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+        return proc.wait()
+
+    def run(self, case: Case) -> Outcome:
+        """Run one case in the child; a hang or a crash restarts it."""
+        import select
+
+        if self._proc is None:
+            self._start()
+        limit = time_limit(len(case.data)) + 5  # the child's own alarm goes off first
+        try:
+            _send(self._proc.stdin.fileno(), (case.suffix, case.data, case.how, case.cut))  # plain data both ways
+        except BrokenPipeError:
+            pass  # died: reported below
+        ready, _, _ = select.select([self._proc.stdout], [], [], limit)
+        if not ready:
+            self._stop()
+            return Outcome("hang", f"killed after {limit:.0f} s [{case.how}]", limit)
+        answer = _recv(self._proc.stdout.fileno())
+        if answer is None:
+            code = self._stop()
+            how = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit {code}"
+            return Outcome("crash", f"{how}: {self._stderr()[-200:]} [{case.how}]")
+        return Outcome(*answer)
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._stop()  # nothing to flush: killing spares the interpreter's slow shutdown
+        self._log.close()
+
+
 # -- the command line --------------------------------------------------------------------------------
+def _keep(found: Path, kind: str, n: int, case: Case, outcome: Outcome) -> None:
+    """Keep a failing input under ``found/`` with a note of what it did."""
+    found.mkdir(parents=True, exist_ok=True)
+    stem = found / f"{kind}-{n:03d}"
+    stem.with_suffix(case.suffix).write_bytes(case.data)
+    stem.with_suffix(".txt").write_text(f"{case.how}\ncut: {case.cut}\n{outcome.detail}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     from hypothesis import HealthCheck, Phase, given, seed, settings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=10_000, help="number of damaged files to try")
     parser.add_argument("--seed", type=int, default=0, help="seed of the case generator")
-    parser.add_argument("--max-memory-gb", type=float, default=6.0,
-                        help="address-space limit for this process (0: none); a huge allocation fails")
+    parser.add_argument("--found", type=Path, default=Path(__file__).parent / "found",
+                        help="where inputs that fail are kept (at most 20 per kind)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        _serve()
+        return 0
 
-    bases()  # build the originals (and import torch) before limiting memory
-    if args.max_memory_gb:
-        limit = int(args.max_memory_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    bases()
     counts: Counter[str] = Counter()
     examples: dict[str, str] = {}
+    worst = Outcome("ok")
+    peak = Outcome("ok")
     start = time.perf_counter()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    worker = Worker()
 
-    with tempfile.TemporaryDirectory() as d:
-        folder = Path(d)
+    @seed(args.seed)
+    @settings(max_examples=args.cases, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=cases())
+    def fuzz(case: Case) -> None:
+        nonlocal worst, peak
+        outcome = worker.run(case)
+        counts[outcome.kind] += 1
+        if outcome.kind not in FAILURES:
+            if outcome.seconds > worst.seconds:
+                worst = Outcome(outcome.kind, f"{case.how} ({len(case.data):,} bytes)", outcome.seconds)
+            if outcome.peak_mib > peak.peak_mib:
+                peak = Outcome(outcome.kind, f"{case.how} ({len(case.data):,} bytes)", peak_mib=outcome.peak_mib)
+        else:
+            examples.setdefault(outcome.detail.split(":")[0], outcome.detail)
+            if counts[outcome.kind] <= 20:
+                _keep(args.found, outcome.kind, counts[outcome.kind], case, outcome)
 
-        @seed(args.seed)
-        @settings(max_examples=args.cases, database=None, deadline=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(case=cases())
-        def fuzz(case: Case) -> None:
-            outcome = run_case(case, folder)
-            counts[outcome.kind] += 1
-            if outcome.kind in ("uncaught", "hang"):
-                examples.setdefault(outcome.detail.split(":")[0], outcome.detail)
-
+    try:
         fuzz()
+    finally:
+        worker.close()
 
-    total = sum(counts.values())
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"cases:               {total:,}")
-    print(f"opened fine:         {counts['ok']:,}")
-    print(f"WeightsmithError:    {counts['error']:,}")
-    print(f"uncaught exceptions: {counts['uncaught']:,}")
-    print(f"hangs (>10 s):       {counts['hang']:,}")
-    print(f"peak RSS growth:     {(rss_after - rss_before) / 1024:.0f} MiB")
-    print(f"time:                {time.perf_counter() - start:.0f} s (seed {args.seed})")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"cases:                 {sum(counts.values()):,}")
+    print(f"opened fine:           {counts['ok']:,}")
+    print(f"WeightsmithError:      {counts['error']:,}")
+    for kind in FAILURES:
+        print(f"{kind + ':':<22} {counts[kind]:,}")
+    print(f"worst time per case:   {worst.seconds:.3f} s ({worst.detail})")
+    print(f"peak memory per case:  {peak.peak_mib:.1f} MiB above the worker's resident size ({peak.detail})")
+    print(f"worker peak RSS:       {children:.0f} MiB (ru_maxrss, {worker.started} worker(s) started)")
+    print(f"limits per case:       {time_limit(0):.0f} s + 1 s/MiB; address space +256 MiB + 2x the file")
+    print(f"time:                  {time.perf_counter() - start:.0f} s (seed {args.seed})")
     for detail in examples.values():
         print(f"  e.g. {detail}")
-    return 1 if counts["uncaught"] or counts["hang"] else 0
+    return 1 if any(counts[k] for k in FAILURES) else 0
 
 
 if __name__ == "__main__":

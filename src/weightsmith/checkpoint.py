@@ -144,7 +144,13 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     # tensors ------------------------------------------------------------------------------
     def tensor(self, key: str, *, device: Any = None, dtype: Any = None) -> torch.Tensor:
-        """One tensor, memory-mapped when no device or dtype change is asked for."""
+        """One tensor, memory-mapped when no device or dtype change is asked for.
+
+        The file is checked first to be the one opened: cut short, rewritten in place or
+        replaced since, it raises `CorruptCheckpointError` naming the file and key (reading a
+        map past its file's end would kill the process). A mapped tensor already returned
+        stays a view of the file: ``.clone()`` it if the file may change while you use it.
+        """
         if key not in self._reader.infos:
             raise KeyError(f"{key!r} is not in {self.path}")
         t = self._reader.tensor(key)
@@ -173,6 +179,9 @@ class Checkpoint(Mapping[str, TensorInfo]):
             device: where to put them; on ``"cpu"`` with no dtype change they stay memory-mapped.
             dtype: cast floating-point tensors to this dtype.
             progress: called as ``progress(done_bytes, total_bytes, key)``.
+
+        Raises:
+            CorruptCheckpointError: the file changed since it was opened (see `tensor`).
         """
         import torch
 

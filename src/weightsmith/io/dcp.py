@@ -14,6 +14,7 @@ unpickled for real, and tensors map straight from the data files.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from ._base import Reader, TensorInfo, read_in
+from ._base import FileStamp, Reader, TensorInfo, read_in
 from ._detect import METADATA_NAME
 from ._dtypes import BITS, nbytes_of, unrepresentable
 from ._pickle import Opaque, TensorRecord, scan_pickle
@@ -102,6 +103,7 @@ class DcpReader(Reader):
         self.planner_data: dict[str, tuple[str | int, ...]] | None = None
         self.version: str | None = None
         self._held: dict[str, TorchFileReader] = {}  # readers of tensors handed out as mapped views
+        self._stamps: dict[str, FileStamp] = {}  # data files as they were when opened
         size = meta_path.stat().st_size
         if size > _MAX_METADATA:
             raise CorruptCheckpointError(f"{meta_path}: {size:,} bytes is too large for checkpoint metadata")
@@ -149,6 +151,7 @@ class DcpReader(Reader):
                 rel, off, length, transforms = files.get((key, offsets), (None, None, None, ()))
                 chunks.append(Chunk(offsets, sizes, rel, off, length, transforms))
             _check_cover(meta_path, key, shape, chunks)
+            _check_lengths(meta_path, key, dtype, chunks)
             self.layout[key] = chunks
             infos[key] = TensorInfo(key, shape, dtype, nbytes_of(dtype, _prod(shape)),
                                     file=",".join(sorted({c.file for c in chunks if c.file})) or None)
@@ -156,7 +159,13 @@ class DcpReader(Reader):
         self.planner_data = _plain_paths(state.get("planner_data"))
         version = state.get("version")
         self.version = version if isinstance(version, str) else None
-        self.notes.append(f"{len({c.file for v in self.layout.values() for c in v})} data file(s)")
+        files_used = {c.file for v in self.layout.values() for c in v if c.file}
+        for rel in files_used:
+            try:
+                self._stamps[rel] = FileStamp.of(os.stat(self.path / rel))
+            except OSError:
+                pass  # a missing data file is reported when a tensor in it is read
+        self.notes.append(f"{len(files_used)} data file(s)")
 
     def tensor(self, key: str) -> Any:
         """The global tensor of ``key``: a mapped view of its chunk when it has one, else assembled."""
@@ -167,12 +176,14 @@ class DcpReader(Reader):
         info = self.infos[key]
         chunks = [c for c in self.layout[key] if c.numel]
         if len(chunks) == 1 and chunks[0].sizes == info.shape:
-            reader = open_chunk(self.path, key, chunks[0], info.dtype)
+            reader = open_chunk(self.path, key, chunks[0], info.dtype, stamp=self._stamps.get(chunks[0].file or ""))
             self._held[key] = reader
             return reader.tensor("")
+        for chunk in chunks:  # every chunk's bytes are there before the whole tensor is allocated
+            _data_file(self.path, key, chunk)
         out = torch.empty(info.shape, dtype=to_torch(info.dtype))
         for chunk in chunks:
-            copy_chunk(self.path, key, chunk, info.dtype, out[chunk.slices])
+            copy_chunk(self.path, key, chunk, info.dtype, out[chunk.slices], stamp=self._stamps.get(chunk.file or ""))
         return out
 
     def release(self, key: str) -> None:
@@ -232,6 +243,22 @@ def _check_cover(meta_path: Path, key: str, shape: tuple[int, ...], chunks: list
                         f"{meta_path}: the chunks of {key!r} at {list(a.offsets)} and {list(b.offsets)} overlap")
 
 
+def _check_lengths(meta_path: Path, key: str, dtype: str, chunks: list[Chunk]) -> None:
+    """Each stored chunk's archive must be at least as long as the bytes of its elements.
+
+    Checked from the metadata alone, at open: a tensor declared far larger than its files
+    (``[2**40]`` over a few bytes) is refused before anything is allocated for it.
+    """
+    for c in chunks:
+        if c.length is None or not c.numel or c.transforms:  # transformed (compressed) bytes may be fewer
+            continue
+        need = nbytes_of(dtype, c.numel)
+        if c.length < need:
+            raise CorruptCheckpointError(
+                f"{meta_path}: the chunk of {key!r} at {list(c.offsets)} holds {_prod(c.sizes):,} {dtype} "
+                f"elements ({need:,} bytes), but its stored archive in {c.file} is {c.length:,} bytes")
+
+
 def _plain_paths(value: Any) -> dict[str, tuple[str | int, ...]] | None:
     """The planner's flattening map (key -> path of keys), kept only when it is plain data."""
     if not isinstance(value, dict):
@@ -267,7 +294,8 @@ def _data_file(folder: Path, key: str, chunk: Chunk) -> tuple[Path, int, int]:
     return path, chunk.byte_offset, chunk.length
 
 
-def open_chunk(folder: Path, key: str, chunk: Chunk, dtype: str) -> TorchFileReader:
+def open_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, *,
+               stamp: FileStamp | None = None) -> TorchFileReader:
     """The reader of one stored chunk of ``key``; its tensor, keyed ``""``, fits the metadata.
 
     Args:
@@ -275,6 +303,7 @@ def open_chunk(folder: Path, key: str, chunk: Chunk, dtype: str) -> TorchFileRea
         key: the tensor's key, for messages.
         chunk: the chunk, from `DcpReader.layout`.
         dtype: the dtype the metadata gives the tensor.
+        stamp: the data file as it was when the folder was opened; a file changed since is refused.
 
     Raises:
         CorruptCheckpointError: naming the data file and the key (missing, truncated or damaged
@@ -289,6 +318,10 @@ def open_chunk(folder: Path, key: str, chunk: Chunk, dtype: str) -> TorchFileRea
         raise UnsafeCheckpointError(f"{where}: {e}", globals=e.globals) from e
     except CheckpointError as e:
         raise CorruptCheckpointError(f"{where} cannot be read: {e}") from e
+    change = stamp.changes(reader.stamp) if stamp is not None and reader.stamp is not None else ""
+    if change:
+        raise CorruptCheckpointError(f"{where}: the data file was {change} after the checkpoint was opened; "
+                                     "open it again once it is complete")
     stored = reader.infos.get("")
     if stored is None or len(reader.infos) != 1:
         raise CorruptCheckpointError(f"{where} holds {', '.join(map(repr, reader.infos))}, not one tensor")
@@ -310,7 +343,7 @@ def _check_region(folder: Path, key: str, chunk: Chunk, start: tuple[int, ...] |
 
 
 def copy_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, out: Any, *,
-               start: tuple[int, ...] | None = None) -> None:
+               start: tuple[int, ...] | None = None, stamp: FileStamp | None = None) -> None:
     """Copy the region of a stored chunk at ``start`` (in the chunk), shaped like ``out``, into ``out``.
 
     When the region is one row-major run of the file and ``out`` is contiguous and of the same
@@ -326,7 +359,7 @@ def copy_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, out: Any, *,
 
     lengths = tuple(out.shape)
     start = _check_region(folder, key, chunk, start, lengths)
-    reader = open_chunk(folder, key, chunk, dtype)
+    reader = open_chunk(folder, key, chunk, dtype, stamp=stamp)
     span = reader.data_span("")
     direct = out.is_contiguous() and out.dtype == to_torch(dtype) and _one_run(chunk.sizes, lengths)
     if span is not None and direct:
@@ -337,7 +370,9 @@ def copy_chunk(folder: Path, key: str, chunk: Chunk, dtype: str, out: Any, *,
             step *= d
         _read_exactly(reader.path, span[0] + first * size, out.reshape(-1).view(torch.uint8), key)
         return
-    out.copy_(_narrow(reader.tensor(""), start, lengths))
+    region = _narrow(reader.tensor(""), start, lengths)
+    read_in(region, f"{reader.path}: {key!r}")  # a file cut meanwhile raises here, not SIGBUS in the copy
+    out.copy_(region)
     reader.release("")
 
 

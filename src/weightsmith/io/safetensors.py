@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, CorruptCheckpointError
-from ._base import Reader, TensorInfo, map_file, release_pages, tensor_from_buffer
+from ._base import Reader, TensorInfo, check_bytes, map_file, release_pages, tensor_from_buffer
 from ._dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, from_safetensors, nbytes_of, unrepresentable
 
 __all__ = ["SafetensorsReader", "read_header", "MAX_HEADER", "TIES_KEY", "CHECKSUMS_KEY"]
@@ -55,6 +55,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, tuple[int,
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptCheckpointError(f"{path}: header is not valid UTF-8 JSON ({e})") from e
+    except RecursionError as e:  # the parser recurses per level: 10**5 nested brackets exhaust it
+        raise CorruptCheckpointError(f"{path}: header JSON is nested too deeply to be a safetensors header") from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -128,7 +130,7 @@ class SafetensorsReader(Reader):
         return dict(self._aliases)
 
     def tensor(self, key: str) -> Any:
-        key = self._aliases.get(key, key)
+        name, key = key, self._aliases.get(key, key)
         info = self.infos[key]
         why = unrepresentable(info.dtype)
         if why is not None:
@@ -139,7 +141,8 @@ class SafetensorsReader(Reader):
                 "tool that reads that dtype")
         if self._map is None:
             self._map = map_file(self.path)
-        begin, _ = self._offsets[key]
+        begin, end = self._offsets[key]
+        check_bytes(self._map, self.path, self.stamp, name, self._start + begin, self._start + end)
         flat = tensor_from_buffer(self._map, self._start + begin, info.nbytes, info.dtype)
         return flat.reshape(info.shape)
 
@@ -158,7 +161,7 @@ def _parse_ties(path: Path, metadata: dict[str, str], infos: dict[str, TensorInf
         return {}
     try:
         ties = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: metadata {TIES_KEY!r} is not JSON ({e})") from e
     if not isinstance(ties, dict):
         raise CorruptCheckpointError(f"{path}: metadata {TIES_KEY!r} must be a JSON object")

@@ -34,7 +34,7 @@ class ShardedReader(Reader):
     """A folder of shards with a Hugging Face index; each shard opens lazily by its own reader."""
 
     def __init__(self, index_path: Path) -> None:
-        from ._detect import reader_for
+        from ._detect import detect, reader_for
 
         folder = index_path.parent
         super().__init__(path=folder, format="sharded")
@@ -49,6 +49,11 @@ class ShardedReader(Reader):
             if not path.is_file():
                 raise CheckpointNotFoundError(
                     f"{index_path}: shard {shard_name!r} named in the index is missing from {folder}")
+            kind, _ = detect(path)
+            if kind not in ("safetensors", "torch"):  # an index naming an index (itself, a cycle) loops
+                raise CorruptCheckpointError(
+                    f"{index_path}: shard {shard_name!r} is a {kind} checkpoint, not a file of tensors; "
+                    "a shard must be a safetensors or torch.save file")
             reader = reader_for(path)
             self._shards[shard_name] = reader
             shard_aliases = reader.aliases()
@@ -99,7 +104,7 @@ class ShardedReader(Reader):
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: the index is not valid JSON ({e})") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptCheckpointError, RootError, UnknownFormatError, UnsafeCheckpointError
-from ._base import Reader, TensorInfo, map_file, release_pages, tensor_from_buffer
+from ._base import Reader, TensorInfo, check_bytes, map_file, release_pages, tensor_from_buffer
 from ._dtypes import BITS, nbytes_of
 from ._pickle import Opaque, PickleScan, StorageRef, TensorRecord, scan_pickle, scan_pickles
 from ._tree import choose_root, find_roots, flatten, other_objects, resolve_root
@@ -326,6 +326,10 @@ class TorchFileReader(Reader):
         if rec.storage is None:
             return torch.empty(rec.shape, dtype=_torch_dtype(rec.dtype), device="meta")
         try:
+            if self._map is None:
+                self._map = map_file(self.path)
+            start, nbytes = self._spans[rec.storage.key]
+            check_bytes(self._map, self.path, self.stamp, key, start, start + nbytes)  # cut or rewritten since
             base = self._base(rec.storage)
             return torch.as_strided(base, rec.shape, rec.stride, rec.storage.view_offset + rec.offset)
         except RuntimeError as e:  # the pickle's view of a storage disagrees with the storage's bytes
