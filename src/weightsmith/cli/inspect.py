@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._common import emit
+from ._target import target_options
 
 
 @click.command("inspect", short_help="Show the parameter table of a checkpoint or a model.")
@@ -17,6 +18,7 @@ from ._common import emit
 @click.option("--root", help="Root inside a nested checkpoint (e.g. model_ema).")
 @click.option("--trust", is_flag=True, help="Allow unpickling code in a torch file you vouch for.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema weightsmith.inspect/1).")
+@target_options
 def command(target: str, pattern: str | None, sort: str | None, fold: bool, layout: bool, root: str | None,
             trust: bool, as_json: bool) -> None:
     """Show the parameter table of a checkpoint (read from its header, without loading tensors),

@@ -1,0 +1,131 @@
+"""The two entry points and TARGET factories: exit codes, one-line errors, configs and ``--kw``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from weightsmith.cli import main
+
+# the console script is `weightsmith = "weightsmith.cli:main"`: this is what it runs
+_CONSOLE = "import sys; from weightsmith.cli import main; sys.exit(main())"
+
+
+def _both(*args: str, cwd: Path | None = None) -> list[subprocess.CompletedProcess[str]]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return [subprocess.run([sys.executable, *entry, *args], capture_output=True, text=True, env=env,
+                           timeout=120, cwd=cwd)
+            for entry in (["-m", "weightsmith"], ["-c", _CONSOLE])]
+
+
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return int(code or 0), out, err
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path, Path]:
+    torch.manual_seed(0)
+    a, b, bad = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "bad.safetensors"
+    w = torch.randn(4, 3)
+    save_file({"w": w}, str(a))
+    save_file({"w": w + 1}, str(b))
+    save_file({"w": torch.tensor([1.0, float("nan")])}, str(bad))
+    return a, b, bad
+
+
+def test_both_entry_points_give_the_same_exit_codes(pair: tuple[Path, Path, Path]) -> None:
+    a, b, bad = pair
+    cases = {("diff", str(a), str(a)): 0, ("diff", str(a), str(b)): 1,
+             ("check", str(bad)): 1, ("inspect", str(a.with_name("missing.safetensors"))): 2}
+    for args, expected in cases.items():
+        codes = [r.returncode for r in _both(*args)]
+        assert codes == [expected, expected], (args, codes)
+
+
+@pytest.fixture
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "my_factories.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def make(width=4, act="relu", bias=True):
+            assert act in ("relu", "gelu"), f"unknown act {act!r}"
+            return nn.Sequential(nn.Linear(3, width, bias=bias), nn.ReLU())
+
+        def broken():
+            raise KeyError("no such layer")
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_failing_factory_is_one_line_and_exit_2(factories: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _main(capsys, "inspect", "my_factories:broken")
+    assert code == 2
+    assert err == ("error: building the target 'my_factories:broken' failed: KeyError: 'no such layer'\n")
+    with pytest.raises(Exception, match="no such layer"):
+        main(["--debug", "inspect", "my_factories:broken"])
+
+
+def test_a_class_needing_arguments_says_to_pass_kw(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _main(capsys, "inspect", "torch.nn:Linear")
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "missing 2 required positional arguments" in err and "--kw NAME=VALUE" in err
+
+
+def test_kw_values_are_literals_and_never_run(factories: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _main(capsys, "inspect", "my_factories:make", "--kw", "width=7", "--kw", "bias=False",
+                         "--kw", "act=gelu", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)["rows"]}
+    assert list(rows) == ["0.weight"] and rows["0.weight"]["shape"] == [7, 3]
+    marker = factories / "ran"
+    code, _, err = _main(capsys, "inspect", "my_factories:make",
+                         "--kw", f"act=__import__('pathlib').Path({str(marker)!r}).touch()")
+    assert code == 2 and "unknown act" in err
+    assert not marker.exists()
+
+
+def test_kw_must_be_name_equals_value(factories: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _main(capsys, "inspect", "my_factories:make", "--kw", "7")
+    assert (code, err) == (2, "error: --kw '7': write NAME=VALUE, NAME a Python identifier (e.g. --kw hidden=256)\n")
+
+
+def test_transformers_class_takes_the_config_beside_the_checkpoint(
+        minilm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    code, out, err = _main(capsys, "plan", str(minilm_dir / "model.safetensors"), "--into", "transformers:BertModel")
+    assert code == 0, err
+    assert "matched: exact 103; coverage 100% of target parameters" in out
+    code, out, err = _main(capsys, "plan", str(minilm_dir), "--into", "transformers:BertForMaskedLM")
+    assert code in (0, 1) and err == ""  # built from the folder's config.json; the plan is the plan's business
+    assert "cls.predictions" in out
+
+
+def test_transformers_class_without_config_asks_for_one(
+        minilm_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    lone = tmp_path / "model.safetensors"
+    lone.symlink_to(minilm_dir / "model.safetensors")
+    code, _, err = _main(capsys, "plan", str(lone), "--into", "transformers:BertModel")
+    assert (code, err) == (2, f"error: transformers:BertModel is built from a config, and there is no config.json "
+                              f"beside {lone}: pass --config PATH (a config.json or the model folder)\n")
+    code, out, err = _main(capsys, "plan", str(lone), "--into", "transformers:BertModel",
+                           "--config", str(minilm_dir / "config.json"), "--kw", "num_hidden_layers=2")
+    assert code in (0, 1) and err == ""  # two layers built: the other four are unused source keys
+    assert "encoder.layer.5.output.dense.weight" in out
