@@ -128,7 +128,7 @@ def test_findings_are_named_and_highlighted(tmp_path, broken_file):
     assert data["ok"] is False
     assert [(f["key"], f["kind"]) for f in data["findings"]] == [  # in file order
         ("0.bias", "all_zero"), ("0.weight", "nan"), ("0.weight", "inf"), ("2.weight", "exploding")]
-    assert '<div class="verdict bad">4 findings in 3 tensors</div>' in text
+    assert '<div class="verdict bad">3 errors in 2 tensors (1 warning)</div>' in text
     assert '<tr class="bad"><td class="name">0.weight</td>' in text
     assert '<tr class="warn"><td class="name">0.bias</td>' in text
     assert "1 of 32 values are NaN" in text

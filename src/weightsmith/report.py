@@ -441,12 +441,14 @@ def _header(page: _Page) -> str:
              ("dtypes", dtypes or "none")]
     if page.comparison is not None:
         facts.append(("compared with", Path(page.comparison.path).name))
+    n_err, n_warn = len(health.errors), len(health.warnings)
+    warned = f' ({n_warn} warning{"s" * (n_warn != 1)})' if n_warn else ""
     if health.ok:
-        verdict = '<div class="verdict ok">healthy</div>'
+        verdict = f'<div class="verdict ok">healthy{warned}</div>'
     else:
-        n, tensors = len(health.findings), len({f.key for f in health.findings})
-        verdict = (f'<div class="verdict bad">{n} finding{"s" * (n != 1)} in {tensors} '
-                   f'tensor{"s" * (tensors != 1)}</div>')
+        tensors = len({f.key for f in health.errors})
+        verdict = (f'<div class="verdict bad">{n_err} error{"s" * (n_err != 1)} in {tensors} '
+                   f'tensor{"s" * (tensors != 1)}{warned}</div>')
     cells = "".join(f"<div><span>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in facts)
     return (f'<header><h1>Weights report</h1><p class="path">{_e(listing.path)}</p>'
             f'<div class="facts">{cells}{verdict}</div></header>')
@@ -455,15 +457,15 @@ def _header(page: _Page) -> str:
 def _findings(page: _Page) -> str:
     health = page.health
     out = ['<section id="health"><h2>Health</h2>']
-    if health.ok:
+    if not health.findings:
         out.append(f'<p class="ok-note">No NaN, Inf, all-zero, constant or exploding tensor among '
                    f'the {health.checked:,} checked (exploding: |x| &gt; {health.max_abs:g}).</p>')
     else:
         rows = "".join(
             f'<tr class="{_severity(f)}"><td class="name">{_e(f.key)}</td>'
             f'<td><span class="badge {_severity(f)}">{_e(f.kind)}</span></td>'
-            f'<td>{_e(f.message)}</td></tr>' for f in health.findings)
-        out.append('<table class="findings"><thead><tr><th>tensor</th><th>finding</th>'
+            f'<td>{_e(f.severity)}</td><td>{_e(f.message)}</td></tr>' for f in health.findings)
+        out.append('<table class="findings"><thead><tr><th>tensor</th><th>finding</th><th>severity</th>'
                    f'<th>detail</th></tr></thead><tbody>{rows}</tbody></table>')
     if health.skipped:
         out.append("<p>Not readable, so not checked: " + ", ".join(
@@ -474,7 +476,7 @@ def _findings(page: _Page) -> str:
 
 
 def _severity(f: Finding) -> str:
-    return "bad" if f.kind in _SEVERE else "warn"
+    return "bad" if f.severity == "error" else "warn"
 
 
 def _comparison_section(comparison: _Comparison, figures: _Figures) -> str:
