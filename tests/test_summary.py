@@ -98,7 +98,7 @@ def test_parameter_on_the_root_module_is_listed():
     s = summary(Scaled(), depth=1)
     assert s["scale"].count == 3
     assert s.module("").parameters == ("scale",)
-    assert [(r.name, r.count) for r in s.rollup] == [("", 3), ("body", 8)]
+    assert [(r.name, r.count, r.own) for r in s.rollup] == [("", 11, 3), ("body", 8, 8)]
     assert "(root)" in str(s)
 
 
@@ -135,8 +135,13 @@ def test_rollup_by_depth_shows_layers_without_parameters():
     assert [(r.name, r.type, r.count) for r in one.rollup] == [
         ("enc", "Sequential", 9 + 12), ("act", "ReLU", 0), ("head", "Linear", 4)]
     two = summary(model, depth=2)
-    assert [(r.name, r.count) for r in two.rollup] == [
-        ("enc", 0), ("enc.0", 9), ("enc.1", 0), ("enc.2", 12), ("act", 0), ("head", 4)]
+    assert [(r.name, r.count, r.own) for r in two.rollup] == [  # parents count their children
+        ("enc", 21, 0), ("enc.0", 9, 9), ("enc.1", 0, 0), ("enc.2", 12, 12), ("act", 0, 0), ("head", 4, 4)]
+    text = str(two)
+    assert "│ enc     │ Sequential │            21 │   0 │" in text
+    assert "│   enc.0 │ Linear     │             9 │   9 │" in text
+    assert "│   enc.1 │ ReLU       │ no parameters │   0 │" in text
+    assert "tied with" not in text  # no ties: no empty column
     assert "no parameters" in str(one)
     assert summary(model).rollup is None
 
@@ -219,3 +224,19 @@ def test_renderings_agree(tied_mlp):
 def test_public_names_resolve():
     # the submodule weightsmith.summary was imported above: the function still wins
     assert weightsmith.summary is summary and weightsmith.Summary is Summary
+
+
+def test_results_show_as_tables_in_a_repl(mlp):
+    s = summary(mlp, depth=1)
+    assert repr(s) == str(s) and "parameters of Sequential" in repr(s)
+    assert s._repr_html_().startswith("<pre") and "0.weight" in s._repr_html_()
+    table = s.modules_table()
+    assert "1 (ReLU): no parameters" not in repr(table) and "no parameters" in repr(table)
+    assert not repr(table).startswith("<rich")
+    assert "197 B" not in str(s) and "196 B" in str(s)  # binary units: bytes, then KiB
+
+
+def test_sizes_use_binary_units():
+    with torch.device("meta"):
+        s = summary(nn.Linear(1024, 1024))
+    assert s.totals_line().endswith("; 4.0 MiB")

@@ -437,7 +437,7 @@ def _header(page: _Page) -> str:
     listing, health = page.listing, page.health
     dtypes = ", ".join(f"{dt} ({v['tensors']})" for dt, v in listing.by_dtype.items())
     facts = [("format", listing.format), ("tensors", f"{listing.tensors:,}"),
-             ("parameters", f"{listing.parameters:,}"), ("size", human_bytes(listing.nbytes)),
+             ("elements", f"{listing.elements:,}"), ("size", human_bytes(listing.nbytes)),
              ("dtypes", dtypes or "none")]
     if page.comparison is not None:
         facts.append(("compared with", Path(page.comparison.path).name))
@@ -681,7 +681,7 @@ def _table(page: _Page) -> str:
         rows.append(f'<tr class="{css}">' + "".join(cells) + "</tr>")
     head = "".join(f"<th>{_e(h)}</th>" for h in heads)
     return ('<section id="parameters"><h2>Parameters</h2><p class="note">Click a column to sort. '
-            f'{_e(page.listing.tensors)} tensors, {page.listing.parameters:,} parameters (tied '
+            f'{_e(page.listing.tensors)} tensors, {page.listing.elements:,} elements (tied '
             f'tensors counted once).</p><div class="table-wrap"><table class="params sortable">'
             f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div></section>')
 

@@ -12,6 +12,7 @@ import click
 __all__ = ["abort", "emit", "progress_bar", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR"]
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+PIPE_WIDTH = 4096  # piped output: wide enough that no key name is ever folded
 
 
 def abort(text: str) -> NoReturn:
@@ -21,7 +22,8 @@ def abort(text: str) -> NoReturn:
 
 
 def emit(result: Any, *, as_json: bool) -> None:
-    """Print a result object as JSON or as a rich rendering."""
+    """Print a result object as JSON, as a table fitted to the terminal, or, piped, as plain
+    rows that never wrap a name (so ``grep`` finds every key whole)."""
     if as_json:
         click.echo(result.to_json())
         return
@@ -29,7 +31,11 @@ def emit(result: Any, *, as_json: bool) -> None:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 160))  # piped: do not wrap names at 80 columns
+        plain = getattr(result, "plain", None)
+        if callable(plain):
+            click.echo(plain())
+            return
+        console = Console(width=PIPE_WIDTH)  # tables size to their content: nothing wraps
     console.print(result)
 
 

@@ -73,6 +73,8 @@ def load_factory(target: str, *, source: str | Path | None = None, config: str |
 
     ``config`` and ``kw`` default to the command's ``--config`` / ``--kw`` (see `target_options`);
     ``source`` is the checkpoint whose neighbouring ``config.json`` is the default config.
+    Call it outside `empty_init`: a library that keeps references to ``torch.nn.init``
+    functions when first imported (transformers does) would otherwise keep the no-op ones.
     """
     meta = _context_meta()
     config = config if config is not None else meta.get("config")

@@ -30,8 +30,9 @@ def command(target: str, pattern: str | None, sort: str | None, fold: bool, layo
         from ..summary import summary
         from ._target import load_factory
 
+        factory = load_factory(target)  # imported outside empty_init: see load_factory
         with empty_init():
-            model = load_factory(target)()
+            model = factory()
         emit(summary(model), as_json=as_json)
         return
     from ..checkpoint import open as open_checkpoint

@@ -24,8 +24,9 @@ def command(source: str, target: str, rules: str | None, exact: bool, on_mismatc
     from ._target import is_factory, load_factory
 
     if is_factory(target):
+        factory = load_factory(target, source=source)  # imported outside empty_init: see load_factory
         with empty_init():
-            model = load_factory(target, source=source)()
+            model = factory()
     else:
         model = open_checkpoint(target)
     p = plan(model, source, rename=rules or (), match="exact" if exact else "auto", on_mismatch=on_mismatch)
