@@ -129,3 +129,14 @@ def test_transformers_class_without_config_asks_for_one(
                            "--config", str(minilm_dir / "config.json"), "--kw", "num_hidden_layers=2")
     assert code in (0, 1) and err == ""  # two layers built: the other four are unused source keys
     assert "encoder.layer.5.output.dense.weight" in out
+
+
+def test_hints_show_cli_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "src.safetensors", tmp_path / "dst.safetensors"
+    save_file({"w": torch.zeros(3, 2)}, str(src))
+    save_file({"w": torch.zeros(4, 2)}, str(dst))
+    code, out, _ = _main(capsys, "plan", str(src), "--into", str(dst))
+    assert code == 1
+    assert "(pass --on-mismatch skip or adapt for this key)" in out and "on_mismatch=" not in out
+    code, _, err = _main(capsys, "inspect", str(src), "--filter", "x")
+    assert (code, err) == (2, "error: selector 'x' matched nothing among 1 names (e.g. w); check the spelling\n")

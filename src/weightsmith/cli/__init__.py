@@ -70,5 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsmithError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        from ._common import cli_hints
+
+        click.echo(f"error: {cli_hints(str(e))}", err=True)
         sys.exit(2)

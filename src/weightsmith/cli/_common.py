@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -9,15 +10,33 @@ from typing import Any, NoReturn
 
 import click
 
-__all__ = ["abort", "emit", "progress_bar", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR"]
+__all__ = ["abort", "cli_hints", "emit", "progress_bar", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR"]
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 PIPE_WIDTH = 4096  # piped output: wide enough that no key name is ever folded
 
 
+# Library messages suggest Python keywords; on the command line the flag is what helps.
+_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"on_mismatch='(\w+)' or '(\w+)'"), r"--on-mismatch \1 or \2"),
+    (re.compile(r"on_mismatch='(\w+)'"), r"--on-mismatch \1"),
+    (re.compile(r", or pass allow_empty=True"), ""),  # no flag: the spelling is the fix
+    (re.compile(r"trust=True \(CLI: --trust\)"), "--trust"),
+    (re.compile(r"open it with trust=True"), "pass --trust"),
+    (re.compile(r"pass select="), "pass --select"),
+)
+
+
+def cli_hints(text: str) -> str:
+    """``text`` with the Python keywords it suggests replaced by the command-line flags."""
+    for pattern, flag in _HINTS:
+        text = pattern.sub(flag, text)
+    return text
+
+
 def abort(text: str) -> NoReturn:
     """Print a one-line error and exit with code 2."""
-    click.echo(f"error: {text}", err=True)
+    click.echo(f"error: {cli_hints(text)}", err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -33,10 +52,13 @@ def emit(result: Any, *, as_json: bool) -> None:
     if not console.is_terminal:
         plain = getattr(result, "plain", None)
         if callable(plain):
-            click.echo(plain())
+            click.echo(cli_hints(plain()))
             return
         console = Console(width=PIPE_WIDTH)  # tables size to their content: nothing wraps
-    console.print(result)
+    with console.capture() as captured:
+        console.print(result)
+    sys.stdout.write(cli_hints(captured.get()))
+    sys.stdout.flush()
 
 
 @contextmanager
