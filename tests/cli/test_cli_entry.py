@@ -140,3 +140,21 @@ def test_hints_show_cli_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "(pass --on-mismatch skip or adapt for this key)" in out and "on_mismatch=" not in out
     code, _, err = _main(capsys, "inspect", str(src), "--filter", "x")
     assert (code, err) == (2, "error: selector 'x' matched nothing among 1 names (e.g. w); check the spelling\n")
+
+
+def test_warmstart_says_which_file_it_wrote(factories: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import weightsmith as ws
+    from my_factories import make
+
+    src = tmp_path / "src.safetensors"
+    ws.save(make(), src)
+    out = tmp_path / "out.safetensors"
+    code, stdout, stderr = _main(capsys, "warmstart", str(src), "--into", "my_factories:make", "-o", str(out))
+    assert code == 0, stderr
+    assert stdout.rstrip().splitlines()[-1] == f"wrote {out} and {out}.report.json"
+    out.unlink()
+    code, stdout, stderr = _main(capsys, "warmstart", str(src), "--into", "my_factories:make", "-o", str(out),
+                                 "--json")
+    assert json.loads(stdout)["schema"] == "weightsmith.load/1"
+    assert stderr == f"wrote {out} and {out}.report.json\n"

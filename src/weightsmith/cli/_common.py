@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 import click
 
-__all__ = ["abort", "cli_hints", "emit", "progress_bar", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR"]
+__all__ = ["abort", "cli_hints", "emit", "note_ignored_root", "progress_bar", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR"]
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 PIPE_WIDTH = 4096  # piped output: wide enough that no key name is ever folded
@@ -59,6 +59,13 @@ def emit(result: Any, *, as_json: bool) -> None:
         console.print(result)
     sys.stdout.write(cli_hints(captured.get()))
     sys.stdout.flush()
+
+
+def note_ignored_root(ckpt: Any, root: str | None) -> None:
+    """Say on stderr when ``--root`` had no effect (a flat file such as safetensors has no roots)."""
+    if root and getattr(ckpt, "root", "") != root:
+        click.echo(f"note: --root {root!r} is ignored: a {ckpt.format} file holds one flat set of tensors",
+                   err=True)
 
 
 @contextmanager

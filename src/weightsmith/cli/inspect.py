@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit
+from ._common import emit, note_ignored_root
 from ._target import target_options
 
 
@@ -39,4 +39,5 @@ def command(target: str, pattern: str | None, sort: str | None, fold: bool, layo
     from ..listing import list_checkpoint
 
     ckpt = open_checkpoint(target, root=root, trust=trust)
+    note_ignored_root(ckpt, root)
     emit(list_checkpoint(ckpt, select=pattern, sort=sort, fold=fold, layout=layout), as_json=as_json)

@@ -41,3 +41,4 @@ def command(source: str, target: str, out: Path, rules: str | None, exact: bool,
          if out.suffix not in {".pt", ".pth", ".bin", ".ckpt"} else None)
     Path(f"{out}.report.json").write_text(report.to_json())
     emit(report, as_json=as_json)
+    click.echo(f"wrote {out} and {out}.report.json", err=as_json)  # with --json, stdout stays JSON
