@@ -309,3 +309,51 @@ def test_names_cannot_inject_markup(tmp_path):
     assert "<img src=x" not in text and "</script><img" not in text
     assert external_references(text) == []
     assert [s["key"] for s in page_data(out)["stats"]] == [key]
+
+
+def _llama_like_page(layers: int = 32, hidden: int = 4096, mlp: int = 11008, vocab: int = 32000):
+    """The page of a 7B-parameter LLaMA-like checkpoint: its key list and shapes taken from
+    meta tensors (nothing allocated), its statistics and histograms synthetic."""
+    import random
+
+    from weightsmith.io._base import TensorInfo
+    from weightsmith.listing import list_checkpoint
+    from weightsmith.stats import StatsReport, TensorStats
+
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.{n}_proj.weight": (hidden, hidden) for n in "qkvo"})
+        shapes.update({f"{p}.mlp.gate_proj.weight": (mlp, hidden), f"{p}.mlp.up_proj.weight": (mlp, hidden),
+                       f"{p}.mlp.down_proj.weight": (hidden, mlp), f"{p}.input_layernorm.weight": (hidden,),
+                       f"{p}.post_attention_layernorm.weight": (hidden,)})
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    metas = {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in shapes.items()}
+    infos = {k: TensorInfo(k, tuple(t.shape), "bfloat16", t.numel() * t.element_size()) for k, t in metas.items()}
+    listing = list_checkpoint(infos)
+    rng = random.Random(0)
+    stats = [TensorStats(k, "bfloat16", tuple(t.shape), t.numel(), rng.gauss(0, 1e-3), rng.uniform(0.01, 0.05),
+                         -0.5, 0.5, rng.uniform(0.1, 1.0), 1.0, 0.0, 0, 0) for k, t in metas.items()]
+    measured = StatsReport("llama-7b.safetensors", stats)
+    largest = set(sorted(shapes, key=lambda k: -metas[k].numel())[:report_module.MAX_HISTOGRAMS])
+    histograms = {k: report_module._Histogram(-0.5, 0.5, [rng.randrange(10**6) for _ in range(report_module.BINS)])
+                  for k in largest}
+    order = sorted(shapes, key=report_module._natural)
+    page = report_module._Page(listing, measured, weightsmith.check(measured), histograms, largest,
+                               report_module.MAX_HISTOGRAMS, None, order)
+    return page, sum(t.numel() for t in metas.values())
+
+
+def test_a_7b_page_rolls_the_heatmap_up_by_block_and_stays_under_a_megabyte():
+    import plotly.offline
+
+    page, params = _llama_like_page()
+    assert 6.5e9 < params < 7e9 and len(page.order) == 291
+    text = report_module._render(page, report_module._plotly())
+    own = len(text.encode()) - len(plotly.offline.get_plotlyjs().encode())
+    assert own < 1_000_000, own
+    heat = re.search(r'<section id="heatmap">.*?</section>', text, re.S).group(0)
+    blocks = ["lm_head", "model.embed_tokens", *(f"model.layers.{i}" for i in range(32)), "model.norm"]
+    assert json.dumps(blocks).replace(" ", "") in heat.replace(" ", "")  # 35 rows, natural order, not 291
+    assert 'data-drill="ws-fig-1"' in heat
+    assert text.count('data-block="model.layers.7"') == 9  # the drill-down finds a block's 9 rows

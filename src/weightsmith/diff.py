@@ -35,7 +35,7 @@ from torch import nn
 from ._result import Result
 from .errors import CheckpointError, CheckpointNotFoundError, UsageError, WeightsmithError
 from .keymap import align_prefixes, as_rules
-from .listing import fold_name
+from .listing import block_name, fold_name
 from .selectors import Selector, select as select_names
 
 __all__ = ["diff", "Diff", "TensorDiff", "SpecChange", "Rollup", "block_name", "CHUNK_ELEMENTS"]
@@ -551,21 +551,6 @@ def _compare(side_a: _Side, side_b: _Side, plan: _Plan, atol: float, rtol: float
     result.modules = _rollup(result.tensors, lambda key: key.split(".", 1)[0])
     result.blocks = _rollup(result.tensors, block_name)
     return result
-
-
-def block_name(key: str) -> str:
-    """The block a key belongs to, indices kept: its path up to the first index
-    (``encoder.layer.5.attention.self.query.weight`` -> ``encoder.layer.5``), else its module
-    (``embeddings.LayerNorm.weight`` -> ``embeddings.LayerNorm``; ``bias`` -> ``bias``).
-
-    >>> block_name("encoder.layer.5.output.dense.bias"), block_name("pooler.dense.weight")
-    ('encoder.layer.5', 'pooler.dense')
-    """
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[:i + 1])
-    return ".".join(parts[:-1]) or key
 
 
 def _score(tensors: list[TensorDiff]) -> None:

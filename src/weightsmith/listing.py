@@ -10,7 +10,7 @@ from typing import Any
 from ._result import Result
 from .io._base import TensorInfo
 
-__all__ = ["Listing", "Row", "list_checkpoint", "fold_name", "human_bytes", "elide"]
+__all__ = ["Listing", "Row", "list_checkpoint", "fold_name", "block_name", "human_bytes", "elide"]
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
@@ -18,6 +18,21 @@ _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 def fold_name(key: str) -> str:
     """Replace layer indices by ``#``: ``layers.3.mlp.weight`` -> ``layers.#.mlp.weight``."""
     return _INDEX.sub("#", key)
+
+
+def block_name(key: str) -> str:
+    """The block a key belongs to, indices kept: its path up to the first index
+    (``encoder.layer.5.attention.self.query.weight`` -> ``encoder.layer.5``), else its module
+    (``embeddings.LayerNorm.weight`` -> ``embeddings.LayerNorm``; ``bias`` -> ``bias``).
+
+    >>> block_name("encoder.layer.5.output.dense.bias"), block_name("pooler.dense.weight")
+    ('encoder.layer.5', 'pooler.dense')
+    """
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:-1]) or key
 
 
 def human_bytes(n: int) -> str:
