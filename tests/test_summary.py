@@ -2,6 +2,8 @@
 
 import json
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -114,7 +116,7 @@ def test_buffers_are_marked_and_counted_apart():
     assert s.totals.buffers == 4 + 4 + 1 + 2
     assert s.module("1").buffers == ("1.running_mean", "1.running_var", "1.num_batches_tracked",
                                      "1.mask")
-    assert "buffer (non-persistent)" in str(s)
+    assert "buffer*" in str(s) and "buffer*: non-persistent (not in state_dict())" in str(s)
 
 
 def test_meta_model_is_counted_from_shapes():
@@ -240,3 +242,26 @@ def test_sizes_use_binary_units():
     with torch.device("meta"):
         s = summary(nn.Linear(1024, 1024))
     assert s.totals_line().endswith("; 4.0 MiB")
+
+
+def test_table_fits_80_columns_and_piped_rows_keep_names_whole():
+    from rich.console import Console
+
+    with torch.device("meta"):
+        model = nn.Sequential()
+        model.add_module("encoder_with_a_rather_long_name", nn.ModuleList(
+            nn.Sequential(nn.Linear(30522, 384), nn.LayerNorm(384)) for _ in range(3)))
+    model.register_buffer("position_ids_of_the_embeddings", torch.arange(512)[None], persistent=False)
+    s = summary(model)
+    console = Console(width=80, record=True, color_system=None, file=open(os.devnull, "w"))
+    console.print(s)
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    row = next(line for line in text.splitlines() if "(384, 30522)" in line)
+    assert "11,720,448" in row and "float32" in row and "param" in row
+    assert "device" in text.splitlines()[2]  # meta and cpu differ: the column stays
+    plain = s.plain().splitlines()
+    assert plain[1].split() == ["name", "shape", "dtype", "device", "count", "kind"]
+    assert any(line.startswith("encoder_with_a_rather_long_name.2.0.weight ") for line in plain)
+    assert "buffer*: non-persistent (not in state_dict())" in plain
+    assert "device: meta" in summary(model.encoder_with_a_rather_long_name).plain()  # one device: a note

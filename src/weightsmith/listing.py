@@ -138,46 +138,54 @@ class Listing(Result):
     def plain(self) -> str:
         """Aligned rows without borders or wrapping, for pipes: every name whole on one line."""
         cols = self._columns()
-        widths = [max(len(h), *(len(c) for c in cells)) if cells else len(h) for h, cells, _ in cols]
-
-        def line(cells: list[str]) -> str:
-            parts = [c.rjust(w) if j == "right" else c.ljust(w)
-                     for c, w, (_, _, j) in zip(cells, widths, cols)]
-            return "  ".join(parts).rstrip()
-
-        out = [f"{self.path} ({self.format})", line([h for h, _, _ in cols])]
-        out += [line([cells[i] for _, cells, _ in cols]) for i in range(len(self.rows))]
-        return "\n".join(out + self._footer())
+        return "\n".join([f"{self.path} ({self.format})", plain_rows(cols), *self._footer()])
 
     def _rich_(self) -> Any:
-        return _ListingView(self)
+        return FittedTable(f"{self.path} ({self.format})", self._columns(), "\n".join(self._footer()))
 
 
-class _ListingView:
-    """The listing as a rich table fitted to the console: long names elided in the middle."""
+def plain_rows(cols: list[tuple[str, list[str], str]]) -> str:
+    """``(header, cells, justify)`` columns as space-aligned text: no borders, nothing cut."""
+    widths = [max(len(h), *(len(c) for c in cells)) if cells else len(h) for h, cells, _ in cols]
 
-    def __init__(self, listing: Listing) -> None:
-        self.listing = listing
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if j == "right" else c.ljust(w)
+                         for c, w, (_, _, j) in zip(cells, widths, cols)).rstrip()
+
+    rows = len(cols[0][1]) if cols else 0
+    return "\n".join([line([h for h, _, _ in cols]), *(line([c[i] for _, c, _ in cols]) for i in range(rows))])
+
+
+class FittedTable:
+    """A rich table fitted to the console: the first column (names) shortened with `elide`
+    to the room the other columns leave, so shapes, dtypes and sizes stay readable."""
+
+    _FOLDING = ("tied with", "stored in")  # long lists that may wrap; never worth squeezing names for
+
+    def __init__(self, title: str, cols: list[tuple[str, list[str], str]], footer: str = "") -> None:
+        self.title, self.cols, self.footer = title, cols, footer
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
         from rich.table import Table
         from rich.text import Text
 
-        cols = self.listing._columns()
-        others = sum(max(len(h), *(len(c) for c in cells)) if cells else len(h)
-                     for h, cells, _ in cols[1:] if h not in ("tied with", "stored in"))
-        room = max(24, options.max_width - others - 3 * len(cols) - 1)
-        table = Table(title=f"{self.listing.path} ({self.listing.format})", title_justify="left")
-        for header, _, justify in cols:
-            wraps = header in ("tied with", "stored in")
+        widths = [max(len(h), *(len(c) for c in cells)) if cells else len(h) for h, cells, _ in self.cols]
+        others = sum(w for w, (h, _, _) in zip(widths[1:], self.cols[1:]) if h not in self._FOLDING)
+        room = max(16, options.max_width - others - 3 * len(self.cols) - 1)
+        table = Table(title=self.title, title_justify="left")
+        for (header, _, justify), width in zip(self.cols, widths):
+            wraps = header in self._FOLDING
+            # the short columns keep their width; only the names give way
             table.add_column(header, justify=justify, no_wrap=not wraps,
-                             overflow="fold" if wraps else "ellipsis")
-        for i in range(len(self.listing.rows)):
-            cells = [cells[i] for _, cells, _ in cols]
+                             overflow="fold" if wraps else "ellipsis",
+                             min_width=None if wraps or header == self.cols[0][0] else width)
+        for i in range(len(self.cols[0][1]) if self.cols else 0):
+            cells = [cells[i] for _, cells, _ in self.cols]
             cells[0] = elide(cells[0], room)
             table.add_row(*cells)
         yield table
-        yield Text("\n".join(self.listing._footer()))
+        if self.footer:
+            yield Text(self.footer)
 
 
 def elide(name: str, width: int) -> str:

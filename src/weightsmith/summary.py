@@ -225,21 +225,56 @@ class Summary(Result):
                       f"| {r.trainable:,} | {r.frozen:,} | {r.buffers:,} |" for r in self.rollup]
         return "\n".join(lines) + "\n"
 
+    def _columns(self) -> list[tuple[str, list[str], str]]:
+        """(header, cells, justify) per column, narrowed to fit 80 columns: a column saying the
+        same for every row moves to `_notes` (one device; nothing frozen; nothing tied), and a
+        non-persistent buffer is marked ``buffer*``. `to_markdown` keeps every column."""
+        rows = self.rows
+        cols = [("name", [r.name for r in rows], "left"),
+                ("shape", [_cells(r)[1] for r in rows], "left"),
+                ("dtype", [r.dtype for r in rows], "left")]
+        if len({r.device for r in rows}) > 1:
+            cols.append(("device", [r.device or "-" for r in rows], "left"))
+        cols.append(("count", [f"{r.count:,}" for r in rows], "right"))
+        if any(r.trainable is False for r in rows):
+            cols.append(("trainable", [_cells(r)[5] for r in rows], "left"))
+        cols.append(("kind", [("param" if r.kind == "parameter" else r.kind) + ("" if r.persistent else "*")
+                              for r in rows], "left"))
+        if any(r.tied_with for r in rows):
+            cols.append(("tied with", [", ".join(r.tied_with) for r in rows], "left"))
+        return cols
+
+    def _notes(self) -> list[str]:
+        devices = {r.device for r in self.rows}
+        notes = [self.totals_line()]
+        if len(devices) == 1 and self.rows:
+            notes.append(f"device: {next(iter(devices)) or '- (in a file)'}")
+        if any(not r.persistent for r in self.rows):
+            notes.append("buffer*: non-persistent (not in state_dict())")
+        return notes
+
+    def plain(self) -> str:
+        """Aligned rows without borders or wrapping, for pipes: every name whole on one line."""
+        from .listing import plain_rows
+
+        text = [f"parameters of {self.source}", plain_rows(self._columns()), *self._notes()]
+        if self.rollup is not None:
+            text += ["", str(self._rollup_table())]
+        return "\n".join(text)
+
     def _rich_(self) -> Any:
         from rich.console import Group
-        from rich.table import Table
 
-        table = Table(title=f"parameters of {self.source}", caption=self.totals_line())
-        keep = [i for i, col in enumerate(_HEADERS)  # a column empty in every row says nothing
-                if col != "tied with" or any(row.tied_with for row in self.rows)]
-        for i in keep:
-            table.add_column(_HEADERS[i], justify="right" if _HEADERS[i] == "count" else "left",
-                             no_wrap=_HEADERS[i] == "name")
-        for row in self.rows:
-            cells = _cells(row)
-            table.add_row(*(cells[i] for i in keep))
+        from .listing import FittedTable
+
+        table = FittedTable(f"parameters of {self.source}", self._columns(), "\n".join(self._notes()))
         if self.rollup is None:
             return table
+        return Group(table, self._rollup_table())
+
+    def _rollup_table(self) -> Any:
+        from rich.table import Table
+
         roll = Table(title=f"per module, depth {self.depth} (parameters: with children; own: held itself)")
         for col in ("module", "type", "parameters", "own", "trainable", "frozen", "buffers"):
             roll.add_column(col, justify="left" if col in ("module", "type") else "right",
@@ -248,7 +283,7 @@ class Summary(Result):
             level = r.name.count(".") + 1 if r.name else 0
             roll.add_row("  " * max(level - 1, 0) + (r.name or ROOT), r.type or "", _count_or_none(r),
                          f"{r.own:,}", f"{r.trainable:,}", f"{r.frozen:,}", f"{r.buffers:,}")
-        return Group(table, roll)
+        return Rendered(roll)
 
 
 _HEADERS = ("name", "shape", "dtype", "device", "count", "trainable", "kind", "tied with")

@@ -81,6 +81,14 @@ def test_a_failing_factory_is_one_line_and_exit_2(factories: Path, capsys: pytes
         main(["--debug", "inspect", "my_factories:broken"])
 
 
+def test_a_factory_module_that_fails_to_import_is_one_line(factories: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (factories / "broken_module.py").write_text("def make(:\n")
+    code, _, err = _main(capsys, "inspect", "broken_module:make")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: cannot import 'broken_module' for target 'broken_module:make': SyntaxError")
+
+
 def test_a_class_needing_arguments_says_to_pass_kw(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _main(capsys, "inspect", "torch.nn:Linear")
     assert code == 2

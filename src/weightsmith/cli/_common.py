@@ -23,7 +23,6 @@ _HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r", or pass allow_empty=True"), ""),  # no flag: the spelling is the fix
     (re.compile(r"trust=True \(CLI: --trust\)"), "--trust"),
     (re.compile(r"open it with trust=True"), "pass --trust"),
-    (re.compile(r"pass select="), "pass --select"),
 )
 
 
