@@ -47,12 +47,23 @@ def pair(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_both_entry_points_give_the_same_exit_codes(pair: tuple[Path, Path, Path]) -> None:
+    a, b, _ = pair
+    codes = [r.returncode for r in _both("diff", str(a), str(b))]  # runpy below covers the other codes
+    assert codes == [1, 1]
+
+
+def test_python_m_exits_with_main_s_code(pair: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import runpy
+
     a, b, bad = pair
-    cases = {("diff", str(a), str(a)): 0, ("diff", str(a), str(b)): 1,
-             ("check", str(bad)): 1, ("inspect", str(a.with_name("missing.safetensors"))): 2}
+    cases = {("diff", str(a), str(a)): 0, ("diff", str(a), str(b)): 1, ("check", str(bad)): 1,
+             ("check", str(a), "--ignore", "nope"): 2}
     for args, expected in cases.items():
-        codes = [r.returncode for r in _both(*args)]
-        assert codes == [expected, expected], (args, codes)
+        monkeypatch.setattr(sys, "argv", ["weightsmith", *args])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_module("weightsmith", run_name="__main__")
+        assert (e.value.code or 0) == expected == _main(capsys, *args)[0], args
 
 
 @pytest.fixture
@@ -117,12 +128,19 @@ def test_kw_must_be_name_equals_value(factories: Path, capsys: pytest.CaptureFix
 def test_transformers_class_takes_the_config_beside_the_checkpoint(
         minilm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers")
-    code, out, err = _main(capsys, "plan", str(minilm_dir / "model.safetensors"), "--into", "transformers:BertModel")
-    assert code == 0, err
-    assert "matched: exact 103; coverage 100% of target parameters" in out
-    code, out, err = _main(capsys, "plan", str(minilm_dir), "--into", "transformers:BertForMaskedLM")
-    assert code in (0, 1) and err == ""  # built from the folder's config.json; the plan is the plan's business
+    code, out, err = _main(capsys, "plan", str(minilm_dir / "model.safetensors"),
+                           "--into", "transformers:BertForMaskedLM")
+    assert code in (0, 1) and err == ""  # built from config.json; the plan's verdict is the plan's business
     assert "cls.predictions" in out
+
+
+def test_the_default_config_is_beside_a_file_or_in_a_folder(minilm_dir: Path) -> None:
+    from weightsmith.cli._target import _config_path
+
+    config = minilm_dir / "config.json"
+    assert _config_path("t", None, minilm_dir) == config
+    assert _config_path("t", None, minilm_dir / "model.safetensors") == config
+    assert _config_path("t", minilm_dir, None) == config
 
 
 def test_transformers_class_without_config_asks_for_one(
