@@ -118,7 +118,7 @@ class SpecChange:
 class Rollup:
     """Changes summed over a group of tensors: a block (``encoder.layer.5``, indices kept), a
     layer family (``layers.#.mlp.weight``) or a top-level module (``encoder``).
-    ``rel_l2`` is the group's ``||a - b|| / ||a||`` over all its tensors together."""
+    ``rel_l2`` is the group's ``||a - b|| / ||a||`` over the tensors read, taken together."""
 
     name: str
     tensors: int = 0
