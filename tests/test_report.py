@@ -357,3 +357,42 @@ def test_a_7b_page_rolls_the_heatmap_up_by_block_and_stays_under_a_megabyte():
     assert json.dumps(blocks).replace(" ", "") in heat.replace(" ", "")  # 35 rows, natural order, not 291
     assert 'data-drill="ws-fig-1"' in heat
     assert text.count('data-block="model.layers.7"') == 9  # the drill-down finds a block's 9 rows
+
+
+DRILL_HARNESS = r"""
+function el(attrs) { return {hidden: false, attrs: attrs || {}, getAttribute(k) { return k in this.attrs ? this.attrs[k] : null; }}; }
+const rows = [el({'data-block': 'layers.0'}), el({'data-block': 'layers.1'}), el({'data-block': 'layers.1'})];
+const span = {textContent: ''}, button = {listeners: {}, addEventListener(t, f) { this.listeners[t] = f; }};
+const bar = Object.assign(el(), {hidden: true, querySelector(s) { return s === 'span' ? span : button; }, scrollIntoView() {}});
+const card = el({'data-drill': 'ws-fig-1'});
+const fig = {handlers: {}, on(t, f) { this.handlers[t] = f; }};
+global.document = {
+  getElementById(id) { return id === 'ws-drill' ? bar : id === 'ws-fig-1' ? fig : null; },
+  querySelector(s) { return s === '[data-drill]' ? card : null; },
+  querySelectorAll(s) { return rows; },
+};
+global.setTimeout = (f) => f();
+eval(SCRIPT);
+fig.handlers.plotly_click({points: [{y: 'layers.1'}]});
+console.log(rows.map(r => r.hidden).join(','), bar.hidden, span.textContent);
+button.listeners.click();
+console.log(rows.map(r => r.hidden).join(','), bar.hidden);
+"""
+
+
+def test_clicking_a_block_lists_its_tensors(tmp_path):
+    """The drill-down script, run by node against a stand-in for the page's elements."""
+    import shutil
+    import subprocess
+
+    from weightsmith._report_assets import _DRILL_SCRIPT
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not on PATH")
+    script = tmp_path / "drill.js"
+    script.write_text(DRILL_HARNESS.replace("SCRIPT", json.dumps(_DRILL_SCRIPT)))
+    out = subprocess.run([node, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["true,false,false false Showing the 2 tensor(s) of block layers.1.",
+                                       "false,false,false true"]
