@@ -21,7 +21,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.installed
+# the demo needs only the package and its report extra (plotly), not the test dependencies
+$(VENV)/.demo: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[report]"
+	touch $@
+
+demo: $(VENV)/.demo
 	$(BIN)/weightsmith demo
 
 test: $(VENV)/.installed

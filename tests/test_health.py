@@ -40,7 +40,22 @@ def test_each_problem_is_named_with_key_kind_and_value():
                              ("const", "constant", 0.5), ("big", "exploding", 2e4)]
     assert report.findings[0].message == "2 of 100 values are NaN"
     text = str(report)
-    assert "5 findings in 5 of 6 tensors checked" in text and "exploding" in text
+    assert "unhealthy: 3 errors, 2 warnings in 5 of 6 tensors checked" in text and "exploding" in text
+    assert [f.kind for f in report.errors] == ["nan", "inf", "exploding"]
+    assert [f.kind for f in report.warnings] == ["all_zero", "constant"]
+
+
+def test_zero_and_constant_tensors_are_warnings_unless_asked():
+    sd = {"bias": torch.zeros(4), "norm": torch.ones(4), "w": torch.randn(4, 4)}
+    report = check(sd)
+    assert report.ok and [(f.key, f.severity) for f in report.findings] == [
+        ("bias", "warning"), ("norm", "warning")]
+    assert str(report).lstrip().startswith("health of")
+    assert str(report).endswith("healthy: 0 errors, 2 warnings in 2 of 3 tensors checked")
+    strict = check(sd, errors=("nan", "inf", "all_zero"))
+    assert not strict.ok and [f.key for f in strict.errors] == ["bias"]
+    with pytest.raises(weightsmith.errors.UsageError, match="unknown errors"):
+        check(sd, errors=("zeros",))
 
 
 def test_max_abs_threshold_is_configurable():
@@ -92,7 +107,8 @@ def test_report_serializes_with_schema_and_verdict():
     assert data["schema"] == HealthReport.SCHEMA == "weightsmith.health/1"
     assert data["ok"] is False
     assert data["findings"] == [{"key": "w", "kind": "nan", "value": 1,
-                                 "message": "1 of 2 values are NaN"}]
+                                 "message": "1 of 2 values are NaN", "severity": "error"}]
+    assert (data["errors"], data["warnings"]) == (1, 0)
     assert set(CHECKS) == {"nan", "inf", "all_zero", "constant", "exploding"}
 
 

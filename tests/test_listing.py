@@ -52,7 +52,7 @@ def test_rows_and_totals(tmp_path: Path, mlp: nn.Module) -> None:
     assert [r.key for r in listing.rows] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert listing.rows[0].shape == (8, 4) and listing.rows[0].numel == 32 and listing.rows[0].nbytes == 128
     assert (listing.tensors, listing.parameters, listing.nbytes) == (4, 49, 196)
-    assert listing.by_dtype == {"float32": {"tensors": 4, "parameters": 49, "nbytes": 196}}
+    assert listing.by_dtype == {"float32": {"tensors": 4, "elements": 49, "nbytes": 196}}
     assert listing.format == "safetensors" and listing.path == str(path)
 
 
@@ -128,3 +128,33 @@ def test_nested_torch_file_lists_roots_and_objects(tmp_path: Path, mlp: nn.Modul
     text = str(listing)
     assert "root: 'model'" in text and "'model_ema'" in text
     assert "argparse.Namespace" in text
+
+
+def test_dtype_subtotals_add_up_with_ties_and_say_elements(tmp_path):
+    import weightsmith as ws
+    from weightsmith.listing import list_checkpoint
+
+    emb = torch.zeros(10, 4, dtype=torch.bfloat16)
+    path = tmp_path / "tied.pt"
+    torch.save({"emb.weight": emb, "head.weight": emb, "head.bias": torch.zeros(10),
+                "position_ids": torch.arange(8)}, path)
+    listing = list_checkpoint(ws.open(path))
+    assert (listing.tensors, listing.elements) == (4, 40 + 10 + 8)
+    assert sum(v["tensors"] for v in listing.by_dtype.values()) == listing.tensors
+    assert sum(v["elements"] for v in listing.by_dtype.values()) == listing.elements
+    assert sum(v["nbytes"] for v in listing.by_dtype.values()) == listing.nbytes
+    assert listing.by_dtype["bfloat16"] == {"tensors": 2, "elements": 40, "nbytes": 80}
+    text = listing.plain()
+    assert "4 tensors, 58 elements (tied counted once), 184 B" in text
+    assert "  bfloat16: 2 tensors, 40 elements, 80 B" in text and "parameters" not in text
+    assert listing.to_dict()["parameters"] == 58  # kept for readers of earlier output
+
+
+def test_elide_keeps_indices_and_the_last_segments():
+    from weightsmith.listing import elide
+
+    name = "model.encoder.layers.11.self_attention.output_projection.weight"
+    assert elide(name, 80) == name
+    short = elide(name, 40)
+    assert len(short) <= 40 and ".11." in short and short.endswith("output_projection.weight")
+    assert elide("a_very_long_single_segment_name_without_dots", 20) == "a_very_…without_dots"

@@ -128,7 +128,7 @@ def test_findings_are_named_and_highlighted(tmp_path, broken_file):
     assert data["ok"] is False
     assert [(f["key"], f["kind"]) for f in data["findings"]] == [  # in file order
         ("0.bias", "all_zero"), ("0.weight", "nan"), ("0.weight", "inf"), ("2.weight", "exploding")]
-    assert '<div class="verdict bad">4 findings in 3 tensors</div>' in text
+    assert '<div class="verdict bad">3 errors in 2 tensors (1 warning)</div>' in text
     assert '<tr class="bad"><td class="name">0.weight</td>' in text
     assert '<tr class="warn"><td class="name">0.bias</td>' in text
     assert "1 of 32 values are NaN" in text
@@ -309,3 +309,90 @@ def test_names_cannot_inject_markup(tmp_path):
     assert "<img src=x" not in text and "</script><img" not in text
     assert external_references(text) == []
     assert [s["key"] for s in page_data(out)["stats"]] == [key]
+
+
+def _llama_like_page(layers: int = 32, hidden: int = 4096, mlp: int = 11008, vocab: int = 32000):
+    """The page of a 7B-parameter LLaMA-like checkpoint: its key list and shapes taken from
+    meta tensors (nothing allocated), its statistics and histograms synthetic."""
+    import random
+
+    from weightsmith.io._base import TensorInfo
+    from weightsmith.listing import list_checkpoint
+    from weightsmith.stats import StatsReport, TensorStats
+
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.{n}_proj.weight": (hidden, hidden) for n in "qkvo"})
+        shapes.update({f"{p}.mlp.gate_proj.weight": (mlp, hidden), f"{p}.mlp.up_proj.weight": (mlp, hidden),
+                       f"{p}.mlp.down_proj.weight": (hidden, mlp), f"{p}.input_layernorm.weight": (hidden,),
+                       f"{p}.post_attention_layernorm.weight": (hidden,)})
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    metas = {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in shapes.items()}
+    infos = {k: TensorInfo(k, tuple(t.shape), "bfloat16", t.numel() * t.element_size()) for k, t in metas.items()}
+    listing = list_checkpoint(infos)
+    rng = random.Random(0)
+    stats = [TensorStats(k, "bfloat16", tuple(t.shape), t.numel(), rng.gauss(0, 1e-3), rng.uniform(0.01, 0.05),
+                         -0.5, 0.5, rng.uniform(0.1, 1.0), 1.0, 0.0, 0, 0) for k, t in metas.items()]
+    measured = StatsReport("llama-7b.safetensors", stats)
+    largest = set(sorted(shapes, key=lambda k: -metas[k].numel())[:report_module.MAX_HISTOGRAMS])
+    histograms = {k: report_module._Histogram(-0.5, 0.5, [rng.randrange(10**6) for _ in range(report_module.BINS)])
+                  for k in largest}
+    order = sorted(shapes, key=report_module._natural)
+    page = report_module._Page(listing, measured, weightsmith.check(measured), histograms, largest,
+                               report_module.MAX_HISTOGRAMS, None, order)
+    return page, sum(t.numel() for t in metas.values())
+
+
+def test_a_7b_page_rolls_the_heatmap_up_by_block_and_stays_under_a_megabyte():
+    import plotly.offline
+
+    page, params = _llama_like_page()
+    assert 6.5e9 < params < 7e9 and len(page.order) == 291
+    text = report_module._render(page, report_module._plotly())
+    own = len(text.encode()) - len(plotly.offline.get_plotlyjs().encode())
+    assert own < 1_000_000, own
+    heat = re.search(r'<section id="heatmap">.*?</section>', text, re.S).group(0)
+    blocks = ["lm_head", "model.embed_tokens", *(f"model.layers.{i}" for i in range(32)), "model.norm"]
+    assert json.dumps(blocks).replace(" ", "") in heat.replace(" ", "")  # 35 rows, natural order, not 291
+    assert 'data-drill="ws-fig-1"' in heat
+    assert text.count('data-block="model.layers.7"') == 9  # the drill-down finds a block's 9 rows
+
+
+DRILL_HARNESS = r"""
+function el(attrs) { return {hidden: false, attrs: attrs || {}, getAttribute(k) { return k in this.attrs ? this.attrs[k] : null; }}; }
+const rows = [el({'data-block': 'layers.0'}), el({'data-block': 'layers.1'}), el({'data-block': 'layers.1'})];
+const span = {textContent: ''}, button = {listeners: {}, addEventListener(t, f) { this.listeners[t] = f; }};
+const bar = Object.assign(el(), {hidden: true, querySelector(s) { return s === 'span' ? span : button; }, scrollIntoView() {}});
+const card = el({'data-drill': 'ws-fig-1'});
+const fig = {handlers: {}, on(t, f) { this.handlers[t] = f; }};
+global.document = {
+  getElementById(id) { return id === 'ws-drill' ? bar : id === 'ws-fig-1' ? fig : null; },
+  querySelector(s) { return s === '[data-drill]' ? card : null; },
+  querySelectorAll(s) { return rows; },
+};
+global.setTimeout = (f) => f();
+eval(SCRIPT);
+fig.handlers.plotly_click({points: [{y: 'layers.1'}]});
+console.log(rows.map(r => r.hidden).join(','), bar.hidden, span.textContent);
+button.listeners.click();
+console.log(rows.map(r => r.hidden).join(','), bar.hidden);
+"""
+
+
+def test_clicking_a_block_lists_its_tensors(tmp_path):
+    """The drill-down script, run by node against a stand-in for the page's elements."""
+    import shutil
+    import subprocess
+
+    from weightsmith._report_assets import _DRILL_SCRIPT
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not on PATH")
+    script = tmp_path / "drill.js"
+    script.write_text(DRILL_HARNESS.replace("SCRIPT", json.dumps(_DRILL_SCRIPT)))
+    out = subprocess.run([node, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["true,false,false false Showing the 2 tensor(s) of block layers.1.",
+                                       "false,false,false true"]

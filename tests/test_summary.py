@@ -2,6 +2,8 @@
 
 import json
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -98,7 +100,7 @@ def test_parameter_on_the_root_module_is_listed():
     s = summary(Scaled(), depth=1)
     assert s["scale"].count == 3
     assert s.module("").parameters == ("scale",)
-    assert [(r.name, r.count) for r in s.rollup] == [("", 3), ("body", 8)]
+    assert [(r.name, r.count, r.own) for r in s.rollup] == [("", 11, 3), ("body", 8, 8)]
     assert "(root)" in str(s)
 
 
@@ -114,7 +116,7 @@ def test_buffers_are_marked_and_counted_apart():
     assert s.totals.buffers == 4 + 4 + 1 + 2
     assert s.module("1").buffers == ("1.running_mean", "1.running_var", "1.num_batches_tracked",
                                      "1.mask")
-    assert "buffer (non-persistent)" in str(s)
+    assert "buffer*" in str(s) and "buffer*: non-persistent (not in state_dict())" in str(s)
 
 
 def test_meta_model_is_counted_from_shapes():
@@ -135,8 +137,13 @@ def test_rollup_by_depth_shows_layers_without_parameters():
     assert [(r.name, r.type, r.count) for r in one.rollup] == [
         ("enc", "Sequential", 9 + 12), ("act", "ReLU", 0), ("head", "Linear", 4)]
     two = summary(model, depth=2)
-    assert [(r.name, r.count) for r in two.rollup] == [
-        ("enc", 0), ("enc.0", 9), ("enc.1", 0), ("enc.2", 12), ("act", 0), ("head", 4)]
+    assert [(r.name, r.count, r.own) for r in two.rollup] == [  # parents count their children
+        ("enc", 21, 0), ("enc.0", 9, 9), ("enc.1", 0, 0), ("enc.2", 12, 12), ("act", 0, 0), ("head", 4, 4)]
+    text = str(two)
+    assert "│ enc     │ Sequential │            21 │   0 │" in text
+    assert "│   enc.0 │ Linear     │             9 │   9 │" in text
+    assert "│   enc.1 │ ReLU       │ no parameters │   0 │" in text
+    assert "tied with" not in text  # no ties: no empty column
     assert "no parameters" in str(one)
     assert summary(model).rollup is None
 
@@ -219,3 +226,42 @@ def test_renderings_agree(tied_mlp):
 def test_public_names_resolve():
     # the submodule weightsmith.summary was imported above: the function still wins
     assert weightsmith.summary is summary and weightsmith.Summary is Summary
+
+
+def test_results_show_as_tables_in_a_repl(mlp):
+    s = summary(mlp, depth=1)
+    assert repr(s) == str(s) and "parameters of Sequential" in repr(s)
+    assert s._repr_html_().startswith("<pre") and "0.weight" in s._repr_html_()
+    table = s.modules_table()
+    assert "1 (ReLU): no parameters" not in repr(table) and "no parameters" in repr(table)
+    assert not repr(table).startswith("<rich")
+    assert "197 B" not in str(s) and "196 B" in str(s)  # binary units: bytes, then KiB
+
+
+def test_sizes_use_binary_units():
+    with torch.device("meta"):
+        s = summary(nn.Linear(1024, 1024))
+    assert s.totals_line().endswith("; 4.0 MiB")
+
+
+def test_table_fits_80_columns_and_piped_rows_keep_names_whole():
+    from rich.console import Console
+
+    with torch.device("meta"):
+        model = nn.Sequential()
+        model.add_module("encoder_with_a_rather_long_name", nn.ModuleList(
+            nn.Sequential(nn.Linear(30522, 384), nn.LayerNorm(384)) for _ in range(3)))
+    model.register_buffer("position_ids_of_the_embeddings", torch.arange(512)[None], persistent=False)
+    s = summary(model)
+    console = Console(width=80, record=True, color_system=None, file=open(os.devnull, "w"))
+    console.print(s)
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    row = next(line for line in text.splitlines() if "(384, 30522)" in line)
+    assert "11,720,448" in row and "float32" in row and "param" in row
+    assert "device" in text.splitlines()[2]  # meta and cpu differ: the column stays
+    plain = s.plain().splitlines()
+    assert plain[1].split() == ["name", "shape", "dtype", "device", "count", "kind"]
+    assert any(line.startswith("encoder_with_a_rather_long_name.2.0.weight ") for line in plain)
+    assert "buffer*: non-persistent (not in state_dict())" in plain
+    assert "device: meta" in summary(model.encoder_with_a_rather_long_name).plain()  # one device: a note

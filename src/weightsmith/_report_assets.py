@@ -1,4 +1,4 @@
-"""The report page's fixed parts: content policy, stylesheet and the two small scripts."""
+"""The report page's fixed parts: content policy, stylesheet and the small scripts."""
 
 _FONT = "-apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
 _MONO = "ui-monospace, 'SFMono-Regular', Menlo, Consolas, monospace"
@@ -37,6 +37,8 @@ h2 { font-size: 18px; margin: 28px 0 8px; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(400px, 1fr)); gap: 12px; }
 .grid .card { margin: 0; }
 .hist-title { font-weight: 600; padding: 2px 6px 0; overflow-wrap: anywhere; }
+.drill { position: sticky; top: 0; background: #ddf4ff; border: 1px solid #54aeff; border-radius: 6px;
+         padding: 4px 10px; }
 .hist-sub { color: var(--muted); font-size: 12px; padding: 0 6px; }
 table { border-collapse: collapse; background: #fff; width: 100%; }
 th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left; }
@@ -100,5 +102,34 @@ _SORT_SCRIPT = """
       });
     });
   });
+})();
+"""
+
+# drill-down: a click on a block of the heatmap lists that block's tensors in the table
+_DRILL_SCRIPT = """
+(function () {
+  var bar = document.getElementById('ws-drill');
+  var card = document.querySelector('[data-drill]');
+  if (!bar || !card) { return; }
+  var rows = document.querySelectorAll('table.params tbody tr');
+  function show(block) {
+    var n = 0;
+    rows.forEach(function (r) {
+      var hit = block === null || r.getAttribute('data-block') === block;
+      r.hidden = !hit; n += hit ? 1 : 0;
+    });
+    bar.hidden = block === null;
+    if (block !== null) {
+      bar.querySelector('span').textContent = 'Showing the ' + n + ' tensor(s) of block ' + block + '.';
+      bar.scrollIntoView({block: 'start'});
+    }
+  }
+  bar.querySelector('button').addEventListener('click', function () { show(null); });
+  var fig = document.getElementById(card.getAttribute('data-drill'));
+  function hook() {
+    if (fig && fig.on) { fig.on('plotly_click', function (e) { show(String(e.points[0].y)); }); }
+    else { setTimeout(hook, 100); }
+  }
+  hook();
 })();
 """

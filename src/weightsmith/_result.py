@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any, ClassVar
 
-__all__ = ["Result", "to_plain"]
+__all__ = ["Result", "Rendered", "to_plain"]
 
 
 def to_plain(value: Any) -> Any:
@@ -36,6 +36,13 @@ class Result:
 
     SCHEMA: ClassVar[str] = "weightsmith.result/1"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # set before @dataclass runs, which then keeps it: in a REPL or a notebook a result
+        # shows as its table, not as a dataclass repr
+        super().__init_subclass__(**kwargs)
+        if "__repr__" not in cls.__dict__:
+            cls.__repr__ = Result.__repr__  # type: ignore[method-assign]
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the result, schema first."""
         body = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -45,19 +52,59 @@ class Result:
         """The result as JSON text, with its ``"schema"`` field."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
-    def _rich_(self) -> Any:  # pragma: no cover - overridden
-        return repr(self)
+    def _rich_(self) -> Any:  # results without a table: the fields, as a dataclass shows them
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}"
+                           for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return f"{type(self).__name__}({fields})"
 
     def __rich__(self) -> Any:
         return self._rich_()
 
     def __str__(self) -> str:
-        from rich.console import Console
+        return _text(self._rich_())
 
-        console = Console(width=120, record=True, color_system=None, force_terminal=False,
-                          file=_NullFile())
-        console.print(self._rich_())
-        return console.export_text().rstrip("\n")
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the table as preformatted HTML."""
+        return _html(self._rich_())
+
+
+class Rendered:
+    """A rich renderable that shows as text in a REPL and as HTML in Jupyter
+    (e.g. `Summary.modules_table`); ``rich`` prints it as the renderable itself."""
+
+    def __init__(self, renderable: Any) -> None:
+        self.renderable = renderable
+
+    def __rich__(self) -> Any:
+        return self.renderable
+
+    def __str__(self) -> str:
+        return _text(self.renderable)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_html_(self) -> str:
+        return _html(self.renderable)
+
+
+def _text(renderable: Any) -> str:
+    from rich.console import Console
+
+    console = Console(width=120, record=True, color_system=None, force_terminal=False,
+                      file=_NullFile())
+    console.print(renderable)
+    return console.export_text().rstrip("\n")
+
+
+def _html(renderable: Any) -> str:
+    import html
+
+    return ('<pre style="font-family: ui-monospace, monospace; line-height: 1.25">'
+            f"{html.escape(_text(renderable))}</pre>")
 
 
 class _NullFile:

@@ -35,10 +35,10 @@ from torch import nn
 from ._result import Result
 from .errors import CheckpointError, CheckpointNotFoundError, UsageError, WeightsmithError
 from .keymap import align_prefixes, as_rules
-from .listing import fold_name
+from .listing import block_name, fold_name
 from .selectors import Selector, select as select_names
 
-__all__ = ["diff", "Diff", "TensorDiff", "SpecChange", "Rollup", "CHUNK_ELEMENTS"]
+__all__ = ["diff", "Diff", "TensorDiff", "SpecChange", "Rollup", "block_name", "CHUNK_ELEMENTS"]
 
 Progress = Callable[[int, int, str], None]
 
@@ -73,6 +73,13 @@ class TensorDiff:
             Inf on one side and not the same on the other.
         changed_fraction: ``changed`` over the number of elements.
         nan_a, nan_b: NaN counts on each side (``None`` when the data was not read).
+        l2_a, l2_diff: ``||a||`` and ``||a - b||`` (over elements finite on both sides).
+        score: how much it moved, for ranking: ``||a - b||`` relative to the larger of
+            ``||a||`` and the model's typical scale for that many elements (the RMS of every
+            ``a`` compared, times the square root of its element count). Large tensors score
+            their relative change; a tiny bias, or one that started at zero (whose relative
+            change is ``inf``), scores its absolute change in units of the model's scale
+            instead of topping the list.
     """
 
     key: str
@@ -90,6 +97,9 @@ class TensorDiff:
     changed_fraction: float
     nan_a: int | None
     nan_b: int | None
+    l2_a: float = 0.0
+    l2_diff: float = 0.0
+    score: float = 0.0
 
 
 @dataclass
@@ -106,8 +116,9 @@ class SpecChange:
 
 @dataclass
 class Rollup:
-    """Changes summed over a group of tensors: a layer family (``layers.#.mlp.weight``) or a
-    top-level module (``encoder``)."""
+    """Changes summed over a group of tensors: a block (``encoder.layer.5``, indices kept), a
+    layer family (``layers.#.mlp.weight``) or a top-level module (``encoder``).
+    ``rel_l2`` is the group's ``||a - b|| / ||a||`` over the tensors read, taken together."""
 
     name: str
     tensors: int = 0
@@ -117,6 +128,7 @@ class Rollup:
     changed_fraction: float = 0.0
     max_abs: float = 0.0
     max_rel_l2: float = 0.0
+    rel_l2: float = 0.0
 
 
 @dataclass
@@ -133,6 +145,9 @@ class Diff(Result):
         tensors: every compared pair, in ``a``'s order.
         layers: changes rolled up per layer family (layer indices folded to ``#``).
         modules: changes rolled up per top-level module.
+        blocks: changes rolled up per block, indices kept: a key's path up to its first
+            index (``encoder.layer.5``), else its module (``embeddings.LayerNorm``), so one
+            changed layer shows as one row.
         prefix: how ``a``'s keys were aligned to ``b``'s (``strip 'module.'``), or ``""``.
         renamed: ``a`` key -> ``b`` key for keys renamed by a rule.
         skipped: pairs that could not be compared (no data, unsupported dtype) -> why.
@@ -152,6 +167,7 @@ class Diff(Result):
     tensors: list[TensorDiff] = field(default_factory=list)
     layers: list[Rollup] = field(default_factory=list)
     modules: list[Rollup] = field(default_factory=list)
+    blocks: list[Rollup] = field(default_factory=list)
     prefix: str = ""
     renamed: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -169,9 +185,9 @@ class Diff(Result):
         return [t for t in self.tensors if t.changed]
 
     def most_changed(self, n: int | None = None) -> list[TensorDiff]:
-        """Tensors that are not identical, most changed first (relative L2, then max abs)."""
+        """Tensors that are not identical, most changed first (by ``score``, see `TensorDiff`)."""
         moved = [t for t in self.tensors if not t.identical]
-        moved.sort(key=lambda t: (t.changed > 0, _num(t.rel_l2), t.changed_fraction, _num(t.max_abs)),
+        moved.sort(key=lambda t: (t.changed > 0, _num(t.score), t.changed_fraction, _num(t.max_abs)),
                    reverse=True)
         return moved if n is None else moved[:n]
 
@@ -232,20 +248,18 @@ class Diff(Result):
             table = Table(title=f"most changed tensors ({len(shown)} of {len(moved)} not identical)",
                           title_justify="left")
             table.add_column("name", no_wrap=True)
-            for col in ("shape", "max |a-b|", "rel L2", "cosine", "changed", "NaN a/b"):
+            for col in ("shape", "score", "max |a-b|", "rel L2", "cosine", "changed", "NaN a/b"):
                 table.add_column(col, justify="left" if col == "shape" else "right")
             for t in shown:
                 nans = "-" if t.nan_a is None else f"{t.nan_a}/{t.nan_b}"
-                table.add_row(_both_names(t.key, t.key_a), str(t.shape), f"{t.max_abs:.4g}",
+                table.add_row(_both_names(t.key, t.key_a), str(t.shape), f"{t.score:.4g}", f"{t.max_abs:.4g}",
                               f"{t.rel_l2:.4g}", f"{t.cosine:.6f}", f"{t.changed_fraction:.2%}", nans)
             parts.append(table)
         if self.skipped:
             parts.append(Text("not compared: " + "; ".join(f"{k}: {why}" for k, why in self.skipped.items())))
         # a rollup is worth a table when it groups something and something changed
-        if any(r.changed_tensors for r in self.layers) and any(r.tensors > 1 for r in self.layers):
-            parts.append(_rollup_table("per layer (# = any index)", self.layers))
-        if any(r.changed_tensors for r in self.modules) and len(self.modules) > 1:
-            parts.append(_rollup_table("per top-level module", self.modules))
+        if any(r.changed_tensors for r in self.blocks) and len(self.blocks) > 1:
+            parts.append(_rollup_table("per block (indices kept)", self.blocks))
         return Group(*parts)
 
 
@@ -262,11 +276,11 @@ def _rollup_table(title: str, rows: list[Rollup]) -> Any:
 
     table = Table(title=title, title_justify="left")
     table.add_column("name", no_wrap=True)
-    for col in ("tensors", "changed tensors", "changed", "max |a-b|", "max rel L2"):
+    for col in ("tensors", "changed tensors", "changed", "max |a-b|", "rel L2"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r.name, str(r.tensors), str(r.changed_tensors), f"{r.changed_fraction:.2%}",
-                      f"{r.max_abs:.4g}", f"{r.max_rel_l2:.4g}")
+                      f"{r.max_abs:.4g}", f"{r.rel_l2:.4g}")
     return table
 
 
@@ -532,9 +546,23 @@ def _compare(side_a: _Side, side_b: _Side, plan: _Plan, atol: float, rtol: float
             done += nbytes_a + nbytes_b
             if progress is not None:
                 progress(done, total, kb)
+    _score(result.tensors)
     result.layers = _rollup(result.tensors, fold_name)
     result.modules = _rollup(result.tensors, lambda key: key.split(".", 1)[0])
+    result.blocks = _rollup(result.tensors, block_name)
     return result
+
+
+def _score(tensors: list[TensorDiff]) -> None:
+    """Set each tensor's ranking score: ``||a - b||`` over the larger of ``||a||`` and the
+    model-wide RMS times the square root of its size (see `TensorDiff.score`)."""
+    read = [t for t in tensors if t.method == "compared" and t.numel]
+    sq, n = sum(t.l2_a ** 2 for t in read), sum(t.numel for t in read)
+    rms = math.sqrt(sq / n) if n and math.isfinite(sq) else 0.0
+    for t in tensors:
+        floor = rms * math.sqrt(t.numel)
+        scale = max(t.l2_a, floor)
+        t.score = t.l2_diff / scale if scale > 0 else (math.inf if t.l2_diff > 0 else 0.0)
 
 
 def _equal_checksums(side_a: _Side, side_b: _Side, ka: str, kb: str) -> bool:
@@ -550,8 +578,12 @@ def _unread(key: str, key_a: str | None, shape: tuple[int, ...], dtype_a: str, d
 
 def _rollup(tensors: list[TensorDiff], group: Callable[[str], str]) -> list[Rollup]:
     rows: dict[str, Rollup] = {}
+    sums: dict[str, list[float]] = {}
     for t in tensors:
         r = rows.setdefault(group(t.key), Rollup(group(t.key)))
+        acc = sums.setdefault(r.name, [0.0, 0.0])
+        acc[0] += t.l2_diff ** 2
+        acc[1] += t.l2_a ** 2
         r.tensors += 1
         r.changed_tensors += t.changed > 0
         r.numel += t.numel
@@ -561,6 +593,8 @@ def _rollup(tensors: list[TensorDiff], group: Callable[[str], str]) -> list[Roll
             r.max_rel_l2 = max(r.max_rel_l2, t.rel_l2)
     for r in rows.values():
         r.changed_fraction = r.changed / r.numel if r.numel else 0.0
+        dd, aa = sums[r.name]
+        r.rel_l2 = math.sqrt(dd / aa) if aa > 0 else (0.0 if dd == 0 else math.inf)
     return list(rows.values())
 
 
@@ -619,7 +653,8 @@ def _measure_pair(side_a: _Side, side_b: _Side, ka: str, kb: str, atol: float, r
         cosine = 1.0 if aa == bb == 0 else math.nan
     return TensorDiff(kb, None if ka == kb else ka, side_b.specs[kb][0], side_a.specs[ka][1],
                       side_b.specs[kb][1], numel, not differs, "compared", max_abs, rel, cosine,
-                      changed, changed / numel if numel else 0.0, nan_a, nan_b)
+                      changed, changed / numel if numel else 0.0, nan_a, nan_b,
+                      l2_a=math.sqrt(aa), l2_diff=math.sqrt(dd))
 
 
 def _unreadable(t: torch.Tensor) -> str:

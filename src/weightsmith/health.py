@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -14,10 +15,13 @@ from ._result import Result
 from .selectors import Selector
 from .stats import CHUNK_BYTES, Progress, StatsReport, TensorStats, stats
 
-__all__ = ["Finding", "HealthReport", "check", "CHECKS", "MAX_ABS"]
+__all__ = ["Finding", "HealthReport", "check", "CHECKS", "ERRORS", "MAX_ABS"]
 
 # every kind of finding, in the order they are reported for one tensor
 CHECKS: tuple[str, ...] = ("nan", "inf", "all_zero", "constant", "exploding")
+# the kinds that break a model; the others (all-zero, constant) are normal in healthy models
+# (a zero-initialized bias, a LayerNorm never trained away from 1) and are warnings by default
+ERRORS: tuple[str, ...] = ("nan", "inf", "exploding")
 MAX_ABS = 1e4  # trained weights rarely leave |w| < 100; 1e4 means something diverged
 
 _FLOATING = ("float", "bfloat", "complex")
@@ -33,17 +37,19 @@ class Finding:
         value: the count (``nan``, ``inf``), the constant value (``all_zero``, ``constant``)
             or the largest magnitude (``exploding``).
         message: a sentence saying what was found.
+        severity: ``"error"`` (fails the check) or ``"warning"`` (reported, passes).
     """
 
     key: str
     kind: str
     value: float
     message: str
+    severity: str = "error"
 
 
 @dataclass
 class HealthReport(Result):
-    """Findings over every tensor checked; ``ok`` when there are none.
+    """Findings over every tensor checked; ``ok`` when none of them is an error.
 
     Attributes:
         source: what was checked.
@@ -63,12 +69,22 @@ class HealthReport(Result):
 
     @property
     def ok(self) -> bool:
-        """True when no check found anything."""
-        return not self.findings
+        """True when no finding is an error (warnings alone pass)."""
+        return not self.errors
+
+    @property
+    def errors(self) -> list[Finding]:
+        """Findings that fail the check (by default NaN, Inf, exploding)."""
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        """Findings reported without failing (by default all-zero and constant tensors)."""
+        return [f for f in self.findings if f.severity != "error"]
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-ready builtins, ``ok`` included."""
-        return {**super().to_dict(), "ok": self.ok}
+        """The report as JSON-ready builtins, ``ok`` and the error / warning counts included."""
+        return {**super().to_dict(), "ok": self.ok, "errors": len(self.errors), "warnings": len(self.warnings)}
 
     def _rich_(self) -> Any:
         from rich.console import Group
@@ -79,16 +95,19 @@ class HealthReport(Result):
                    if self.skipped else "")
         if self.ok and not self.checked and self.skipped:  # "healthy" would claim what was not looked at
             return Text(f"nothing checked: every tensor was skipped{skipped}")
-        if self.ok:
+        if not self.findings:
             return Text(f"healthy: {_tensors(self.checked)} checked{skipped}")
         table = Table(title=f"health of {self.source}")
-        for col in ("tensor", "finding", "value", "detail"):
-            table.add_column(col)
+        for col in ("tensor", "finding", "severity", "value", "detail"):
+            table.add_column(col, overflow="fold")
         for f in self.findings:
-            table.add_row(f.key, f.kind, f"{f.value:.6g}", f.message)
+            table.add_row(f.key, f.kind, f.severity, f"{f.value:.6g}", f.message)
         tensors = len({f.key for f in self.findings})
-        return Group(table, Text(f"{len(self.findings)} finding{'s' * (len(self.findings) != 1)}"
-                                 f" in {tensors} of {_tensors(self.checked)} checked{skipped}"))
+        errors, warnings = len(self.errors), len(self.warnings)
+        verdict = "healthy" if self.ok else "unhealthy"
+        return Group(table, Text(f"{verdict}: {errors} error{'s' * (errors != 1)}, {warnings} warning"
+                                 f"{'s' * (warnings != 1)} in {tensors} of {_tensors(self.checked)} "
+                                 f"checked{skipped}"))
 
 
 def _tensors(n: int) -> str:
@@ -101,6 +120,7 @@ def check(
     select: Selector | None = None,
     max_abs: float = MAX_ABS,
     checks: Collection[str] = CHECKS,
+    errors: Collection[str] = ERRORS,
     chunk_bytes: int = CHUNK_BYTES,
     progress: Progress | None = None,
 ) -> HealthReport:
@@ -130,9 +150,10 @@ def check(
     (False, [('w', 'nan', 1)])
     """
     problems = []
-    unknown = sorted(set(checks) - set(CHECKS))
-    if unknown or isinstance(checks, str):
-        problems.append(f"unknown checks {unknown or checks!r}; choose from {', '.join(CHECKS)}")
+    for label, kinds in (("checks", checks), ("errors", errors)):
+        unknown = sorted(set(kinds) - set(CHECKS))
+        if unknown or isinstance(kinds, str):
+            problems.append(f"unknown {label} {unknown or kinds!r}; choose from {', '.join(CHECKS)}")
     if not isinstance(max_abs, (int, float)) or not max_abs > 0:
         problems.append(f"max_abs must be a positive number, got {max_abs!r}")
     if isinstance(target, StatsReport) and select is not None:
@@ -141,8 +162,9 @@ def check(
         raise UsageError("; ".join(problems))
     report = target if isinstance(target, StatsReport) else stats(
         target, select=select, chunk_bytes=chunk_bytes, progress=progress)
-    wanted = set(checks)
-    findings = [f for s in report.tensors for f in _judge(s, max_abs) if f.kind in wanted]
+    wanted, failing = set(checks), set(errors)
+    findings = [dataclasses.replace(f, severity="error" if f.kind in failing else "warning")
+                for s in report.tensors for f in _judge(s, max_abs) if f.kind in wanted]
     return HealthReport(report.source, len(report.tensors), findings, float(max_abs),
                         dict(report.skipped))
 

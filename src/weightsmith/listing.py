@@ -10,7 +10,7 @@ from typing import Any
 from ._result import Result
 from .io._base import TensorInfo
 
-__all__ = ["Listing", "Row", "list_checkpoint", "fold_name", "human_bytes"]
+__all__ = ["Listing", "Row", "list_checkpoint", "fold_name", "block_name", "human_bytes", "elide"]
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
@@ -18,6 +18,21 @@ _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 def fold_name(key: str) -> str:
     """Replace layer indices by ``#``: ``layers.3.mlp.weight`` -> ``layers.#.mlp.weight``."""
     return _INDEX.sub("#", key)
+
+
+def block_name(key: str) -> str:
+    """The block a key belongs to, indices kept: its path up to the first index
+    (``encoder.layer.5.attention.self.query.weight`` -> ``encoder.layer.5``), else its module
+    (``embeddings.LayerNorm.weight`` -> ``embeddings.LayerNorm``; ``bias`` -> ``bias``).
+
+    >>> block_name("encoder.layer.5.output.dense.bias"), block_name("pooler.dense.weight")
+    ('encoder.layer.5', 'pooler.dense')
+    """
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:-1]) or key
 
 
 def human_bytes(n: int) -> str:
@@ -54,7 +69,12 @@ class Row:
 
 @dataclass
 class Listing(Result):
-    """A checkpoint's tensors with totals; parameters of tied tensors are counted once."""
+    """A checkpoint's tensors with totals; the elements of tied tensors are counted once.
+
+    A checkpoint does not say which tensors were parameters and which buffers (an ``int64``
+    ``position_ids`` is stored like a weight), so counts are *elements*. ``by_dtype`` adds up to
+    the totals: every name counts in ``tensors``, each storage once in ``elements``/``nbytes``.
+    """
 
     SCHEMA = "weightsmith.inspect/1"
     path: str
@@ -62,7 +82,7 @@ class Listing(Result):
     root: str
     rows: list[Row]
     tensors: int
-    parameters: int
+    elements: int
     nbytes: int
     by_dtype: dict[str, dict[str, int]]
     roots: tuple[str, ...] = ()
@@ -72,28 +92,37 @@ class Listing(Result):
     folded: bool = False
     layout: bool = False
 
-    def _rich_(self) -> Any:
-        from rich.console import Group
-        from rich.table import Table
-        from rich.text import Text
+    @property
+    def parameters(self) -> int:
+        """Former name of `elements` (a checkpoint cannot tell parameters from buffers)."""
+        return self.elements
 
-        table = Table(title=f"{self.path} ({self.format})", title_justify="left")
-        table.add_column("name" if not self.folded else "name (# = any index)", no_wrap=True)
-        table.add_column("shape")
-        table.add_column("dtype")
-        table.add_column("parameters", justify="right")
-        table.add_column("size", justify="right")
-        table.add_column("tied with", overflow="fold")
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready builtins; ``parameters`` repeats ``elements`` for readers of earlier output."""
+        out = super().to_dict()
+        out["parameters"] = self.elements
+        for v in out["by_dtype"].values():
+            v["parameters"] = v["elements"]
+        return out
+
+    def _columns(self) -> list[tuple[str, list[str], str]]:
+        """(header, cells, justify) for each column worth showing: empty columns are dropped."""
+        names = [row.key + (f"  ×{row.count}" if row.count > 1 else "") for row in self.rows]
+        cols = [("name" if not self.folded else "name (# = any index)", names, "left"),
+                ("shape", ["various" if r.shape is None else str(tuple(r.shape)) for r in self.rows], "left"),
+                ("dtype", [r.dtype for r in self.rows], "left"),
+                ("elements", [f"{r.numel:,}" for r in self.rows], "right"),
+                ("size", [human_bytes(r.nbytes) for r in self.rows], "right")]
+        if any(r.tied_with for r in self.rows):
+            cols.append(("tied with", [", ".join(r.tied_with) for r in self.rows], "left"))
         if self.layout:
-            table.add_column("stored in", overflow="fold")
-        for row in self.rows:
-            name = row.key + (f"  ×{row.count}" if row.count > 1 else "")
-            shape = "various" if row.shape is None else str(tuple(row.shape))
-            cells = [name, shape, row.dtype, f"{row.numel:,}", human_bytes(row.nbytes), ", ".join(row.tied_with)]
-            table.add_row(*cells, *(["\n".join(row.stored_in)] if self.layout else []))
-        lines = [f"{self.tensors} tensors, {self.parameters:,} parameters (tied counted once), "
+            cols.append(("stored in", [" ".join(r.stored_in) for r in self.rows], "left"))
+        return cols
+
+    def _footer(self) -> list[str]:
+        lines = [f"{self.tensors:,} tensors, {self.elements:,} elements (tied counted once), "
                  f"{human_bytes(self.nbytes)}"]
-        lines += [f"  {dt}: {v['tensors']} tensors, {v['parameters']:,} parameters, {human_bytes(v['nbytes'])}"
+        lines += [f"  {dt}: {v['tensors']:,} tensors, {v['elements']:,} elements, {human_bytes(v['nbytes'])}"
                   for dt, v in self.by_dtype.items()]
         if self.root or len(self.roots) > 1:
             alts = ", ".join(repr(r) if r else "(top)" for r in self.roots if r != self.root)
@@ -104,7 +133,83 @@ class Listing(Result):
             lines.append("other objects (not constructed): " + ", ".join(f"{k}: {v}" for k, v in shown)
                          + (" ..." if len(self.other_objects) > 8 else ""))
         lines += [f"note: {n}" for n in self.notes]
-        return Group(table, Text("\n".join(lines)))
+        return lines
+
+    def plain(self) -> str:
+        """Aligned rows without borders or wrapping, for pipes: every name whole on one line."""
+        cols = self._columns()
+        return "\n".join([f"{self.path} ({self.format})", plain_rows(cols), *self._footer()])
+
+    def _rich_(self) -> Any:
+        return FittedTable(f"{self.path} ({self.format})", self._columns(), "\n".join(self._footer()))
+
+
+def plain_rows(cols: list[tuple[str, list[str], str]]) -> str:
+    """``(header, cells, justify)`` columns as space-aligned text: no borders, nothing cut."""
+    widths = [max(len(h), *(len(c) for c in cells)) if cells else len(h) for h, cells, _ in cols]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if j == "right" else c.ljust(w)
+                         for c, w, (_, _, j) in zip(cells, widths, cols)).rstrip()
+
+    rows = len(cols[0][1]) if cols else 0
+    return "\n".join([line([h for h, _, _ in cols]), *(line([c[i] for _, c, _ in cols]) for i in range(rows))])
+
+
+class FittedTable:
+    """A rich table fitted to the console: the first column (names) shortened with `elide`
+    to the room the other columns leave, so shapes, dtypes and sizes stay readable."""
+
+    _FOLDING = ("tied with", "stored in")  # long lists that may wrap; never worth squeezing names for
+
+    def __init__(self, title: str, cols: list[tuple[str, list[str], str]], footer: str = "") -> None:
+        self.title, self.cols, self.footer = title, cols, footer
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        widths = [max(len(h), *(len(c) for c in cells)) if cells else len(h) for h, cells, _ in self.cols]
+        others = sum(w for w, (h, _, _) in zip(widths[1:], self.cols[1:]) if h not in self._FOLDING)
+        room = max(16, options.max_width - others - 3 * len(self.cols) - 1)
+        table = Table(title=self.title, title_justify="left")
+        for (header, _, justify), width in zip(self.cols, widths):
+            wraps = header in self._FOLDING
+            # the short columns keep their width; only the names give way
+            table.add_column(header, justify=justify, no_wrap=not wraps,
+                             overflow="fold" if wraps else "ellipsis",
+                             min_width=None if wraps or header == self.cols[0][0] else width)
+        for i in range(len(self.cols[0][1]) if self.cols else 0):
+            cells = [cells[i] for _, cells, _ in self.cols]
+            cells[0] = elide(cells[0], room)
+            table.add_row(*cells)
+        yield table
+        if self.footer:
+            yield Text(self.footer)
+
+
+def elide(name: str, width: int) -> str:
+    """Shorten ``name`` to ``width`` characters, keeping its layer indices and its last two
+    segments: middle segments are cut to their first letter, longest first; if that is not
+    enough, characters are cut from the middle.
+
+    >>> elide("encoder.layer.11.attention.output.dense.weight", 32)
+    'e.layer.11.a.output.dense.weight'
+    """
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    middle = sorted((i for i in range(len(parts) - 2) if not parts[i].isdigit() and len(parts[i]) > 1),
+                    key=lambda i: (-len(parts[i]), i))
+    for i in middle:
+        parts[i] = parts[i][0]
+        if len(".".join(parts)) <= width:
+            return ".".join(parts)
+    short = ".".join(parts)
+    if len(short) <= width:
+        return short
+    head = (width - 1) * 2 // 5
+    return short[:head] + "…" + short[len(short) - (width - 1 - head):]
 
 
 def list_checkpoint(ckpt: Any, *, select: Any = None, sort: str | None = None, fold: bool = False,
@@ -130,7 +235,7 @@ def list_checkpoint(ckpt: Any, *, select: Any = None, sort: str | None = None, f
             tied.setdefault(sid, []).append(key)
     rows: list[Row] = []
     seen: set[str] = set()
-    totals = {"tensors": 0, "parameters": 0, "nbytes": 0}
+    totals = {"tensors": 0, "elements": 0, "nbytes": 0}
     by_dtype: dict[str, dict[str, int]] = {}
     for key in keys:
         info = infos[key]
@@ -138,15 +243,15 @@ def list_checkpoint(ckpt: Any, *, select: Any = None, sort: str | None = None, f
         rows.append(Row(key, info.shape, info.dtype, info.numel, info.nbytes, others,
                         stored_in=_stored_in(ckpt, key, info) if layout else ()))
         totals["tensors"] += 1
+        d = by_dtype.setdefault(info.dtype, {"tensors": 0, "elements": 0, "nbytes": 0})
+        d["tensors"] += 1  # every name, so the per-dtype counts add up to the total
         if info.storage is not None and info.storage in seen:
-            continue
+            continue  # a tie: its elements and bytes are already counted
         if info.storage is not None:
             seen.add(info.storage)
-        d = by_dtype.setdefault(info.dtype, {"tensors": 0, "parameters": 0, "nbytes": 0})
-        d["tensors"] += 1
-        d["parameters"] += info.numel
+        d["elements"] += info.numel
         d["nbytes"] += info.nbytes
-        totals["parameters"] += info.numel
+        totals["elements"] += info.numel
         totals["nbytes"] += info.nbytes
     if fold:
         rows = _fold(rows)
@@ -158,7 +263,7 @@ def list_checkpoint(ckpt: Any, *, select: Any = None, sort: str | None = None, f
     return Listing(
         path=str(getattr(ckpt, "path", "")), format=getattr(ckpt, "format", "?"),
         root=getattr(ckpt, "root", ""), rows=rows, tensors=totals["tensors"],
-        parameters=totals["parameters"], nbytes=totals["nbytes"], by_dtype=by_dtype,
+        elements=totals["elements"], nbytes=totals["nbytes"], by_dtype=by_dtype,
         roots=tuple(getattr(ckpt, "roots", ())), metadata=dict(getattr(ckpt, "metadata", {})),
         other_objects=dict(getattr(ckpt, "other_objects", {})),
         notes=list(reader.notes) if reader is not None else [], folded=fold, layout=layout and not fold,

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from ._report_assets import _CSP, _ERROR_COLLECTOR, _FONT, _MONO, _SORT_SCRIPT, _STYLE
+from ._report_assets import _CSP, _DRILL_SCRIPT, _ERROR_COLLECTOR, _FONT, _MONO, _SORT_SCRIPT, _STYLE
 from ._result import to_plain
 from .errors import UsageError, WeightsmithError
 from .health import Finding, HealthReport, check
-from .listing import Listing, fold_name, human_bytes, list_checkpoint
+from .listing import Listing, block_name, fold_name, human_bytes, list_checkpoint
 from .selectors import Selector, select as select_names
 from .stats import CHUNK_BYTES, StatsReport, TensorStats, stats
 from .summary import _is_checkpoint
@@ -413,6 +413,7 @@ def _render(page: _Page, plotly: SimpleNamespace) -> str:
         f'<footer>Written by weightsmith {_e(_version())}.</footer>',
         f'<script id="ws-data" type="application/json">{_data_json(page)}</script>',
         f"<script>{_SORT_SCRIPT}</script>",
+        f"<script>{_DRILL_SCRIPT}</script>",
         "</body></html>",
     ])
 
@@ -437,16 +438,18 @@ def _header(page: _Page) -> str:
     listing, health = page.listing, page.health
     dtypes = ", ".join(f"{dt} ({v['tensors']})" for dt, v in listing.by_dtype.items())
     facts = [("format", listing.format), ("tensors", f"{listing.tensors:,}"),
-             ("parameters", f"{listing.parameters:,}"), ("size", human_bytes(listing.nbytes)),
+             ("elements", f"{listing.elements:,}"), ("size", human_bytes(listing.nbytes)),
              ("dtypes", dtypes or "none")]
     if page.comparison is not None:
         facts.append(("compared with", Path(page.comparison.path).name))
+    n_err, n_warn = len(health.errors), len(health.warnings)
+    warned = f' ({n_warn} warning{"s" * (n_warn != 1)})' if n_warn else ""
     if health.ok:
-        verdict = '<div class="verdict ok">healthy</div>'
+        verdict = f'<div class="verdict ok">healthy{warned}</div>'
     else:
-        n, tensors = len(health.findings), len({f.key for f in health.findings})
-        verdict = (f'<div class="verdict bad">{n} finding{"s" * (n != 1)} in {tensors} '
-                   f'tensor{"s" * (tensors != 1)}</div>')
+        tensors = len({f.key for f in health.errors})
+        verdict = (f'<div class="verdict bad">{n_err} error{"s" * (n_err != 1)} in {tensors} '
+                   f'tensor{"s" * (tensors != 1)}{warned}</div>')
     cells = "".join(f"<div><span>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in facts)
     return (f'<header><h1>Weights report</h1><p class="path">{_e(listing.path)}</p>'
             f'<div class="facts">{cells}{verdict}</div></header>')
@@ -455,15 +458,15 @@ def _header(page: _Page) -> str:
 def _findings(page: _Page) -> str:
     health = page.health
     out = ['<section id="health"><h2>Health</h2>']
-    if health.ok:
+    if not health.findings:
         out.append(f'<p class="ok-note">No NaN, Inf, all-zero, constant or exploding tensor among '
                    f'the {health.checked:,} checked (exploding: |x| &gt; {health.max_abs:g}).</p>')
     else:
         rows = "".join(
             f'<tr class="{_severity(f)}"><td class="name">{_e(f.key)}</td>'
             f'<td><span class="badge {_severity(f)}">{_e(f.kind)}</span></td>'
-            f'<td>{_e(f.message)}</td></tr>' for f in health.findings)
-        out.append('<table class="findings"><thead><tr><th>tensor</th><th>finding</th>'
+            f'<td>{_e(f.severity)}</td><td>{_e(f.message)}</td></tr>' for f in health.findings)
+        out.append('<table class="findings"><thead><tr><th>tensor</th><th>finding</th><th>severity</th>'
                    f'<th>detail</th></tr></thead><tbody>{rows}</tbody></table>')
     if health.skipped:
         out.append("<p>Not readable, so not checked: " + ", ".join(
@@ -474,7 +477,7 @@ def _findings(page: _Page) -> str:
 
 
 def _severity(f: Finding) -> str:
-    return "bad" if f.kind in _SEVERE else "warn"
+    return "bad" if f.severity == "error" else "warn"
 
 
 def _comparison_section(comparison: _Comparison, figures: _Figures) -> str:
@@ -541,32 +544,55 @@ def _heatmap_section(page: _Page, figures: _Figures) -> str:
     # step counters and position ids are not weights: they would set every column's range
     rows = [by_key[k] for k in page.order if by_key[k].dtype.startswith(_FLOATING)]
     left_out = len(page.order) - len(rows)
-    out = ['<section id="heatmap"><h2>Statistics by layer</h2>',
-           "<p>Each column is scaled on its own from its lowest (dark) to its highest (bright) "
-           "value: std and absmax on a log scale, the mean on a symmetric log scale around 0. "
-           "Hover for the values."
+    out = ['<section id="heatmap"><h2>Statistics by block</h2>',
+           "<p>One row per block (a layer with its index, or a module), its tensors pooled: the "
+           "mean and std over all their values, the largest magnitude, the share of zeros. Each "
+           "column is scaled on its own from its lowest (dark) to its highest (bright) value: std "
+           "and absmax on a log scale, the mean on a symmetric log scale around 0. Hover for the "
+           "values; click a block to list its tensors in the table below."
            + (f" Integer and bool tensors ({left_out}) are left out; they are in the table."
               if left_out else "") + "</p>"]
     if not rows:
         out.append("<p>No floating-point tensor to show.</p></section>")
         return "".join(out)
-    raw = [[s.mean, s.std, s.absmax, 100 * s.zero_fraction] for s in rows]
+    blocks: dict[str, list[TensorStats]] = {}
+    for s in rows:
+        blocks.setdefault(block_name(s.key), []).append(s)
+    raw = [_pooled(members) for members in blocks.values()]
     columns = list(zip(*raw))
     scaled = [_normalize(col, scale) for col, (_, scale) in zip(columns, _HEAT_COLUMNS)]
     z = [list(r) for r in zip(*scaled)]
     text = [[f"{v:.3g}" for v in r] for r in raw]
     labels = [name if scale == "linear" else f"{name} ({scale})" for name, scale in _HEAT_COLUMNS]
+    names = list(blocks)
+    counts = [f"{len(m)} tensor{'s' * (len(m) != 1)}" for m in blocks.values()]
+    n = len(names)
     fig = go.Figure(go.Heatmap(
-        z=z, x=labels, y=[s.key for s in rows], customdata=text, zmin=0, zmax=1,
-        colorscale="Viridis", xgap=1, ygap=1 if len(rows) < 120 else 0, hoverongaps=False,
-        text=text if len(rows) <= 80 else None, texttemplate="%{text}" if len(rows) <= 80 else None,
+        z=z, x=labels, y=names, customdata=[[f"{t} · {c}" for t in r] for r, c in zip(text, counts)],
+        zmin=0, zmax=1, colorscale="Viridis", xgap=1, ygap=1 if n < 120 else 0, hoverongaps=False,
+        text=text if n <= 80 else None, texttemplate="%{text}" if n <= 80 else None,
         colorbar={"tickvals": [0, 1], "ticktext": ["lowest", "highest"], "thickness": 12},
         hovertemplate="<b>%{y}</b><br>%{x}: %{customdata}<extra></extra>"))
-    fig.update_layout(height=130 + 22 * len(rows), margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    fig.update_layout(height=130 + 22 * n, margin={"l": 10, "r": 10, "t": 40, "b": 10})
     fig.update_xaxes(side="top")
     fig.update_yaxes(autorange="reversed", automargin=True, tickfont={"family": _MONO, "size": 11})
-    out.append(f'<div class="card heat">{figures.html(fig)}</div></section>')
+    figure = figures.html(fig)
+    fig_id = f"ws-fig-{figures.count}"
+    out.append(f'<div class="card heat" data-drill="{fig_id}">{figure}</div></section>')
     return "".join(out)
+
+
+def _pooled(members: list[TensorStats]) -> list[float]:
+    """mean, std, absmax and zeros % of several tensors' values taken together."""
+    n = sum(s.numel for s in members)
+    if not n:
+        return [math.nan, math.nan, math.nan, 0.0]
+    mean = sum(s.numel * s.mean for s in members) / n
+    square = sum(s.numel * (s.std ** 2 + s.mean ** 2) for s in members) / n
+    std = math.sqrt(max(square - mean ** 2, 0.0)) if math.isfinite(square) else math.nan
+    absmax = max(s.absmax for s in members)
+    zeros = 100 * sum(s.numel * s.zero_fraction for s in members) / n
+    return [mean, std, absmax, zeros]
 
 
 def _normalize(values: tuple[float, ...], scale: str) -> list[float | None]:
@@ -676,10 +702,12 @@ def _table(page: _Page) -> str:
         cells.append("<td>" + " ".join(f'<span class="badge {"bad" if k in _SEVERE else "warn"}">'
                                        f"{_e(k)}</span>" for k in found) + "</td>")
         css = ("bad" if set(found) & set(_SEVERE) else "warn") if found else ""
-        rows.append(f'<tr class="{css}">' + "".join(cells) + "</tr>")
+        rows.append(f'<tr class="{css}" data-block="{_e(block_name(row.key))}">' + "".join(cells) + "</tr>")
     head = "".join(f"<th>{_e(h)}</th>" for h in heads)
-    return ('<section id="parameters"><h2>Parameters</h2><p class="note">Click a column to sort. '
-            f'{_e(page.listing.tensors)} tensors, {page.listing.parameters:,} parameters (tied '
+    return ('<section id="parameters"><h2>Parameters</h2><p class="drill" id="ws-drill" hidden>'
+            '<span></span> <button type="button">show all</button></p>'
+            '<p class="note">Click a column to sort. '
+            f'{_e(page.listing.tensors)} tensors, {page.listing.elements:,} elements (tied '
             f'tensors counted once).</p><div class="table-wrap"><table class="params sortable">'
             f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div></section>')
 

@@ -7,6 +7,9 @@ The grammar, used by every function that takes ``select=``:
                           ``**`` any number of whole segments (including none),
                           ``?`` one character. A pattern also selects everything
                           below what it matches, so ``"encoder"`` selects its subtree.
+``"query"``               a bare identifier (letters, digits, ``_``; no dot, no
+                          wildcard) matches every key with that segment anywhere,
+                          as ``grep -w`` would: ``attention.self.query.weight``.
 ``"layers.{i}.mlp"``      ``{name}`` captures one segment (used by rename rules).
 ``"re:^head\\.(w|b)"``     a regular expression, matched with ``re.search``.
 ``nn.LayerNorm``          a module type: the parameters that modules of that type hold
@@ -18,7 +21,7 @@ The grammar, used by every function that takes ``select=``:
 ========================  ==========================================================
 
 A selector that matches nothing is an error unless ``allow_empty=True``: a typo must not
-silently freeze nothing.
+silently freeze nothing. The error names the closest keys.
 """
 
 from __future__ import annotations
@@ -142,6 +145,9 @@ def _compile_one(item: Any) -> tuple[Callable[[str, Any, Any], bool], bool]:
             except re.error as e:
                 raise SelectorError(f"malformed regex selector {item!r}: {e}") from e
             return (lambda name, _v, _o: rx.search(name) is not None), False
+        if item.isidentifier():  # a bare word: any key with this segment, at any depth
+            rx = re.compile(rf"(?:^|\.){re.escape(item)}(?:\.|$)")
+            return (lambda name, _v, _o: rx.search(name) is not None), False
         rx = glob_to_regex(item)
         return (lambda name, _v, _o: rx.match(name) is not None), False
     if isinstance(item, type):
@@ -181,12 +187,32 @@ def select(
         raise SelectorError(f"selector {matcher.text!r} picks by module type and needs a model")
     picked = [n for n, v in named if matcher(n, v, owners[n] if owners is not None else None)]
     if not picked and not allow_empty:
-        sample = ", ".join(n for n, _ in named[:5]) or "nothing to select from"
         raise SelectorError(
             f"selector {matcher.text!r} matched nothing among {len(named)} names "
-            f"(e.g. {sample}); check the spelling, or pass allow_empty=True"
+            f"({closest_keys(matcher.text, [n for n, _ in named])}); check the spelling, "
+            f"or pass allow_empty=True"
         )
     return picked
+
+
+def closest_keys(text: str, names: Sequence[str], *, n: int = 5) -> str:
+    """``"closest keys: a, b"``: the names most like ``text`` (its wildcards ignored), for an
+    error that matched nothing; the first names when none is close.
+
+    >>> closest_keys("decoder.*.wieght", ["encoder.0.weight", "encoder.0.bias", "head.weight"])
+    'closest keys: encoder.0.weight, encoder.0.bias, head.weight'
+    """
+    import difflib
+
+    if not names:
+        return "nothing to select from"
+    probe = re.sub(r"^(re:|!)|[*?^$\\()\[\]{}+|]", "", text).strip(".")
+    scored = sorted(((difflib.SequenceMatcher(None, probe, name).ratio(), i) for i, name in enumerate(names)),
+                    key=lambda p: (-p[0], p[1]))
+    close = [names[i] for ratio, i in scored[:n] if ratio >= 0.5]
+    if close:
+        return "closest keys: " + ", ".join(close)
+    return "e.g. " + ", ".join(names[:n])
 
 
 def _named(items: Any, *, buffers: bool, need_owner: bool) -> tuple[list[tuple[str, Any]], dict[str, Any] | None]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from ._result import Result
+from ._result import Rendered, Result
 
 __all__ = ["Summary", "Entry", "ModuleEntry", "Totals", "Rollup", "summary"]
 
@@ -95,7 +95,9 @@ class Totals:
 
 @dataclass
 class Rollup:
-    """Totals for one module at the requested depth (tied storage counted once within it)."""
+    """Totals for one module down to the requested depth: its whole subtree, children included
+    (tied storage counted once within it); ``own`` is what the module holds itself
+    (parameters and buffers), so a parent's ``count`` is its children's plus its own."""
 
     name: str
     type: str | None
@@ -103,6 +105,7 @@ class Rollup:
     trainable: int
     frozen: int
     buffers: int
+    own: int = 0
 
 
 @dataclass
@@ -192,8 +195,9 @@ class Summary(Result):
             line += f" ({groups} tied group{'s' if groups != 1 else ''} counted once above)"
         return line
 
-    def modules_table(self) -> Any:
-        """A rich table of every module and the parameters it holds itself ("no parameters")."""
+    def modules_table(self) -> Rendered:
+        """Every module and the parameters it holds itself ("no parameters"): a table that
+        prints with rich, and shows as text in a REPL (HTML in Jupyter)."""
         from rich.table import Table
 
         table = Table(title=f"modules of {self.source}")
@@ -206,7 +210,7 @@ class Summary(Result):
             if entry.same_as:
                 held += f" (same module as {', '.join(entry.same_as)})"
             table.add_row(entry.name or ROOT, entry.type, held)
-        return table
+        return Rendered(table)
 
     def to_markdown(self) -> str:
         """The table, totals and rollup as GitHub-flavoured Markdown."""
@@ -215,30 +219,71 @@ class Summary(Result):
                   for row in self.rows]
         lines += ["", self.totals_line()]
         if self.rollup is not None:
-            lines += ["", "| module | type | parameters | trainable | frozen | buffers |",
-                      "|---|---|---|---|---|---|"]
-            lines += [f"| {r.name or ROOT} | {r.type or ''} | {_count_or_none(r)} "
+            lines += ["", "| module | type | parameters | own | trainable | frozen | buffers |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r.name or ROOT} | {r.type or ''} | {_count_or_none(r)} | {r.own:,} "
                       f"| {r.trainable:,} | {r.frozen:,} | {r.buffers:,} |" for r in self.rollup]
         return "\n".join(lines) + "\n"
 
+    def _columns(self) -> list[tuple[str, list[str], str]]:
+        """(header, cells, justify) per column, narrowed to fit 80 columns: a column saying the
+        same for every row moves to `_notes` (one device; nothing frozen; nothing tied), and a
+        non-persistent buffer is marked ``buffer*``. `to_markdown` keeps every column."""
+        rows = self.rows
+        cols = [("name", [r.name for r in rows], "left"),
+                ("shape", [_cells(r)[1] for r in rows], "left"),
+                ("dtype", [r.dtype for r in rows], "left")]
+        if len({r.device for r in rows}) > 1:
+            cols.append(("device", [r.device or "-" for r in rows], "left"))
+        cols.append(("count", [f"{r.count:,}" for r in rows], "right"))
+        if any(r.trainable is False for r in rows):
+            cols.append(("trainable", [_cells(r)[5] for r in rows], "left"))
+        cols.append(("kind", [("param" if r.kind == "parameter" else r.kind) + ("" if r.persistent else "*")
+                              for r in rows], "left"))
+        if any(r.tied_with for r in rows):
+            cols.append(("tied with", [", ".join(r.tied_with) for r in rows], "left"))
+        return cols
+
+    def _notes(self) -> list[str]:
+        devices = {r.device for r in self.rows}
+        notes = [self.totals_line()]
+        if len(devices) == 1 and self.rows:
+            notes.append(f"device: {next(iter(devices)) or '- (in a file)'}")
+        if any(not r.persistent for r in self.rows):
+            notes.append("buffer*: non-persistent (not in state_dict())")
+        return notes
+
+    def plain(self) -> str:
+        """Aligned rows without borders or wrapping, for pipes: every name whole on one line."""
+        from .listing import plain_rows
+
+        text = [f"parameters of {self.source}", plain_rows(self._columns()), *self._notes()]
+        if self.rollup is not None:
+            text += ["", str(self._rollup_table())]
+        return "\n".join(text)
+
     def _rich_(self) -> Any:
         from rich.console import Group
-        from rich.table import Table
 
-        table = Table(title=f"parameters of {self.source}", caption=self.totals_line())
-        for col in _HEADERS:
-            table.add_column(col, justify="right" if col == "count" else "left")
-        for row in self.rows:
-            table.add_row(*_cells(row))
+        from .listing import FittedTable
+
+        table = FittedTable(f"parameters of {self.source}", self._columns(), "\n".join(self._notes()))
         if self.rollup is None:
             return table
-        roll = Table(title=f"per module, depth {self.depth}")
-        for col in ("module", "type", "parameters", "trainable", "frozen", "buffers"):
-            roll.add_column(col, justify="left" if col in ("module", "type") else "right")
+        return Group(table, self._rollup_table())
+
+    def _rollup_table(self) -> Any:
+        from rich.table import Table
+
+        roll = Table(title=f"per module, depth {self.depth} (parameters: with children; own: held itself)")
+        for col in ("module", "type", "parameters", "own", "trainable", "frozen", "buffers"):
+            roll.add_column(col, justify="left" if col in ("module", "type") else "right",
+                            no_wrap=col == "module")
         for r in self.rollup:
-            roll.add_row(r.name or ROOT, r.type or "", _count_or_none(r), f"{r.trainable:,}",
-                         f"{r.frozen:,}", f"{r.buffers:,}")
-        return Group(table, roll)
+            level = r.name.count(".") + 1 if r.name else 0
+            roll.add_row("  " * max(level - 1, 0) + (r.name or ROOT), r.type or "", _count_or_none(r),
+                         f"{r.own:,}", f"{r.trainable:,}", f"{r.frozen:,}", f"{r.buffers:,}")
+        return Rendered(roll)
 
 
 _HEADERS = ("name", "shape", "dtype", "device", "count", "trainable", "kind", "tied with")
@@ -259,11 +304,9 @@ def _count_or_none(r: Rollup) -> str:
 
 
 def _size(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:,} B" if unit == "B" else f"{nbytes:,.1f} {unit}"
-        nbytes /= 1000  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+    from .listing import human_bytes  # binary units (KiB, MiB), as everywhere in weightsmith
+
+    return human_bytes(nbytes)
 
 
 # ---------------------------------------------------------------- reading targets
@@ -500,22 +543,31 @@ def _totals(rows: list[Entry], keys: list[Any], *, unique: bool,
 
 def _rollup(rows: list[Entry], keys: list[Any], modules: list[ModuleEntry], depth: int,
             model: nn.Module | None) -> list[Rollup]:
-    def cut(module_name: str) -> str:
-        return ".".join(module_name.split(".")[:depth]) if module_name else ""
-
+    """Every module down to ``depth`` with its whole subtree's totals (torchinfo's convention:
+    a parent counts its children), and ``own`` what it holds itself."""
     owner = {name: m.name for m in modules for name in (*m.parameters, *m.buffers)}
-    members: dict[str, list[int]] = {"": []}
+    names: dict[str, None] = {"": None}
     for m in modules:  # every module, so layers without parameters show up too
-        members.setdefault(cut(m.name), [])
+        if m.name and m.name.count(".") < depth:
+            names[m.name] = None
+    under: dict[str, list[int]] = {}
+    own: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         mod_name = owner.get(row.name, row.name.rpartition(".")[0])
-        members.setdefault(cut(mod_name), []).append(i)
+        own.setdefault(mod_name, []).append(i)
+        parts = mod_name.split(".") if mod_name else []
+        for level in range(min(len(parts), depth) + 1):
+            prefix = ".".join(parts[:level])
+            names.setdefault(prefix, None)  # a checkpoint: modules known from the key names only
+            under.setdefault(prefix, []).append(i)
     types = {m.name: m.type for m in modules}
     out = []
-    for name, idx in members.items():
-        if not name and not idx and depth:  # the model itself only where it holds something
+    for name in names:
+        mine = own.get(name, [])
+        if not name and depth and not mine:  # the model itself only where it holds something
             continue
-        t = _totals(rows, keys, unique=True, only=idx)
+        t = _totals(rows, keys, unique=True, only=under.get(name, []))
+        o = _totals(rows, keys, unique=True, only=mine)
         out.append(Rollup(name, types.get(name) if model is not None else None, t.all,
-                          t.trainable, t.frozen, t.buffers))
+                          t.trainable, t.frozen, t.buffers, own=o.all + o.buffers))
     return out

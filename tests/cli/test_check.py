@@ -81,3 +81,42 @@ def test_errors_exit_2(tmp_path, healthy):
     assert typo.exit_code == 2 and "matched nothing" in typo.output
     bad = run(healthy, "--max-abs", "-3")
     assert bad.exit_code == 2 and "max_abs" in bad.output
+
+
+@pytest.fixture
+def zero_bias(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "zero_bias.safetensors"
+    save_file({"0.weight": torch.randn(8, 4), "0.bias": torch.zeros(8)}, str(path))
+    return path
+
+
+def test_an_all_zero_bias_is_a_warning_and_exits_0(zero_bias):
+    result = run(zero_bias)
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip().endswith("healthy: 0 errors, 1 warning in 1 of 2 tensors checked")
+    assert "0.bias" in result.output and "warning" in result.output
+
+
+def test_strict_checks_and_ignore_decide_what_fails(zero_bias):
+    assert run(zero_bias, "--strict").exit_code == 1
+    assert run(zero_bias, "--checks", "nan,all_zero").exit_code == 1  # a check asked for by name fails
+    assert run(zero_bias, "--checks", "nan,inf").exit_code == 0
+    ignored = run(zero_bias, "--ignore", "all_zero", "--strict")
+    assert ignored.exit_code == 0 and ignored.output.strip() == "healthy: 2 tensors checked"
+    data = json.loads(run(zero_bias, "--json").output)
+    assert data["ok"] is True and data["health"]["warnings"] == 1 and data["health"]["errors"] == 0
+    assert data["health"]["findings"][0]["severity"] == "warning"
+
+
+def test_an_unknown_check_name_exits_2(zero_bias):
+    result = run(zero_bias, "--ignore", "zeros")
+    assert result.exit_code == 2
+    assert result.output == "error: unknown check zeros; choose from nan, inf, all_zero, constant, exploding\n"
+
+
+def test_the_real_minilm_passes_check(minilm_dir):
+    result = run(minilm_dir / "model.safetensors", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip().endswith("healthy: 0 errors, 1 warning in 1 of 104 tensors checked")
+    assert run(minilm_dir / "model.safetensors", "--quiet", "--strict").exit_code == 1

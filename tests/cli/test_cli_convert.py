@@ -76,3 +76,48 @@ def test_errors_exit_2(tmp_path, src):
     bad = run(src, tmp_path / "x.safetensors", "--filter", "decoder.*")
     assert bad.exit_code == 2 and "matched nothing" in bad.output
     assert run(src, tmp_path / "x.safetensors", "--dtype", "int8").exit_code == 2  # not a choice
+
+
+@pytest.fixture
+def wrapped(tmp_path, mlp):
+    path = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in mlp.state_dict().items()}, path)
+    return path
+
+
+def test_strip_prefix_and_rename(wrapped, tmp_path, mlp):
+    out = tmp_path / "clean.safetensors"
+    result = run(wrapped, out, "--strip-prefix", "module.", "--rename", "2=head")
+    assert result.exit_code == 0, result.output
+    got = load_file(str(out))
+    assert sorted(got) == ["0.bias", "0.weight", "head.bias", "head.weight"]
+    assert torch.equal(got["head.weight"], mlp.state_dict()["2.weight"])
+
+
+def test_rules_file_and_filter_on_new_names(wrapped, tmp_path):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"source": "module.0", "target": "embed"}]))
+    out = tmp_path / "picked.safetensors"
+    result = run(wrapped, out, "--rules", rules, "--filter", "embed")
+    assert result.exit_code == 0, result.output
+    assert sorted(load_file(str(out))) == ["embed.bias", "embed.weight"]
+
+
+def test_a_rename_that_matches_nothing_is_an_error(wrapped, tmp_path):
+    out = tmp_path / "x.safetensors"
+    result = run(wrapped, out, "--strip-prefix", "model.", "--rename", "9=head")
+    assert result.exit_code == 2 and not out.exists()
+    assert result.output == ("error: cannot rename: --strip-prefix 'model.' matched no key; "
+                             "rule 9 -> head matched no key\n")
+    clash = run(wrapped, out, "--rename", "module.0.weight=w", "--rename", "module.2.weight=w")
+    assert clash.exit_code == 2 and "'module.0.weight', 'module.2.weight' all become 'w'" in clash.output
+
+
+def test_root_on_a_safetensors_file_says_it_is_ignored(tmp_path, mlp):
+    path = tmp_path / "flat.safetensors"
+    weightsmith.save(mlp, path)
+    result = CliRunner().invoke(cli, ["convert", str(path), str(tmp_path / "o.pt"), "--root", "ema"])
+    assert result.exit_code == 0, result.output
+    assert "note: --root 'ema' is ignored: a safetensors file holds one flat set of tensors" in result.stderr
+    inspected = CliRunner().invoke(cli, ["inspect", str(path), "--root", "ema"])
+    assert "note: --root 'ema' is ignored" in inspected.stderr

@@ -73,3 +73,56 @@ def test_errors_exit_2(files, tmp_path):
     garbage.write_bytes(b"not a checkpoint at all")
     assert run(files / "a.safetensors", garbage).exit_code == 2
     assert run(files / "a.safetensors", files / "b.safetensors", "--atol", "-1").exit_code == 2
+
+
+@pytest.fixture
+def layered(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    a = {f"encoder.layer.{i}.{m}.{p}": torch.randn(16, 16) if p == "weight" else torch.randn(16)
+         for i in range(8) for m in ("query", "out") for p in ("weight", "bias")}
+    a["encoder.layer.5.out.bias"] = torch.zeros(16)  # a bias that starts at zero
+    a["position_ids"] = torch.arange(16)
+    b = {k: v.clone() for k, v in a.items()}
+    b["encoder.layer.5.query.weight"] += 0.3 * torch.randn(16, 16)
+    b["encoder.layer.5.out.bias"] += 0.01  # relative change: inf
+    b["encoder.layer.2.query.bias"] *= 1.0 + 1e-3  # barely moved
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    c = {k: v for k, v in a.items() if k != "position_ids"}  # the same weights without the buffer
+    save_file(c, str(tmp_path / "c.safetensors"))
+    return tmp_path
+
+
+def test_rollup_keeps_layer_indices_and_the_ranking_is_by_score(layered):
+    from weightsmith.diff import diff
+
+    d = diff(layered / "a.safetensors", layered / "b.safetensors")
+    changed = [r.name for r in d.blocks if r.changed_tensors]
+    assert changed == ["encoder.layer.2", "encoder.layer.5"]
+    assert sorted(r.name for r in d.blocks) == [*(f"encoder.layer.{i}" for i in range(8)), "position_ids"]
+    ranked = [t.key for t in d.most_changed()]
+    assert ranked[0] == "encoder.layer.5.query.weight"  # the real change first
+    assert ranked[-1] == "encoder.layer.2.query.bias"
+    zero = next(t for t in d.tensors if t.key == "encoder.layer.5.out.bias")
+    assert zero.rel_l2 == float("inf") and 0 < zero.score < 1  # absolute fallback: finite
+    result = run(layered / "a.safetensors", layered / "b.safetensors")
+    assert result.exit_code == 1
+    block_rows = [line for line in result.output.splitlines() if line.startswith("│ encoder.layer.5 ")]
+    assert len(block_rows) == 1 and "per block (indices kept)" in result.output
+
+
+def test_select_and_exclude(layered):
+    a, c = layered / "a.safetensors", layered / "c.safetensors"
+    assert run(a, c).exit_code == 1  # one buffer only in a
+    result = run(a, c, "--exclude", "position_ids")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "equal: 32 tensors identical"
+    only = run(layered / "a.safetensors", layered / "b.safetensors", "--select", "query", "--exclude", "bias")
+    assert only.output.splitlines()[0] == "different: 1 of 8 compared tensors changed"
+    typo = run(a, c, "--select", "encoder.layer.*.qeury")
+    assert typo.exit_code == 2
+    assert typo.output.startswith("error: selector 'encoder.layer.*.qeury' matched nothing among 33 names "
+                                  "(closest keys: ")
+    assert "allow_empty" not in typo.output and typo.output.rstrip().endswith("check the spelling")

@@ -50,7 +50,7 @@ def test_table(st_file: Path) -> None:
     assert str(st_file) in result.output
     row = next(line for line in lines if "0.weight" in line)
     assert "(8, 4)" in row and "float32" in row and "32" in row and "128 B" in row
-    assert "4 tensors, 49 parameters" in result.output
+    assert "4 tensors, 49 elements" in result.output
 
 
 def test_json_totals(st_file: Path) -> None:
@@ -148,7 +148,7 @@ def test_no_match_filter_is_an_error(st_file: Path, capsys: pytest.CaptureFixtur
 def test_subprocess_table(st_file: Path) -> None:
     proc = run_cli("inspect", str(st_file))
     assert proc.returncode == 0, proc.stderr
-    assert "0.weight" in proc.stdout and "4 tensors, 49 parameters" in proc.stdout
+    assert "0.weight" in proc.stdout and "4 tensors, 49 elements" in proc.stdout
     assert proc.stderr == ""
 
 
@@ -189,3 +189,32 @@ def test_layout_names_the_shard_file_of_each_tensor(tmp_path: Path) -> None:
     assert all("stored_in" not in r for r in json.loads(plain.output)["rows"])
     table = CliRunner().invoke(cli, ["inspect", str(tmp_path / "sharded"), "--layout"], env={"COLUMNS": "200"})
     assert "stored in" in table.output and index["a"] in table.output
+
+
+def test_piped_output_is_plain_rows_with_every_name_whole(minilm_dir: Path) -> None:
+    proc = run_cli("inspect", str(minilm_dir / "model.safetensors"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split() == ["name", "shape", "dtype", "elements", "size"]  # no empty "tied with"
+    assert "│" not in proc.stdout and "…" not in proc.stdout
+    names = [line.split()[0] for line in lines[2:106]]
+    assert len(names) == 104 and "encoder.layer.5.attention.output.LayerNorm.weight" in names
+    assert lines[106:] == ["104 tensors, 22,713,728 elements (tied counted once), 86.6 MiB",
+                           "  int64: 1 tensors, 512 elements, 4.0 KiB",
+                           "  float32: 103 tensors, 22,713,216 elements, 86.6 MiB"]
+
+
+def test_terminal_table_fits_80_columns(minilm_dir: Path) -> None:
+    from rich.console import Console
+
+    from weightsmith.listing import list_checkpoint
+
+    console = Console(width=80, record=True, color_system=None, file=open(os.devnull, "w"))
+    console.print(list_checkpoint(ws.open(minilm_dir / "model.safetensors")))
+    text = console.export_text()
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert len(rows) == 104 and all(len(line) <= 80 for line in text.splitlines())
+    big = next(line for line in rows if "word_embeddings" in line)
+    assert "(30522, 384)" in big and "float32" in big and "11,720,448" in big and "44.7 MiB" in big
+    assert any("l.5." in line for line in rows)  # the layer index survives the elision
+    assert "tied with" not in text

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
-
 import click
 
 __all__ = ["main", "cli"]
@@ -52,13 +50,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """Entry point of the console script; maps weightsmith errors to exit code 2."""
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script and of ``python -m weightsmith``: returns the exit code
+    (0 fine, 1 findings, 2 error); weightsmith errors print one line (``--debug``: the traceback)."""
     from ..errors import WeightsmithError
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        return cli.main(args=argv, prog_name="weightsmith", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="weightsmith", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
@@ -70,5 +70,7 @@ def main(argv: list[str] | None = None) -> Any:
     except WeightsmithError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        from ._common import cli_hints
+
+        click.echo(f"error: {cli_hints(str(e))}", err=True)
         sys.exit(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -9,19 +10,38 @@ from typing import Any, NoReturn
 
 import click
 
-__all__ = ["abort", "emit", "progress_bar", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR"]
+__all__ = ["abort", "cli_hints", "emit", "note_ignored_root", "progress_bar", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR"]
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+PIPE_WIDTH = 4096  # piped output: wide enough that no key name is ever folded
+
+
+# Library messages suggest Python keywords; on the command line the flag is what helps.
+_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"on_mismatch='(\w+)' or '(\w+)'"), r"--on-mismatch \1 or \2"),
+    (re.compile(r"on_mismatch='(\w+)'"), r"--on-mismatch \1"),
+    (re.compile(r", or pass allow_empty=True"), ""),  # no flag: the spelling is the fix
+    (re.compile(r"trust=True \(CLI: --trust\)"), "--trust"),
+    (re.compile(r"open it with trust=True"), "pass --trust"),
+)
+
+
+def cli_hints(text: str) -> str:
+    """``text`` with the Python keywords it suggests replaced by the command-line flags."""
+    for pattern, flag in _HINTS:
+        text = pattern.sub(flag, text)
+    return text
 
 
 def abort(text: str) -> NoReturn:
     """Print a one-line error and exit with code 2."""
-    click.echo(f"error: {text}", err=True)
+    click.echo(f"error: {cli_hints(text)}", err=True)
     sys.exit(EXIT_ERROR)
 
 
 def emit(result: Any, *, as_json: bool) -> None:
-    """Print a result object as JSON or as a rich rendering."""
+    """Print a result object as JSON, as a table fitted to the terminal, or, piped, as plain
+    rows that never wrap a name (so ``grep`` finds every key whole)."""
     if as_json:
         click.echo(result.to_json())
         return
@@ -29,8 +49,22 @@ def emit(result: Any, *, as_json: bool) -> None:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 160))  # piped: do not wrap names at 80 columns
-    console.print(result)
+        plain = getattr(result, "plain", None)
+        if callable(plain):
+            click.echo(cli_hints(plain()))
+            return
+        console = Console(width=PIPE_WIDTH)  # tables size to their content: nothing wraps
+    with console.capture() as captured:
+        console.print(result)
+    sys.stdout.write(cli_hints(captured.get()))
+    sys.stdout.flush()
+
+
+def note_ignored_root(ckpt: Any, root: str | None) -> None:
+    """Say on stderr when ``--root`` had no effect (a flat file such as safetensors has no roots)."""
+    if root and getattr(ckpt, "root", "") != root:
+        click.echo(f"note: --root {root!r} is ignored: a {ckpt.format} file holds one flat set of tensors",
+                   err=True)
 
 
 @contextmanager

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ._common import abort, emit, progress_bar
+from ._common import abort, emit, note_ignored_root, progress_bar
+from ._rename import rename_options
 
 __all__ = ["command"]
 
@@ -27,22 +28,41 @@ __all__ = ["command"]
 @click.option("--trust", is_flag=True, help="Allow unpickling code in a torch file you vouch for.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema weightsmith.convert/1).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@rename_options
 @click.pass_context
 def command(ctx: click.Context, src: str, dst: Path, dtype: str | None, max_shard_size: str | None,
             fmt: str | None, patterns: tuple[str, ...], verify: bool, force: bool, root: str | None,
-            trust: bool, as_json: bool, quiet: bool) -> None:
+            trust: bool, as_json: bool, quiet: bool, prefixes: tuple[str, ...], renames: tuple[str, ...],
+            rules: str | None) -> None:
     """Convert checkpoint SRC to DST (.safetensors, a folder with --max-shard-size, or .pt)."""
     from ..convert import convert
     from ..errors import WeightsmithError
 
     if dst.exists() and not force:
         abort(f"{dst} exists; pass --force to overwrite it")
+    opened = None
     try:
+        source: object = src
+        if root or prefixes or renames or rules:
+            from ..checkpoint import open as open_checkpoint
+            from ._rename import key_map, renamed
+
+            opened = open_checkpoint(src, root=root, trust=trust)
+            note_ignored_root(opened, root)
+            if prefixes or renames or rules:  # --filter then picks among the new names
+                source = renamed(opened, key_map(list(opened), prefixes=prefixes, renames=renames, rules=rules))
+            else:
+                opened.close()
+                opened = None
         with progress_bar("converting", quiet=quiet or as_json) as progress:
-            report = convert(src, dst, dtype=dtype, max_shard_size=max_shard_size, select=list(patterns) or None,
-                             format=fmt, verify=verify, progress=progress, root=root, trust=trust)
+            report = convert(source, dst, dtype=dtype, max_shard_size=max_shard_size,
+                             select=list(patterns) or None, format=fmt, verify=verify, progress=progress,
+                             root=root, trust=trust)
     except WeightsmithError as e:
         if (ctx.obj or {}).get("debug"):
             raise
         abort(str(e))
+    finally:
+        if opened is not None:
+            opened.close()
     emit(report, as_json=as_json)

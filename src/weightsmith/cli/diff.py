@@ -17,18 +17,23 @@ __all__ = ["command"]
 @click.option("--atol", type=click.FloatRange(min=0), default=0.0, help="Absolute tolerance (default 0: exact).")
 @click.option("--rtol", type=click.FloatRange(min=0), default=0.0, help="Relative tolerance, times |A|.")
 @click.option("--rules", type=click.Path(exists=True, dir_okay=False), help="Rename rules A -> B (.toml or .json).")
+@click.option("--select", "selected", multiple=True, metavar="PATTERN",
+              help="Compare only these keys (glob, re:regex or a bare name segment; repeatable).")
+@click.option("--exclude", "excluded", multiple=True, metavar="PATTERN",
+              help="Leave these keys out, on both sides (repeatable), e.g. --exclude position_ids.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema weightsmith.diff/1).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the summary line.")
 @click.pass_context
 def command(ctx: click.Context, a: str, b: str, top: int, atol: float, rtol: float, rules: str | None,
-            as_json: bool, quiet: bool) -> None:
+            selected: tuple[str, ...], excluded: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Compare checkpoints A and B; exit 0 when equal within tolerance, 1 when different, 2 on error."""
     from ..diff import diff
     from ..errors import WeightsmithError
 
     try:
         with progress_bar("comparing", quiet=quiet or as_json) as progress:
-            result = diff(a, b, rename=rules or (), atol=atol, rtol=rtol, progress=progress)
+            select = [*selected, *(f"!{e}" for e in excluded)] or None
+            result = diff(a, b, rename=rules or (), atol=atol, rtol=rtol, select=select, progress=progress)
     except WeightsmithError as e:
         if (ctx.obj or {}).get("debug"):
             raise

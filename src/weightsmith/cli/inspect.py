@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit
+from ._common import emit, note_ignored_root
+from ._target import target_options
 
 
 @click.command("inspect", short_help="Show the parameter table of a checkpoint or a model.")
@@ -17,6 +18,7 @@ from ._common import emit
 @click.option("--root", help="Root inside a nested checkpoint (e.g. model_ema).")
 @click.option("--trust", is_flag=True, help="Allow unpickling code in a torch file you vouch for.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema weightsmith.inspect/1).")
+@target_options
 def command(target: str, pattern: str | None, sort: str | None, fold: bool, layout: bool, root: str | None,
             trust: bool, as_json: bool) -> None:
     """Show the parameter table of a checkpoint (read from its header, without loading tensors),
@@ -28,12 +30,14 @@ def command(target: str, pattern: str | None, sort: str | None, fold: bool, layo
         from ..summary import summary
         from ._target import load_factory
 
+        factory = load_factory(target)  # imported outside empty_init: see load_factory
         with empty_init():
-            model = load_factory(target)()
+            model = factory()
         emit(summary(model), as_json=as_json)
         return
     from ..checkpoint import open as open_checkpoint
     from ..listing import list_checkpoint
 
     ckpt = open_checkpoint(target, root=root, trust=trust)
+    note_ignored_root(ckpt, root)
     emit(list_checkpoint(ckpt, select=pattern, sort=sort, fold=fold, layout=layout), as_json=as_json)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ._common import abort, emit
+from ._target import target_options
 
 
 @click.command("warmstart")
@@ -19,6 +20,7 @@ from ._common import abort, emit
 @click.option("--strict", is_flag=True, help="Every target key from the source, every source key used.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema weightsmith.load/1).")
+@target_options
 def command(source: str, target: str, out: Path, rules: str | None, exact: bool, on_mismatch: str,
             strict: bool, force: bool, as_json: bool) -> None:
     """Warm-start TARGET from SOURCE and write the result to OUT (plus OUT.report.json)."""
@@ -31,7 +33,7 @@ def command(source: str, target: str, out: Path, rules: str | None, exact: bool,
     options = {"rename": rules or (), "match": "exact" if exact else "auto", "on_mismatch": on_mismatch,
                "strict": strict}
     if is_factory(target):
-        model, report = build(load_factory(target), source, **options)
+        model, report = build(load_factory(target, source=source), source, **options)
         state = model.state_dict()
     else:
         state, report = transfer(source, target, **options)
@@ -39,3 +41,4 @@ def command(source: str, target: str, out: Path, rules: str | None, exact: bool,
          if out.suffix not in {".pt", ".pth", ".bin", ".ckpt"} else None)
     Path(f"{out}.report.json").write_text(report.to_json())
     emit(report, as_json=as_json)
+    click.echo(f"wrote {out} and {out}.report.json", err=as_json)  # with --json, stdout stays JSON
