@@ -36,14 +36,14 @@ def test_a_renamed_layer_is_paired_structurally_with_confidence_and_reason(a_fil
     b = model_b()
     before = state_of(b)
 
-    p = ws.plan(b, a_file)
+    p = ws.plan(b, a_file, match="auto")
 
     assert_same(b, before)  # planning writes nothing
     steps = {s.target: s for s in p.steps}
     conv = steps["backbone_conv.weight"]
     assert conv.how == "structural" and conv.sources == ("conv1.weight",)
     assert 0.6 <= conv.confidence < 1.0
-    assert "only *.weight of shape [8, 4]" in conv.note
+    assert "aligned by module signature (bias [8], weight [8, 4])" in conv.note
     assert steps["backbone_conv.bias"].sources == ("conv1.bias",)
     assert steps["norm.weight"].how == "exact" and steps["fc.bias"].how == "exact"
     # the 3-class head has no 5-class counterpart: missing on one side, unused on the other
@@ -59,8 +59,10 @@ def test_a_rule_names_the_pairing_instead(a_file):
     steps = {s.target: s for s in p.steps}
     assert steps["backbone_conv.weight"].how == "rule" and steps["backbone_conv.weight"].confidence == 1.0
     assert "conv1 -> backbone_conv" in steps["backbone_conv.weight"].note
-    assert steps["classifier.weight"].how == "missing"
-    assert {u.key: u.reason for u in p.unused}["head.weight"].startswith("shape [3, 8] does not fit")
+    # skipping is a decision: listed as skipped, the source explained, nothing "missing" for a strict load
+    assert steps["classifier.weight"].how == "skipped" and p.missing == []
+    assert {u.key: u.reason for u in p.unused}["head.weight"].startswith("skipped: shape [3, 8] does not fit")
+    assert all(u.expected for u in p.unused) and p.refusals() == []
 
 
 def test_exact_matching_pairs_nothing_by_shape(a_file):
@@ -86,16 +88,17 @@ def test_same_shaped_candidates_in_different_numbers_are_reported_never_guessed(
     dst = Pairs(3, "new")
     before = state_of(dst)
 
-    p = ws.plan(dst, path)
+    p = ws.plan(dst, path, match="auto")
 
-    assert len(p.ambiguous) == 2
-    assert "2 source and 3 target" in p.ambiguous[0] and "[8, 8]" in p.ambiguous[0]
+    (ambiguous,) = p.ambiguous  # one decision per module: weight and bias together
+    assert "2 source and 3 target modules" in ambiguous and "weight [8, 8]" in ambiguous
+    assert "old0, old1" in ambiguous and "new0, new1, new2" in ambiguous
     assert all(s.how == "missing" for s in p.steps if s.target.startswith("new"))
     with pytest.raises(PlanError, match="ambiguous"):
-        ws.load_(dst, path)
+        ws.load_(dst, path, match="auto")
     assert_same(dst, before)
     # not strict: the ambiguous targets keep their values
-    report = ws.load_(dst, path, strict=False, min_coverage=0.0)
+    report = ws.load_(dst, path, strict=False, min_coverage=0.0, match="auto")
     assert report.provenance["new0.weight"] == "current value"
     assert torch.equal(dst.new0.weight, before["new0.weight"][0])
 
@@ -119,14 +122,14 @@ def test_a_renamed_12_layer_stack_pairs_in_layer_order_whatever_the_file_order(t
     assert order.index("layers.10.lin.weight") < order.index("layers.2.lin.weight")
     dst = Stack("blocks", "fc")
 
-    p = ws.plan(dst, path)
+    p = ws.plan(dst, path, match="auto")
 
     assert p.problems == [] and p.ambiguous == []
     steps = {s.target: s for s in p.steps}
     for i in range(12):
         assert steps[f"blocks.{i}.fc.weight"].sources == (f"layers.{i}.lin.weight",)
         assert steps[f"blocks.{i}.fc.weight"].how == "structural"
-    ws.load_(dst, path)
+    ws.load_(dst, path, match="auto")
     for i in range(12):
         assert torch.equal(dst.blocks[i].fc.weight, src.layers[i].lin.weight)
         assert torch.equal(dst.blocks[i].fc.bias, src.layers[i].lin.bias)
@@ -173,7 +176,7 @@ def test_two_sources_for_one_target_is_a_problem_not_a_choice():
 
 # -- the plan as data ---------------------------------------------------------------------------------
 def test_the_plan_is_data_that_renders_and_serializes(a_file):
-    p = ws.plan(model_b(), a_file)
+    p = ws.plan(model_b(), a_file, match="auto")
     assert isinstance(p, LoadPlan)
     d = json.loads(p.to_json())
     assert d["schema"] == "weightsmith.plan/1"
