@@ -109,6 +109,11 @@ class LoadPlan(Result):
         got = sum(_numel(s.shape) for s in self.steps if s.kind == "parameter" and s.how != "missing")
         return got / total if total else 1.0
 
+    def judge(self, *, strict: bool = True, min_coverage: float = 0.5) -> LoadPlan:
+        """Render and serialize the verdict for these `load_` options (the defaults otherwise)."""
+        self._judged = {"strict": strict, "min_coverage": min_coverage}
+        return self
+
     def refusals(self, *, strict: bool = True, min_coverage: float = 0.5) -> list[str]:
         """Why `load_` (with these options) refuses this plan; empty when it loads it."""
         problems = list(self.problems)
@@ -159,7 +164,8 @@ class LoadPlan(Result):
         d = super().to_dict()
         d["counts"] = self.counts()
         d["coverage"] = self.coverage
-        d["verdict"] = self.verdict()
+        d["verdict"] = self.verdict(**getattr(self, "_judged", {}))
+        d["refusals"] = self.refusals(**getattr(self, "_judged", {}))
         return d
 
     def _rich_(self) -> Any:
@@ -196,7 +202,7 @@ class LoadPlan(Result):
         lines += [f"ambiguous: {a}" for a in self.ambiguous]
         lines += [f"problem: {p}" for p in self.problems]
         lines += [f"warning: {w}" for w in self.warnings]
-        lines.append(self.verdict())
+        lines.append(self.verdict(**getattr(self, "_judged", {})))
         return Group(table, Text("\n".join(lines)))
 
 
