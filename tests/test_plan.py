@@ -216,3 +216,72 @@ def test_bad_options_are_refused(a_file, options):
 def test_a_source_of_the_wrong_kind_is_refused():
     with pytest.raises(WeightsmithError, match="cannot load from a int"):
         ws.plan(model_a(), 42)
+
+
+# -- honest outcomes -------------------------------------------------------------------------------------
+def test_skip_is_a_decision_a_strict_load_takes_and_the_plan_lists(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "h3.safetensors"
+    src = Head(3)
+    ws.save(src, path)
+    dst = Head(5)
+    head = dst.head.weight.detach().clone()
+
+    p = ws.plan(dst, path, on_mismatch="skip")
+    report = ws.load_(dst, path, on_mismatch="skip")  # strict: skipped keys are not "missing"
+
+    assert [s.target for s in p.skipped] == ["head.weight", "head.bias"] and p.missing == []
+    assert p.verdict() == "ready: a strict load takes it; 2 target key(s) filled without the source"
+    assert torch.equal(dst.head.weight, head) and torch.equal(dst.body.weight, src.body.weight)
+    assert report.provenance["head.weight"] == "current value (skipped: source head.weight [3, 8] does not fit)"
+    text = str(p)
+    assert "skipped" in text and "source head.weight [3, 8] does not fit" in text
+    # with init= rules, a skipped key gets its initializer
+    again = Head(5)
+    ws.load_(again, path, on_mismatch="skip", init=[("head.*", "zeros")])
+    assert torch.equal(again.head.weight, torch.zeros(5, 8))
+    built, _ = ws.build(lambda: Head(5), path, on_mismatch="skip")
+    assert torch.isfinite(built.head.weight).all() and built.head.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("share,text", [(1.0, "100%"), (0.9999, "99.99%"), (0.99999, "99.999%"), (0.994, "99%"), (0.99996, "99.996%"),
+                                        (0.5, "50%"), (0.00001, "0.001%"), (0.0, "0%"), (0.123, "12%")])
+def test_coverage_never_reads_100_percent_while_keys_are_missing(share, text):
+    from weightsmith.plan import format_share
+
+    assert format_share(share) == text
+
+
+def test_a_plan_one_key_short_of_full_coverage_does_not_say_100(tmp_path):
+    big = nn.ModuleDict({"a": nn.Linear(100, 100), "b": nn.Linear(1, 1, bias=False)})
+    state = {k: v for k, v in big.state_dict().items() if not k.startswith("b.")}
+    p = ws.plan(big, state)
+    assert p.coverage < 1.0
+    assert "coverage 99.99% of target parameters" in str(p)
+
+
+@pytest.mark.parametrize("options", [{}, {"strict": False}, {"match": "auto"}, {"match": "auto", "strict": False},
+                                     {"match": "auto", "on_mismatch": "skip", "rename": [("head", "classifier")]},
+                                     {"match": "auto", "strict": False, "min_coverage": 0.9}])
+def test_the_verdict_says_what_load_does(a_file, options):
+    options = dict(options)
+    strict, min_coverage = options.pop("strict", True), options.pop("min_coverage", 0.5)
+    dst = model_b()
+    before = state_of(dst)
+    p = ws.plan(model_b(), a_file, **options)
+    try:
+        ws.load_(dst, a_file, strict=strict, min_coverage=min_coverage, **options)
+        loaded = True
+    except PlanError as e:
+        loaded = False
+        assert_same(dst, before)  # a refused plan changes nothing
+        assert list(e.problems) == p.refusals(strict=strict, min_coverage=min_coverage)
+    assert p.verdict(strict=strict, min_coverage=min_coverage).startswith("ready") == loaded
+
+
+def test_missing_and_unexpected_keys_name_both_sides_and_shapes(a_file):
+    p = ws.plan(model_b(), a_file)  # names only: backbone_conv is missing, conv1 unexplained
+    refused = "\n".join(p.refusals())
+    assert ("missing: backbone_conv.weight [8, 4] has no value in the source; the closest unused source key is "
+            "conv1.weight [8, 4]") in refused
+    assert "unexpected: source conv1.weight [8, 4]: no target named 'conv1.weight'" in refused

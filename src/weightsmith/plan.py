@@ -213,12 +213,12 @@ def format_share(x: float) -> str:
     if x <= 0.0:
         return "0%"
     pct = x * 100
-    if 0.5 <= pct < 99.5:
-        return f"{pct:.0f}%"
-    for digits in range(1, 10):  # near the ends: as many digits as it takes, cut toward the middle
-        scale = 10 ** digits
-        v = math.floor(pct * scale) / scale if pct > 50 else math.ceil(pct * scale) / scale
-        if 0 < v < 100:
+    for digits in range(0, 10):  # the fewest digits that neither round up to 100 nor down to 0
+        if 0 < round(pct, digits) < 100:
+            if digits == 0:
+                return f"{round(pct)}%"
+            scale = 10 ** digits  # cut toward the middle: 99.996 reads 99.99, not 100.00
+            v = math.floor(pct * scale) / scale if pct > 50 else math.ceil(pct * scale) / scale
             return f"{v:.{digits}f}%"
     return f"{pct}%"
 
