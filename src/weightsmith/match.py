@@ -274,7 +274,8 @@ def _align(su: list[Unit], tu: list[Unit], anchors: Mapping[str, str], *, source
         for s, t, _, _ in kept:
             for (k, _, _), (tk, _, _) in zip(s.tensors, t.tensors):
                 pairs_now[k] = tk
-        bad = {id(item): why for item in kept if (why := _subtree_check(item[0], item[1], pairs_now))}
+        images, back = _Images(pairs_now), _Images({v: k for k, v in pairs_now.items()})
+        bad = {id(item): why for item in kept if (why := _subtree_check(item[0], item[1], images, back))}
         if not bad:
             break
         refused += [(item, bad[id(item)]) for item in kept if id(item) in bad]
@@ -329,41 +330,95 @@ def _sibling_check(s: Unit, t: Unit, s_seq: list[Unit], t_seq: list[Unit], ssig:
             "rules, or load from a state dict or torch file that keeps module order")
 
 
-def _subtree_check(s: Unit, t: Unit, pairs: Mapping[str, str]) -> str:
+class _Images:
+    """Where each subtree of one side went on the other: for every path, its pairs' module paths."""
+
+    def __init__(self, pairs: Mapping[str, str]) -> None:
+        self.under: dict[str, list[tuple[str, str]]] = {}
+        self.children: dict[str, set[str]] = {}
+        for k, v in pairs.items():
+            mod, other = k.rpartition(".")[0], v.rpartition(".")[0]
+            segs = mod.split(".") if mod else []
+            for d in range(len(segs) + 1):
+                path = ".".join(segs[:d])
+                self.under.setdefault(path, []).append((k, other))
+                if d:
+                    self.children.setdefault(".".join(segs[:d - 1]), set()).add(path)
+
+    def common(self, path: str, own: Collection[str] = ()) -> tuple[str | None, int]:
+        """The deepest path all of ``path``'s pairs went under, and from how many of its children."""
+        got = [(k, o) for k, o in self.under.get(path, []) if k not in own]
+        if not got:
+            return None, 0
+        kids = {k[len(path) + 1:].split(".", 1)[0] if path else k.split(".", 1)[0] for k, _ in got
+                if "." in (k[len(path) + 1:] if path else k)}
+        return _common([o for _, o in got]), len(kids)
+
+    def majority(self, path: str, own: Collection[str] = ()) -> str | None:
+        """The deepest path more than half of ``path``'s pairs went under."""
+        got = [o for k, o in self.under.get(path, []) if k not in own]
+        if not got:
+            return None
+        prefix: list[str] = []
+        while True:
+            counts: dict[str, int] = {}
+            for o in got:
+                segs = o.split(".") if o else []
+                if len(segs) > len(prefix) and segs[:len(prefix)] == prefix:
+                    counts[segs[len(prefix)]] = counts.get(segs[len(prefix)], 0) + 1
+            if not counts:
+                break
+            seg, n = max(counts.items(), key=lambda kv: kv[1])
+            if n * 2 <= len(got):
+                break
+            prefix.append(seg)
+        return ".".join(prefix)
+
+
+def _subtree_check(s: Unit, t: Unit, images: _Images, back: _Images) -> str:
     """Why pairing ``s`` with ``t`` would cross subtrees, or ``""`` when it does not."""
     own = {k for k, _, _ in s.tensors}
-    others = {k: v for k, v in pairs.items() if k not in own}
-    problem = _outside(s.path, t.path, others)
-    if problem:
-        return problem
-    back = {v: k for k, v in others.items()}
-    problem = _outside(t.path, s.path, back, forward=False)
-    return problem
+    town = {k for k, _, _ in t.tensors}
+    return (_outside(s.path, t.path, images, own) or _outside(t.path, s.path, back, town, forward=False)
+            or _in_a_sibling(s.path, t.path, images, own))
 
 
-def _outside(path: str, other: str, pairs: Mapping[str, str], *, forward: bool = True) -> str:
+def _outside(path: str, other: str, images: _Images, own: Collection[str], *, forward: bool = True) -> str:
     """The highest ancestor of ``path`` whose paired tensors (from two or more of its children)
     all went under one subtree of the other side: ``other`` must lie in it."""
     segs = path.split(".") if path else []
     for depth in range(len(segs)):
         anc = ".".join(segs[:depth])
-        children: set[str] = set()
-        images: list[str] = []
-        for k, v in pairs.items():
-            if _under(k.rpartition(".")[0], anc):
-                rest = k[len(anc) + 1:] if anc else k
-                if "." not in rest:
-                    continue
-                children.add(rest.split(".", 1)[0])
-                images.append(v.rpartition(".")[0])
-        if len(children) < 2:
+        image, kids = images.common(anc, own)
+        if image is None or kids < 2:
             continue
-        image = _common(images)
         if _under(other, image):
             return ""
         side, there = ("source", "target") if forward else ("target", "source")
         return (f"the {side}'s other tensors under {anc or '<root>'!r} went under {image!r} on the {there} "
                 f"side, and {other!r} is outside it")
+    return ""
+
+
+def _in_a_sibling(path: str, other: str, images: _Images, own: Collection[str]) -> str:
+    """Whether ``other`` lies where a sibling subtree of one of ``path``'s ancestors went (layer 4's
+    block), while that ancestor went elsewhere (layer 3's)."""
+    segs = path.split(".")
+    for d in range(len(segs) - 1, 0, -1):
+        anc, parent = ".".join(segs[:d]), ".".join(segs[:d - 1])
+        mine = images.majority(anc, own)
+        if mine is not None and _under(other, mine):
+            return ""
+        whole = images.majority(parent, own)
+        for sib in images.children.get(parent, ()):
+            if sib == anc:
+                continue
+            theirs = images.majority(sib)
+            if not theirs or theirs == whole or (whole is not None and not _under(theirs, whole)):
+                continue  # not a subtree of its own there
+            if _under(other, theirs) and (mine is None or not _under(mine, theirs)):
+                return (f"{other!r} lies under {theirs!r}, where the source's {sib!r} went, while "
+                        f"{anc!r} went under {mine!r}")
     return ""
 
 

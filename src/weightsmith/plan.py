@@ -241,6 +241,7 @@ class Source:
     get: Callable[[str], Any]
     aliases: dict[str, str] = field(default_factory=dict)  # tied key -> key holding the data
     ordered: bool = True  # whether ``specs`` is in module order (a safetensors file sorts its names)
+    shared: dict[str, str] = field(default_factory=dict)  # a state dict's tied keys -> first name (structural only)
 
 
 def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> Source:
@@ -273,7 +274,26 @@ def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> S
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot read the {name}: {e}") from e
     specs = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in values.items()}
-    return Source(name, _digest(name, specs, ids=[id(v) for v in values.values()]), specs, state.__getitem__)
+    return Source(name, _digest(name, specs, ids=[id(v) for v in values.values()]), specs, state.__getitem__,
+                  shared=_shared(values))
+
+
+def _shared(values: Mapping[str, Any]) -> dict[str, str]:
+    """Tied keys of a state dict (one tensor under several names) -> the first name holding it."""
+    first: dict[tuple[Any, ...], str] = {}
+    out: dict[str, str] = {}
+    for k, v in values.items():
+        try:
+            if v.device.type == "meta" or v.numel() == 0:
+                continue
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        except (AttributeError, RuntimeError, TypeError):  # not a plain tensor: no ties to find
+            continue
+        if key in first:
+            out[k] = first[key]
+        else:
+            first[key] = k
+    return out
 
 
 def _digest(base: str, specs: Mapping[str, Any], ids: Sequence[int] = ()) -> str:
@@ -485,6 +505,10 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
     for k in src_keys:
         if k in used or k in unused or k in failed:
             continue
+        if src.shared.get(k) in used:
+            unused[k] = Unused(k, src.specs[k][0], f"the same tensor as {src.shared[k]!r} in the source, which is "
+                               "loaded", expected=True)
+            continue
         unused[k] = _no_target(k, prefix(k), src.specs[k][0], non_persistent)
     for k, base in src.aliases.items():
         unused.setdefault(k, Unused(k, src.specs[k][0], f"tied to {base!r} in the source", expected=True))
@@ -508,6 +532,7 @@ def _structural(model: Any, src: Source, state: Mapping[str, Any], steps: dict[s
 
     used = {k for s in steps.values() for k in s.sources}
     left_src = [k for k in src.specs if k not in src.aliases and k not in used and k not in failed
+                and not (k in src.shared and src.shared[k] in src.specs)
                 and (k not in unused or unused[k].reason.startswith("no target"))]
     tied_names = {n for g in tie_groups for n in g[1:]}
     left_tgt = [t for t in state if t not in steps and t not in tied_names
