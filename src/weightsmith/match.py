@@ -251,23 +251,19 @@ def _align(su: list[Unit], tu: list[Unit], anchors: Mapping[str, str], *, source
             "add rename rules for them"))
     s_seq = [u for u in su if ssig[u.path] not in uneven]
     t_seq = [u for u in tu if tsig[u.path] not in uneven]
-    # 2. align the sequences by signature, as a diff aligns lines
-    matcher = difflib.SequenceMatcher(None, [ssig[u.path] for u in s_seq], [tsig[u.path] for u in t_seq],
-                                      autojunk=False)
-    candidates: list[tuple[Unit, Unit, int]] = []
-    for i, j, n in matcher.get_matching_blocks():
-        for d in range(n):
-            candidates.append((s_seq[i + d], t_seq[j + d], n))
-    # 3. same-shaped siblings: trust the order only where it is known, else names or indices decide
-    ok: list[tuple[Unit, Unit, int, str]] = []
-    for s, t, n in candidates:
-        why = _sibling_check(s, t, s_seq, t_seq, ssig, tsig, source_ordered)
-        if why.startswith("refused:"):
-            out.ambiguous.append(Ambiguity(tuple(k for k, _, _ in s.tensors), tuple(k for k, _, _ in t.tensors),
-                                           f"{s.describe()} -> {t.describe()}: {why[len('refused: '):]}"))
-            continue
-        ok.append((s, t, n, why))
-    # 4. never across subtrees: the highest source ancestor whose tensors went somewhere decides
+    if not source_ordered:
+        ok = _by_signature(s_seq, t_seq, ssig, tsig, out)
+    else:
+        # 2. align the sequences by signature, as a diff aligns lines
+        matcher = difflib.SequenceMatcher(None, [ssig[u.path] for u in s_seq], [tsig[u.path] for u in t_seq],
+                                          autojunk=False)
+        candidates: list[tuple[Unit, Unit, int]] = []
+        for i, j, n in matcher.get_matching_blocks():
+            for d in range(n):
+                candidates.append((s_seq[i + d], t_seq[j + d], n))
+        ok = _checked_siblings(candidates, s_seq, t_seq, ssig, tsig, out)
+    # 3. never across subtrees: the highest ancestor whose tensors went somewhere decides, and no
+    # module goes where a sibling subtree of its own went
     kept, refused = ok, []
     for _ in range(3):
         pairs_now = dict(anchors)
@@ -285,7 +281,7 @@ def _align(su: list[Unit], tu: list[Unit], anchors: Mapping[str, str], *, source
                                        f"{s.describe()} -> {t.describe()}: same shapes, but {problem}; "
                                        "not guessed (add a rename rule to pair them)"))
     final = kept
-    # 5. tensors inside each unit pair
+    # 4. tensors inside each unit pair
     for s, t, n, why in final:
         paired = _inside(s, t)
         if isinstance(paired, str):
@@ -301,6 +297,60 @@ def _align(su: list[Unit], tu: list[Unit], anchors: Mapping[str, str], *, source
                 reason += "; the source stores this weight [in, out] (Conv1D): transposed"
             out.pairs.append(Pairing(sk, tk, s.path, t.path, Transform("transpose") if flip else None, conf, reason))
     return out
+
+
+def _checked_siblings(candidates: list[tuple[Unit, Unit, int]], s_seq: list[Unit], t_seq: list[Unit],
+                      ssig: Mapping[str, tuple], tsig: Mapping[str, tuple], out: Matching
+                      ) -> list[tuple[Unit, Unit, int, str]]:
+    """Aligned pairs whose same-shaped siblings agree (by names, indices or module order)."""
+    ok: list[tuple[Unit, Unit, int, str]] = []
+    for s, t, n in candidates:
+        why = _sibling_check(s, t, s_seq, t_seq, ssig, tsig, True)
+        if why.startswith("refused:"):
+            out.ambiguous.append(Ambiguity(tuple(k for k, _, _ in s.tensors), tuple(k for k, _, _ in t.tensors),
+                                           f"{s.describe()} -> {t.describe()}: {why[len('refused: '):]}"))
+            continue
+        ok.append((s, t, n, why))
+    return ok
+
+
+def _skeleton(path: str) -> str:
+    return ".".join("#" if p.isdigit() else p for p in path.split("."))
+
+
+def _by_signature(s_seq: list[Unit], t_seq: list[Unit], ssig: Mapping[str, tuple], tsig: Mapping[str, tuple],
+                  out: Matching) -> list[tuple[Unit, Unit, int, str]]:
+    """Pairs from a source whose order is not its module order (a file sorted by name).
+
+    Order cannot be trusted, so a signature pairs only where nothing has to be guessed: one module
+    of it on each side, or modules that differ only by their indices (``layer.#.ffn``) on each side,
+    paired in index order.
+    """
+    groups_s: dict[tuple, list[Unit]] = {}
+    groups_t: dict[tuple, list[Unit]] = {}
+    for u in sorted(s_seq, key=lambda u: natural_key(u.path)):
+        groups_s.setdefault(ssig[u.path], []).append(u)
+    for u in t_seq:
+        groups_t.setdefault(tsig[u.path], []).append(u)
+    ok: list[tuple[Unit, Unit, int, str]] = []
+    for sig, ss in groups_s.items():
+        ts = groups_t.get(sig)
+        if not ts:
+            continue
+        if len(ss) == 1:
+            ok.append((ss[0], ts[0], 1, f"the only module holding {_show(sig)} on each side"))
+            continue
+        if len({_skeleton(u.path) for u in ss}) == 1 and len({_skeleton(u.path) for u in ts}) == 1:
+            ok += [(s, t, len(ss), f"{len(ss)} modules holding {_show(sig)}, paired in index order")
+                   for s, t in zip(ss, ts)]
+            continue
+        out.ambiguous.append(Ambiguity(
+            tuple(k for u in ss for k, _, _ in u.tensors), tuple(k for u in ts for k, _, _ in u.tensors),
+            f"{len(ss)} source and {len(ts)} target modules hold {_show(sig)} ({', '.join(u.path for u in ss[:3])}"
+            f"{', ...' if len(ss) > 3 else ''} / {', '.join(u.path for u in ts[:3])}{', ...' if len(ts) > 3 else ''}), "
+            "and the source's order is not its module order (a file sorted by name): not guessed — add rename "
+            "rules, or plan from a state dict or torch file, which keep module order"))
+    return ok
 
 
 def _shape_of(unit: Unit, key: str) -> tuple[int, ...]:

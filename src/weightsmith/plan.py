@@ -505,9 +505,10 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
     for k in src_keys:
         if k in used or k in unused or k in failed:
             continue
-        if src.shared.get(k) in used:
-            unused[k] = Unused(k, src.specs[k][0], f"the same tensor as {src.shared[k]!r} in the source, which is "
-                               "loaded", expected=True)
+        twin = next((n for n in sorted(_tied_names(k, src.shared)) if n in used), None)
+        if twin is not None:
+            unused[k] = Unused(k, src.specs[k][0], f"the same tensor as {twin!r} in the source, which is loaded",
+                               expected=True)
             continue
         unused[k] = _no_target(k, prefix(k), src.specs[k][0], non_persistent)
     for k, base in src.aliases.items():
@@ -531,8 +532,15 @@ def _structural(model: Any, src: Source, state: Mapping[str, Any], steps: dict[s
     from .match import match_modules
 
     used = {k for s in steps.values() for k in s.sources}
+    # one tensor under several names (T5's shared embedding, also its encoder's) pairs once, under
+    # its deepest name: that one says where in the tree it is used
+    rep: dict[str, str] = {}
+    for k, base in src.shared.items():
+        best = rep.get(base, base)
+        rep[base] = k if k.count(".") > best.count(".") else best
+    hidden = {k for k, base in src.shared.items() if rep[base] != k} | {b for b, k in rep.items() if k != b}
     left_src = [k for k in src.specs if k not in src.aliases and k not in used and k not in failed
-                and not (k in src.shared and src.shared[k] in src.specs)
+                and k not in hidden and not any(n in used for n in _tied_names(k, src.shared))
                 and (k not in unused or unused[k].reason.startswith("no target"))]
     tied_names = {n for g in tie_groups for n in g[1:]}
     left_tgt = [t for t in state if t not in steps and t not in tied_names
@@ -554,6 +562,11 @@ def _structural(model: Any, src: Source, state: Mapping[str, Any], steps: dict[s
                         confidence=pair.confidence, note=pair.reason)
         unused.pop(k, None)
     ambiguous += [str(a) for a in found.ambiguous]
+
+
+def _tied_names(key: str, shared: Mapping[str, str]) -> set[str]:
+    base = shared.get(key, key)
+    return ({k for k, b in shared.items() if b == base} | {base}) - {key}
 
 
 def _unused_rule(rule: Rule, index: int, names: Sequence[str]) -> str:
