@@ -217,8 +217,7 @@ def match_modules(source: Mapping[str, Spec], target: Mapping[str, Spec], *,
         numel = sum(_numel_of(target[p.target][0]) for p in found.pairs)
         if numel > best_numel:
             best, best_numel = found, numel
-    assert best is not None
-    return best
+    return best if best is not None else Matching()
 
 
 def _numel_of(shape: Sequence[int]) -> int:
@@ -305,7 +304,7 @@ def _checked_siblings(candidates: list[tuple[Unit, Unit, int]], s_seq: list[Unit
     """Aligned pairs whose same-shaped siblings agree (by names, indices or module order)."""
     ok: list[tuple[Unit, Unit, int, str]] = []
     for s, t, n in candidates:
-        why = _sibling_check(s, t, s_seq, t_seq, ssig, tsig, True)
+        why = _sibling_check(s, t, s_seq, t_seq, ssig, tsig)
         if why.startswith("refused:"):
             out.ambiguous.append(Ambiguity(tuple(k for k, _, _ in s.tensors), tuple(k for k, _, _ in t.tensors),
                                            f"{s.describe()} -> {t.describe()}: {why[len('refused: '):]}"))
@@ -358,7 +357,8 @@ def _shape_of(unit: Unit, key: str) -> tuple[int, ...]:
 
 
 def _sibling_check(s: Unit, t: Unit, s_seq: list[Unit], t_seq: list[Unit], ssig: Mapping[str, tuple],
-                   tsig: Mapping[str, tuple], source_ordered: bool) -> str:
+                   tsig: Mapping[str, tuple]) -> str:
+    """Why the alignment may pair ``s`` with ``t`` among same-shaped siblings, or ``"refused: ..."``."""
     ss = [u for u in s_seq if u.parent == s.parent and ssig[u.path] == ssig[s.path]]
     ts = [u for u in t_seq if u.parent == t.parent and tsig[u.path] == tsig[t.path]]
     sig = _show(ssig[s.path])
@@ -367,17 +367,12 @@ def _sibling_check(s: Unit, t: Unit, s_seq: list[Unit], t_seq: list[Unit], ssig:
     if _numeric([u.name for u in ss]) and _numeric([u.name for u in ts]):
         return f"aligned by module signature ({sig}), indices in order"
     names = _by_names([u.name for u in ss], [u.name for u in ts])
-    if names is not None:
-        if names.get(s.name) == t.name:
-            return f"aligned by module signature ({sig}); {s.name!r} ~ {t.name!r} among same-shaped siblings"
-        if not source_ordered:
-            return (f"refused: the names pair {s.name!r} with {names.get(s.name)!r}, the alignment with "
-                    f"{t.name!r}; not guessed")
-    if source_ordered:
+    if names is None:
         return f"aligned by module signature ({sig}), in module order among same-shaped siblings"
-    return (f"refused: {len(ss)} same-shaped source and {len(ts)} target modules side by side, and the "
-            "source's order is not its module order (a file sorted by name); not guessed — add rename "
-            "rules, or load from a state dict or torch file that keeps module order")
+    if names.get(s.name) == t.name:
+        return f"aligned by module signature ({sig}); {s.name!r} ~ {t.name!r} among same-shaped siblings"
+    return (f"refused: module order pairs {s.name!r} with {t.name!r}, the names with {names.get(s.name)!r}; "
+            "not guessed")
 
 
 class _Images:
