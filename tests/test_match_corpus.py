@@ -170,8 +170,10 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(cin, classes)
 
 
-RESNET_RULES = [(r"^conv1$", "stem.conv"), (r"^bn1$", "stem.norm"), (r"^layer(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks."),
-                (r"\.conv(\d)$", r".conv\1.conv"), (r"\.bn(\d)$", r".conv\1.bn"), (r"\.downsample\.0$", ".shortcut.conv"),
+RESNET_RULES = [(r"^conv1$", "stem.conv"), (r"^bn1$", "stem.norm"),
+                (r"^layer(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks."),
+                (r"\.conv(\d)$", r".conv\1.conv"), (r"\.bn(\d)$", r".conv\1.bn"),
+                (r"\.downsample\.0$", ".shortcut.conv"),
                 (r"\.downsample\.1$", ".shortcut.bn"), (r"^fc$", "head.fc")]
 
 
@@ -350,7 +352,8 @@ CORPUS = [
          lambda: by_prefix(hf("T5EncoderModel", t5_cfg)(), hf("T5ForConditionalGeneration", t5_cfg)(), "")),
     Pair("T5EncoderModel -> renamed T5 encoder", "T5", lambda: by_rename(hf("T5EncoderModel", t5_cfg), T5_RULES),
          renamed=True),
-    Pair("ViTModel -> ViTForImageClassification", "ViT", variant("ViTModel", "ViTForImageClassification", vit_cfg, "vit")),
+    Pair("ViTModel -> ViTForImageClassification", "ViT",
+         variant("ViTModel", "ViTForImageClassification", vit_cfg, "vit")),
     Pair("ViTModel -> renamed ViT", "ViT", lambda: by_rename(hf("ViTModel", vit_cfg), VIT_RULES), renamed=True),
     Pair("ViTModel -> ViT-style (norms reordered)", "ViT", hf_vit_into_timm_style, reordered=True),
     Pair("ResNet -> renamed ResNet", "ResNet-style", lambda: by_rename(ResNet, RESNET_RULES), renamed=True),

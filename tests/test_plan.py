@@ -233,7 +233,7 @@ def test_skip_is_a_decision_a_strict_load_takes_and_the_plan_lists(tmp_path):
     assert [s.target for s in p.skipped] == ["head.weight", "head.bias"] and p.missing == []
     assert p.verdict() == "ready: a strict load takes it; 2 target key(s) filled without the source"
     assert torch.equal(dst.head.weight, head) and torch.equal(dst.body.weight, src.body.weight)
-    assert report.provenance["head.weight"] == "current value (skipped: source head.weight [3, 8] does not fit)"
+    assert report.provenance["head.weight"] == "current value (skipped: source head.weight [3, 8] does not fit [5, 8])"
     text = str(p)
     assert "skipped" in text and "source head.weight [3, 8] does not fit" in text
     # with init= rules, a skipped key gets its initializer
@@ -244,7 +244,8 @@ def test_skip_is_a_decision_a_strict_load_takes_and_the_plan_lists(tmp_path):
     assert torch.isfinite(built.head.weight).all() and built.head.weight.abs().sum() > 0
 
 
-@pytest.mark.parametrize("share,text", [(1.0, "100%"), (0.9999, "99.99%"), (0.99999, "99.999%"), (0.994, "99%"), (0.99996, "99.996%"),
+@pytest.mark.parametrize("share,text", [(1.0, "100%"), (0.9999, "99.99%"), (0.99999, "99.999%"), (0.994, "99%"),
+                                        (0.99996, "99.996%"),
                                         (0.5, "50%"), (0.00001, "0.001%"), (0.0, "0%"), (0.123, "12%")])
 def test_coverage_never_reads_100_percent_while_keys_are_missing(share, text):
     from weightsmith.plan import format_share

@@ -258,7 +258,8 @@ def test_warmstart_cli_writes_the_mlm_head_from_its_own_init_not_the_pooler(mini
 
     (tmp_path / "ws_bert_mlm.py").write_text(
         "import transformers\n"
-        f"def model():\n    return transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained({str(minilm_dir)!r}))\n")
+        f"def model():\n    config = transformers.BertConfig.from_pretrained({str(minilm_dir)!r})\n"
+        "    return transformers.BertForMaskedLM(config)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "mlm.safetensors"

@@ -450,7 +450,8 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
                 for k in step.sources:
                     unused[k] = Unused(k, src.specs[k][0], f"skipped: shape {list(got)} does not fit {t!r} "
                                        f"{list(step.shape)} (on_mismatch='skip')", expected=True)
-                step.how, step.note = "skipped", f"source {', '.join(step.sources)} {list(got)} does not fit"
+                step.how = "skipped"
+                step.note = f"source {', '.join(step.sources)} {list(got)} does not fit {list(step.shape)}"
                 steps[t] = step
                 continue
             adapter = find_adapter(t, got, step.shape)
