@@ -3,19 +3,20 @@
 Each side is cut into *units*: the tensors directly under one module path (a Linear's weight and
 bias are one unit, and move together). A unit's signature is its tensors' leaf names, shapes and
 dtype kinds. The two unit sequences (the target in model order, the source in its own order) are
-aligned the way a diff aligns lines; aligned units pair their tensors. A pairing is refused, and
-reported with its reason, when
+aligned the way a diff aligns lines; aligned units pair their tensors. Nothing is guessed: a
+pairing is refused, and reported with both sides' names and shapes and the reason, when
 
-- the two sides hold different numbers of units of one signature (which of them go together is a
-  guess);
-- the source order cannot be trusted (a safetensors file stores names sorted) and same-shaped
-  sibling units are not told apart by their names or by numeric indices;
+- the two sides hold different numbers of units of one signature;
+- same-shaped siblings are paired by order while their names say otherwise;
 - it would cross subtrees: the source's other tensors went under one target subtree (``bert.*``)
-  and this target lies outside it (``cls.predictions.*``), or the reverse.
+  and this target lies outside it (``cls.predictions.*``), or the reverse; or the target lies in
+  the subtree a sibling of the source went to (layer 3's norm into block 4).
 
-A source written with ``Conv1D`` layers (weights stored ``[in, out]``) is recognized when the
-alignment with those weights transposed pairs more than the plain one; each such pairing names
-the ``transpose``.
+A source whose order is not its module order (a safetensors file stores names sorted) is not
+aligned: a signature pairs only where one unit holds it on each side, or where its units differ
+only by their indices. A source written with ``Conv1D`` layers (weights stored ``[in, out]``) is
+recognized when the alignment with ``nn.Linear`` targets' weights transposed pairs more than the
+plain one; each such pairing names the ``transpose``.
 """
 
 from __future__ import annotations
@@ -51,15 +52,6 @@ class Unit:
     @property
     def parent(self) -> str:
         return self.path.rpartition(".")[0]
-
-    def numel(self) -> int:
-        total = 0
-        for _, shape, _ in self.tensors:
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
 
     def describe(self) -> str:
         inner = ", ".join(f"{_leaf(k)} {list(s)}" for k, s, _ in self.tensors)
@@ -108,7 +100,7 @@ def _kind(dtype: str) -> str:
     return "float" if dtype.startswith(("float", "bfloat", "complex")) else dtype
 
 
-def units(specs: Mapping[str, Spec], order: Sequence[str]) -> list[Unit]:
+def _units(specs: Mapping[str, Spec], order: Sequence[str]) -> list[Unit]:
     """Group ``order``'s keys into units by module path, in order of first appearance."""
     grouped: dict[str, list[tuple[str, tuple[int, ...], str]]] = {}
     for k in order:
@@ -204,7 +196,7 @@ def match_modules(source: Mapping[str, Spec], target: Mapping[str, Spec], *,
     if not source_ordered:
         s_order = sorted(s_order, key=natural_key)
     t_order = list(target_order if target_order is not None else target)
-    su, tu = units(source, s_order), units(target, t_order)
+    su, tu = _units(source, s_order), _units(target, t_order)
     if not su or not tu:
         return Matching()
     best: Matching | None = None
