@@ -458,14 +458,16 @@ def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, l
         if callable(own_init):
             with torch.no_grad():
                 for old in {id(t): t for t in own.values() if t.is_meta}.values():
-                    _materialize(slots, old, device).fill_(float("nan"))  # to see what it leaves unset
+                    _materialize(slots, old, device)
+                for n in mine:  # uninitialized memory: NaN shows what _init_weights leaves unset
+                    model.get_parameter(n).fill_(float("nan"))
                 own_init(mod)
             if all(not model.get_parameter(n).isnan().any() for n in mine):
                 continue
             for n in mine:
                 rest[n].fill = "reset_parameters (the model's _init_weights does not cover it)"
         if hasattr(mod, "reset_parameters"):
-            for old in {id(t): t for t in own.values() if t.is_meta}.values():
+            for old in {id(t): t for t in mod.parameters(recurse=False) if t.is_meta}.values():
                 _materialize(slots, old, device)
             mod.reset_parameters()
             continue
