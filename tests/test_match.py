@@ -97,3 +97,24 @@ def test_structural_pairs_load_the_right_values(tmp_path):
     report = ws.load_(dst, src.state_dict(), match="auto")
     assert torch.equal(dst.stem.weight, src[0].weight) and torch.equal(dst.head.bias, src[2].bias)
     assert report.provenance["norm.weight"] == "1.weight"
+
+
+def test_module_order_is_trusted_from_torch_files_and_weightsmith_files_not_sorted_ones(tmp_path):
+    from safetensors.torch import save_file
+
+    from weightsmith.plan import as_source
+
+    torch.manual_seed(0)
+    model = block(("query", "key", "value"))
+    ws.save(model, tmp_path / "ws.safetensors")
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    save_file(model.state_dict(), str(tmp_path / "hf.safetensors"))
+    ws.save(ws.open(tmp_path / "hf.safetensors"), tmp_path / "resaved.safetensors")  # sorted, though ours
+    assert as_source(tmp_path / "ws.safetensors").ordered and as_source(tmp_path / "m.pt").ordered
+    assert not as_source(tmp_path / "hf.safetensors").ordered
+    assert not as_source(tmp_path / "resaved.safetensors").ordered
+    dst = block(("a", "b", "c"))
+    ordered = ws.plan(dst, tmp_path / "ws.safetensors", match="auto")
+    assert {s.target: s.sources for s in ordered.steps}["b.weight"] == ("key.weight",)
+    unordered = ws.plan(dst, tmp_path / "hf.safetensors", match="auto")
+    assert not unordered.loaded and "sorted by name" in unordered.ambiguous[0]

@@ -275,7 +275,8 @@ class Pair:
     name: str
     family: str
     make: Callable[[], tuple[nn.Module, nn.Module, Callable[[str], tuple[str | None, bool]]]]
-    file: bool = False      # the source as a safetensors file (names sorted: module order lost)
+    file: str = ""          # the source as a file: "weightsmith" (module order kept) or "sorted" (safetensors'
+                            # own writer, names sorted: module order lost)
     renamed: bool = False   # a renamed architecture (coverage goal: >= 95%)
     reordered: bool = False  # another module order too: only "never wrong" is asked
 
@@ -324,8 +325,10 @@ CORPUS = [
          variant("BertModel", "BertForSequenceClassification", bert_cfg, "bert")),
     Pair("BertForMaskedLM -> BertModel", "BERT", variant("BertForMaskedLM", "BertModel", bert_cfg, "bert")),
     Pair("BertModel -> renamed BERT", "BERT", lambda: by_rename(hf("BertModel", bert_cfg), BERT_RULES), renamed=True),
-    Pair("BertModel -> renamed BERT (safetensors)", "BERT",
-         lambda: by_rename(hf("BertModel", bert_cfg), BERT_RULES), file=True),
+    Pair("BertModel -> renamed BERT (file from weightsmith.save)", "BERT",
+         lambda: by_rename(hf("BertModel", bert_cfg), BERT_RULES), file="weightsmith", renamed=True),
+    Pair("BertModel -> renamed BERT (file sorted by name)", "BERT",
+         lambda: by_rename(hf("BertModel", bert_cfg), BERT_RULES), file="sorted"),
     Pair("RobertaModel -> RobertaForMaskedLM", "RoBERTa",
          variant("RobertaModel", "RobertaForMaskedLM", roberta_cfg, "roberta")),
     Pair("RobertaModel -> RobertaForSequenceClassification", "RoBERTa",
@@ -357,7 +360,10 @@ CORPUS = [
     Pair("ViTModel -> renamed ViT", "ViT", lambda: by_rename(hf("ViTModel", vit_cfg), VIT_RULES), renamed=True),
     Pair("ViTModel -> ViT-style (norms reordered)", "ViT", hf_vit_into_timm_style, reordered=True),
     Pair("ResNet -> renamed ResNet", "ResNet-style", lambda: by_rename(ResNet, RESNET_RULES), renamed=True),
-    Pair("ResNet -> renamed ResNet (safetensors)", "ResNet-style", lambda: by_rename(ResNet, RESNET_RULES), file=True),
+    Pair("ResNet -> renamed ResNet (file from weightsmith.save)", "ResNet-style",
+         lambda: by_rename(ResNet, RESNET_RULES), file="weightsmith", renamed=True),
+    Pair("ResNet -> renamed ResNet (file sorted by name)", "ResNet-style", lambda: by_rename(ResNet, RESNET_RULES),
+         file="sorted"),
     Pair("ResNet -> ResNet with 5 classes", "ResNet-style",
          lambda: by_prefix(ResNet(10), ResNet(5), "")),
     Pair("ViT-style -> renamed ViT-style", "ViT-style", lambda: by_rename(TinyViT, TINYVIT_RULES), renamed=True),
@@ -382,8 +388,13 @@ def run(pair: Pair, tmp_path) -> Outcome:
     source, target, truth = pair.make()
     state = source.state_dict()
     if pair.file:
+        from safetensors.torch import save_file
+
         path = tmp_path / "source.safetensors"
-        ws.save(source, path)
+        if pair.file == "weightsmith":
+            ws.save(source, path)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         src = path
     else:
         src = state

@@ -43,7 +43,7 @@ def test_a_renamed_layer_is_paired_structurally_with_confidence_and_reason(a_fil
     conv = steps["backbone_conv.weight"]
     assert conv.how == "structural" and conv.sources == ("conv1.weight",)
     assert 0.6 <= conv.confidence < 1.0
-    assert conv.note == "the only module holding bias [8], weight [8, 4] on each side"
+    assert conv.note == "aligned by module signature (bias [8], weight [8, 4]) with the modules around it"
     assert steps["backbone_conv.bias"].sources == ("conv1.bias",)
     assert steps["norm.weight"].how == "exact" and steps["fc.bias"].how == "exact"
     # the 3-class head has no 5-class counterpart: missing on one side, unused on the other

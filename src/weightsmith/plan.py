@@ -260,7 +260,7 @@ def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> S
         fp = f"{Path(source.path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{source.root}"
         aliases = {k: g[0] for g in source.ties for k in g[1:]}
         return Source(str(source.path), _digest(fp, specs), specs, source.tensor, aliases,
-                      ordered=source.format in ("torch", "torch-legacy"))
+                      ordered=_in_module_order(source, specs))
     if hasattr(source, "state_dict") and callable(source.state_dict):
         state = source.state_dict()
         name = f"<{type(source).__name__}>"
@@ -294,6 +294,23 @@ def _shared(values: Mapping[str, Any]) -> dict[str, str]:
         else:
             first[key] = k
     return out
+
+
+def _in_module_order(ckpt: Any, specs: Mapping[str, tuple[tuple[int, ...], str]]) -> bool:
+    """Whether a checkpoint lists its tensors in module order.
+
+    A torch file keeps the order of the state dict it pickled; weightsmith's safetensors writer
+    keeps the order it was given. The safetensors library sorts by name (within each dtype), so a
+    file in that order, whoever wrote it, is taken as sorted, not as module order.
+    """
+    if ckpt.format in ("torch", "torch-legacy"):
+        return True
+    if ckpt.format != "safetensors" or "weightsmith.crc32" not in ckpt.metadata:
+        return False
+    by_dtype: dict[str, list[str]] = {}
+    for k, (_, dtype) in specs.items():
+        by_dtype.setdefault(dtype, []).append(k)
+    return any(keys != sorted(keys) for keys in by_dtype.values())
 
 
 def _digest(base: str, specs: Mapping[str, Any], ids: Sequence[int] = ()) -> str:
