@@ -228,19 +228,21 @@ def test_skip_is_a_decision_a_strict_load_takes_and_the_plan_lists(tmp_path):
     head = dst.head.weight.detach().clone()
 
     p = ws.plan(dst, path, on_mismatch="skip")
-    report = ws.load_(dst, path, on_mismatch="skip")  # strict: skipped keys are not "missing"
+    report = ws.load_(dst, path, on_mismatch="skip", min_coverage=0.4)  # strict: skipped keys are not "missing"
 
     assert [s.target for s in p.skipped] == ["head.weight", "head.bias"] and p.missing == []
-    assert p.verdict() == "ready: a strict load takes it; 2 target key(s) filled without the source"
+    assert p.coverage == pytest.approx((32 + 8) / (32 + 8 + 40 + 5))  # skipped keys are not from the source
+    assert p.verdict(min_coverage=0.4) == "ready: a strict load takes it; 2 target key(s) filled without the source"
+    assert p.refusals() == [p.refusals()[0]] and p.refusals()[0].startswith("only 47% of Head's parameters")
     assert torch.equal(dst.head.weight, head) and torch.equal(dst.body.weight, src.body.weight)
     assert report.provenance["head.weight"] == "current value (skipped: source head.weight [3, 8] does not fit [5, 8])"
     text = str(p)
     assert "skipped" in text and "source head.weight [3, 8] does not fit" in text
     # with init= rules, a skipped key gets its initializer
     again = Head(5)
-    ws.load_(again, path, on_mismatch="skip", init=[("head.*", "zeros")])
+    ws.load_(again, path, on_mismatch="skip", init=[("head.*", "zeros")], min_coverage=0.4)
     assert torch.equal(again.head.weight, torch.zeros(5, 8))
-    built, _ = ws.build(lambda: Head(5), path, on_mismatch="skip")
+    built, _ = ws.build(lambda: Head(5), path, on_mismatch="skip", min_coverage=0.4)
     assert torch.isfinite(built.head.weight).all() and built.head.weight.abs().sum() > 0
 
 

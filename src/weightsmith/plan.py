@@ -106,7 +106,8 @@ class LoadPlan(Result):
     def coverage(self) -> float:
         """Fraction of target parameter elements that come from the source."""
         total = sum(_numel(s.shape) for s in self.steps if s.kind == "parameter")
-        got = sum(_numel(s.shape) for s in self.steps if s.kind == "parameter" and s.how != "missing")
+        got = sum(_numel(s.shape) for s in self.steps
+                  if s.kind == "parameter" and s.how not in ("missing", "skipped"))
         return got / total if total else 1.0
 
     def judge(self, *, strict: bool = True, min_coverage: float = 0.5) -> LoadPlan:
