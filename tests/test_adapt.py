@@ -193,3 +193,102 @@ def test_find_adapter_names_what_it_would_do():
     assert find_adapter("pos_embed", (1, 197, 4), (1, 257, 4)).name == "pos_grid"
     assert find_adapter("pos_embed", (1, 197, 4), (1, 197, 8)) is None  # width changes are not adaptable
     assert find_adapter("pos_embed", (50, 4), (70, 4)).name == "pos_1d"
+    assert find_adapter("embeddings.position_embeddings.weight", (65, 4), (257, 4)).name == "pos_1d"  # a table
+    assert find_adapter("patch_embed.proj.weight", (8, 3, 16, 16), (8, 3, 14, 14)).name == "patch_embed"
+
+
+# -- timm parity: the published formulas, written here with torch ------------------------------------
+def timm_resample_abs_pos_embed(posemb, new_size, num_prefix_tokens=1):
+    """timm.layers.resample_abs_pos_embed with its defaults (bicubic, antialias=True)."""
+    import math
+    import torch.nn.functional as F
+
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    old = int(math.sqrt(grid.shape[1]))
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_size, mode="bicubic", antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, posemb.shape[-1])
+    return torch.cat([prefix, grid], dim=1)
+
+
+def timm_resample_patch_embed(patch_embed, new_size):
+    """timm.layers.resample_patch_embed (FlexiViT): pinv of the resize matrix, basis vector by basis vector."""
+    import torch.nn.functional as F
+
+    old_size = patch_embed.shape[-2:]
+    mat = []
+    for i in range(old_size[0] * old_size[1]):
+        basis = torch.zeros(old_size[0] * old_size[1])
+        basis[i] = 1.0
+        up = F.interpolate(basis.reshape(1, 1, *old_size), size=new_size, mode="bicubic", antialias=True)
+        mat.append(up.reshape(-1))
+    resize_mat = torch.stack(mat).T.double()
+    pinv = torch.linalg.pinv(resize_mat.T)
+    out = torch.empty(*patch_embed.shape[:2], *new_size, dtype=torch.float64)
+    for o in range(patch_embed.shape[0]):
+        for c in range(patch_embed.shape[1]):
+            out[o, c] = (pinv @ patch_embed[o, c].reshape(-1).double()).reshape(new_size)
+    return out.float()
+
+
+@pytest.mark.parametrize("old,new,prefix", [(16, 12, 1), (14, 16, 1), (14, 12, 5), (8, 6, 0)])
+def test_the_position_grid_matches_timms_resampling_prefix_tokens_kept(tmp_path, old, new, prefix):
+    torch.manual_seed(0)
+    src = nn.Module()
+    src.pos_embed = nn.Parameter(torch.randn(1, prefix + old * old, 6))
+    dst = nn.Module()
+    dst.pos_embed = nn.Parameter(torch.zeros(1, prefix + new * new, 6))
+
+    report = ws.load_(dst, saved(tmp_path, src), on_mismatch="adapt")
+
+    expect = timm_resample_abs_pos_embed(src.pos_embed.detach(), (new, new), num_prefix_tokens=prefix)
+    assert torch.allclose(dst.pos_embed, expect, atol=1e-6)
+    assert torch.equal(dst.pos_embed[0, :prefix], src.pos_embed[0, :prefix])
+    assert "antialias" in report.provenance["pos_embed"]
+
+
+def test_downsampling_the_grid_is_antialiased_as_in_timm():
+    import torch.nn.functional as F
+
+    from weightsmith.adapt import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + 256, 4)
+    ours = resample_abs_pos_embed(pos, (8, 8))
+    plain = F.interpolate(pos[:, 1:].reshape(1, 16, 16, 4).permute(0, 3, 1, 2), size=(8, 8), mode="bicubic",
+                          align_corners=False).permute(0, 2, 3, 1).reshape(1, 64, 4)
+    assert (ours[:, 1:] - plain).abs().max() > 0.05  # without antialias the answer differs
+
+
+class Patches(nn.Module):
+    def __init__(self, patch: int) -> None:
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, 8, patch, stride=patch)
+
+
+@pytest.mark.parametrize("old,new", [(16, 8), (8, 12), (4, 6)])
+def test_a_patch_embedding_is_resized_by_timms_pseudo_inverse(tmp_path, old, new):
+    torch.manual_seed(0)
+    src = Patches(old)
+    dst = Patches(new)
+
+    report = ws.load_(dst, saved(tmp_path, src), on_mismatch="adapt")
+
+    expect = timm_resample_patch_embed(src.patch_embed.proj.weight.detach(), (new, new))
+    assert torch.allclose(dst.patch_embed.proj.weight, expect, atol=1e-5)
+    assert torch.equal(dst.patch_embed.proj.bias, src.patch_embed.proj.bias)
+    assert "adapt:patch_embed" in report.provenance["patch_embed.proj.weight"]
+
+
+def test_an_upsampled_patch_sees_a_resized_image_as_the_old_kernel_saw_the_original():
+    import torch.nn.functional as F
+
+    from weightsmith.adapt import resample_patch_embed
+
+    torch.manual_seed(0)
+    kernel = torch.randn(2, 3, 4, 4)
+    new = resample_patch_embed(kernel, (7, 7))
+    x = torch.randn(5, 3, 4, 4)
+    x_big = F.interpolate(x, size=(7, 7), mode="bicubic", antialias=True, align_corners=False)
+    assert torch.allclose(F.conv2d(x, kernel), F.conv2d(x_big, new), atol=1e-4)

@@ -594,7 +594,7 @@ def test_a_plan_is_made_once_and_reused(tmp_path, src_a):
     path = tmp_path / "a.safetensors"
     ws.save(src_a, path)
     dst = model_b()
-    p = ws.plan(dst, path, rename=[("head", "classifier")], on_mismatch="adapt")
+    p = ws.plan(dst, path, rename=[("head", "classifier")], on_mismatch="adapt", match="auto")
 
     report = ws.load_(dst, path, plan=p)
 
@@ -607,7 +607,7 @@ def test_a_plan_is_made_once_and_reused(tmp_path, src_a):
 def test_the_report_names_each_source_and_transform(tmp_path, src_a):
     path = tmp_path / "a.safetensors"
     ws.save({k: v.half() for k, v in src_a.state_dict().items()}, path)
-    report = ws.load_(model_b(), path, rename=[("head", "classifier")], on_mismatch="adapt")
+    report = ws.load_(model_b(), path, rename=[("head", "classifier")], on_mismatch="adapt", match="auto")
     assert report.provenance["backbone_conv.weight"] == "conv1.weight + cast float16->float32"
     assert report.provenance["classifier.weight"].startswith("head.weight + adapt:rows (weight rows 3->5")
     assert report.provenance["classifier.weight"].endswith("cast float16->float32")
@@ -623,7 +623,7 @@ def test_not_strict_keeps_current_values_and_says_so(tmp_path, src_a):
     dst = model_b()
     head = dst.classifier.weight.detach().clone()
 
-    report = ws.load_(dst, path, strict=False)
+    report = ws.load_(dst, path, strict=False, match="auto")
 
     assert torch.equal(dst.classifier.weight, head)
     assert report.provenance["classifier.weight"] == "current value"

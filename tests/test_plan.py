@@ -36,14 +36,14 @@ def test_a_renamed_layer_is_paired_structurally_with_confidence_and_reason(a_fil
     b = model_b()
     before = state_of(b)
 
-    p = ws.plan(b, a_file)
+    p = ws.plan(b, a_file, match="auto")
 
     assert_same(b, before)  # planning writes nothing
     steps = {s.target: s for s in p.steps}
     conv = steps["backbone_conv.weight"]
     assert conv.how == "structural" and conv.sources == ("conv1.weight",)
     assert 0.6 <= conv.confidence < 1.0
-    assert "only *.weight of shape [8, 4]" in conv.note
+    assert conv.note == "aligned by module signature (bias [8], weight [8, 4]) with the modules around it"
     assert steps["backbone_conv.bias"].sources == ("conv1.bias",)
     assert steps["norm.weight"].how == "exact" and steps["fc.bias"].how == "exact"
     # the 3-class head has no 5-class counterpart: missing on one side, unused on the other
@@ -59,8 +59,10 @@ def test_a_rule_names_the_pairing_instead(a_file):
     steps = {s.target: s for s in p.steps}
     assert steps["backbone_conv.weight"].how == "rule" and steps["backbone_conv.weight"].confidence == 1.0
     assert "conv1 -> backbone_conv" in steps["backbone_conv.weight"].note
-    assert steps["classifier.weight"].how == "missing"
-    assert {u.key: u.reason for u in p.unused}["head.weight"].startswith("shape [3, 8] does not fit")
+    # skipping is a decision: listed as skipped, the source explained, nothing "missing" for a strict load
+    assert steps["classifier.weight"].how == "skipped" and p.missing == []
+    assert {u.key: u.reason for u in p.unused}["head.weight"].startswith("skipped: shape [3, 8] does not fit")
+    assert all(u.expected for u in p.unused) and p.refusals() == []
 
 
 def test_exact_matching_pairs_nothing_by_shape(a_file):
@@ -86,16 +88,17 @@ def test_same_shaped_candidates_in_different_numbers_are_reported_never_guessed(
     dst = Pairs(3, "new")
     before = state_of(dst)
 
-    p = ws.plan(dst, path)
+    p = ws.plan(dst, path, match="auto")
 
-    assert len(p.ambiguous) == 2
-    assert "2 source and 3 target" in p.ambiguous[0] and "[8, 8]" in p.ambiguous[0]
+    (ambiguous,) = p.ambiguous  # one decision per module: weight and bias together
+    assert "2 source and 3 target modules" in ambiguous and "weight [8, 8]" in ambiguous
+    assert "old0, old1" in ambiguous and "new0, new1, new2" in ambiguous
     assert all(s.how == "missing" for s in p.steps if s.target.startswith("new"))
     with pytest.raises(PlanError, match="ambiguous"):
-        ws.load_(dst, path)
+        ws.load_(dst, path, match="auto")
     assert_same(dst, before)
     # not strict: the ambiguous targets keep their values
-    report = ws.load_(dst, path, strict=False, min_coverage=0.0)
+    report = ws.load_(dst, path, strict=False, min_coverage=0.0, match="auto")
     assert report.provenance["new0.weight"] == "current value"
     assert torch.equal(dst.new0.weight, before["new0.weight"][0])
 
@@ -119,14 +122,14 @@ def test_a_renamed_12_layer_stack_pairs_in_layer_order_whatever_the_file_order(t
     assert order.index("layers.10.lin.weight") < order.index("layers.2.lin.weight")
     dst = Stack("blocks", "fc")
 
-    p = ws.plan(dst, path)
+    p = ws.plan(dst, path, match="auto")
 
     assert p.problems == [] and p.ambiguous == []
     steps = {s.target: s for s in p.steps}
     for i in range(12):
         assert steps[f"blocks.{i}.fc.weight"].sources == (f"layers.{i}.lin.weight",)
         assert steps[f"blocks.{i}.fc.weight"].how == "structural"
-    ws.load_(dst, path)
+    ws.load_(dst, path, match="auto")
     for i in range(12):
         assert torch.equal(dst.blocks[i].fc.weight, src.layers[i].lin.weight)
         assert torch.equal(dst.blocks[i].fc.bias, src.layers[i].lin.bias)
@@ -173,7 +176,7 @@ def test_two_sources_for_one_target_is_a_problem_not_a_choice():
 
 # -- the plan as data ---------------------------------------------------------------------------------
 def test_the_plan_is_data_that_renders_and_serializes(a_file):
-    p = ws.plan(model_b(), a_file)
+    p = ws.plan(model_b(), a_file, match="auto")
     assert isinstance(p, LoadPlan)
     d = json.loads(p.to_json())
     assert d["schema"] == "weightsmith.plan/1"
@@ -213,3 +216,75 @@ def test_bad_options_are_refused(a_file, options):
 def test_a_source_of_the_wrong_kind_is_refused():
     with pytest.raises(WeightsmithError, match="cannot load from a int"):
         ws.plan(model_a(), 42)
+
+
+# -- honest outcomes -------------------------------------------------------------------------------------
+def test_skip_is_a_decision_a_strict_load_takes_and_the_plan_lists(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "h3.safetensors"
+    src = Head(3)
+    ws.save(src, path)
+    dst = Head(5)
+    head = dst.head.weight.detach().clone()
+
+    p = ws.plan(dst, path, on_mismatch="skip")
+    report = ws.load_(dst, path, on_mismatch="skip", min_coverage=0.4)  # strict: skipped keys are not "missing"
+
+    assert [s.target for s in p.skipped] == ["head.weight", "head.bias"] and p.missing == []
+    assert p.coverage == pytest.approx((32 + 8) / (32 + 8 + 40 + 5))  # skipped keys are not from the source
+    assert p.verdict(min_coverage=0.4) == "ready: a strict load takes it; 2 target key(s) filled without the source"
+    assert p.refusals() == [p.refusals()[0]] and p.refusals()[0].startswith("only 47% of Head's parameters")
+    assert torch.equal(dst.head.weight, head) and torch.equal(dst.body.weight, src.body.weight)
+    assert report.provenance["head.weight"] == "current value (skipped: source head.weight [3, 8] does not fit [5, 8])"
+    text = str(p)
+    assert "skipped" in text and "source head.weight [3, 8] does not fit" in text
+    # with init= rules, a skipped key gets its initializer
+    again = Head(5)
+    ws.load_(again, path, on_mismatch="skip", init=[("head.*", "zeros")], min_coverage=0.4)
+    assert torch.equal(again.head.weight, torch.zeros(5, 8))
+    built, _ = ws.build(lambda: Head(5), path, on_mismatch="skip", min_coverage=0.4)
+    assert torch.isfinite(built.head.weight).all() and built.head.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("share,text", [(1.0, "100%"), (0.9999, "99.99%"), (0.99999, "99.999%"), (0.994, "99%"),
+                                        (0.99996, "99.996%"),
+                                        (0.5, "50%"), (0.00001, "0.001%"), (0.0, "0%"), (0.123, "12%")])
+def test_coverage_never_reads_100_percent_while_keys_are_missing(share, text):
+    from weightsmith.plan import format_share
+
+    assert format_share(share) == text
+
+
+def test_a_plan_one_key_short_of_full_coverage_does_not_say_100(tmp_path):
+    big = nn.ModuleDict({"a": nn.Linear(100, 100), "b": nn.Linear(1, 1, bias=False)})
+    state = {k: v for k, v in big.state_dict().items() if not k.startswith("b.")}
+    p = ws.plan(big, state)
+    assert p.coverage < 1.0
+    assert "coverage 99.99% of target parameters" in str(p)
+
+
+@pytest.mark.parametrize("options", [{}, {"strict": False}, {"match": "auto"}, {"match": "auto", "strict": False},
+                                     {"match": "auto", "on_mismatch": "skip", "rename": [("head", "classifier")]},
+                                     {"match": "auto", "strict": False, "min_coverage": 0.9}])
+def test_the_verdict_says_what_load_does(a_file, options):
+    options = dict(options)
+    strict, min_coverage = options.pop("strict", True), options.pop("min_coverage", 0.5)
+    dst = model_b()
+    before = state_of(dst)
+    p = ws.plan(model_b(), a_file, **options)
+    try:
+        ws.load_(dst, a_file, strict=strict, min_coverage=min_coverage, **options)
+        loaded = True
+    except PlanError as e:
+        loaded = False
+        assert_same(dst, before)  # a refused plan changes nothing
+        assert list(e.problems) == p.refusals(strict=strict, min_coverage=min_coverage)
+    assert p.verdict(strict=strict, min_coverage=min_coverage).startswith("ready") == loaded
+
+
+def test_missing_and_unexpected_keys_name_both_sides_and_shapes(a_file):
+    p = ws.plan(model_b(), a_file)  # names only: backbone_conv is missing, conv1 unexplained
+    refused = "\n".join(p.refusals())
+    assert ("missing: backbone_conv.weight [8, 4] has no value in the source; the closest unused source key is "
+            "conv1.weight [8, 4]") in refused
+    assert "unexpected: source conv1.weight [8, 4]: no target named 'conv1.weight'" in refused

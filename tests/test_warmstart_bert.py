@@ -199,3 +199,79 @@ def test_our_own_encoder_builds_from_the_file_too(tmp_path, minilm_dir, referenc
     with torch.no_grad():
         out = model.eval()(IDS, MASK)
     assert real_tokens_diff(out, reference) <= 1e-5
+
+
+# -- into a model with another head: BertForMaskedLM -------------------------------------------------
+def mlm(minilm_dir):
+    return transformers.BertForMaskedLM(config(minilm_dir))
+
+
+@pytest.mark.parametrize("match", ["exact", "auto"])
+def test_the_pooler_never_goes_into_the_mlm_head(minilm_dir, match):
+    with torch.device("meta"):
+        model = mlm(minilm_dir)
+
+    p = ws.plan(model, minilm_dir, match=match)
+
+    steps = {s.target: s for s in p.steps}
+    head = [t for t in steps if t.startswith("cls.predictions.transform.")]
+    assert head and all(steps[t].how == "missing" for t in head)
+    assert not any("pooler" in k for s in p.loaded for k in s.sources)
+    assert {"pooler.dense.weight", "pooler.dense.bias"} <= {u.key for u in p.unused}
+    if match == "auto":  # the candidate is named, with its reason, never taken
+        (amb,) = p.ambiguous
+        assert "pooler.dense (" in amb and "cls.predictions.transform.dense (" in amb and "[384, 384]" in amb
+        assert "went under 'bert'" in amb
+    assert p.verdict().startswith("a strict load refuses it")
+    assert p.verdict(strict=False).startswith("ready")
+
+
+def test_new_keys_of_a_transformers_model_are_initialized_as_from_pretrained_does(minilm_dir):
+    reference = transformers.BertForMaskedLM.from_pretrained(minilm_dir)  # its own _init_weights for the head
+    torch.manual_seed(0)
+
+    model, report = ws.build(lambda: mlm(minilm_dir), minilm_dir, strict=False, match="auto")
+
+    dense, ref_dense = model.cls.predictions.transform.dense, reference.cls.predictions.transform.dense
+    assert torch.equal(dense.bias, torch.zeros(384)) and torch.equal(ref_dense.bias, torch.zeros(384))
+    std = config(minilm_dir).initializer_range
+    assert abs(dense.weight.std().item() - std) < 0.05 * std
+    assert abs(ref_dense.weight.std().item() - std) < 0.05 * std
+    assert abs(dense.weight.mean().item()) < 0.05 * std
+    assert torch.equal(model.cls.predictions.transform.LayerNorm.weight, torch.ones(384))
+    assert torch.equal(model.cls.predictions.bias, torch.zeros(30522))
+    assert not torch.equal(dense.weight, model.bert.embeddings.word_embeddings.weight[:384])
+    assert report.provenance["cls.predictions.transform.dense.weight"] == "_init_weights"
+    # the encoder is the checkpoint's: same hidden states as from_pretrained
+    with torch.no_grad():
+        ours = model.eval().bert(input_ids=IDS, attention_mask=MASK).last_hidden_state
+        theirs = reference.eval().bert(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    assert (ours - theirs).abs().max() <= 1e-6
+
+
+def test_warmstart_cli_writes_the_mlm_head_from_its_own_init_not_the_pooler(minilm_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import sys
+
+    from weightsmith.cli import cli
+
+    (tmp_path / "ws_bert_mlm.py").write_text(
+        "import transformers\n"
+        f"def model():\n    config = transformers.BertConfig.from_pretrained({str(minilm_dir)!r})\n"
+        "    return transformers.BertForMaskedLM(config)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "mlm.safetensors"
+    try:
+        result = CliRunner().invoke(cli, ["warmstart", str(minilm_dir), "--into", "ws_bert_mlm:model", "-o", str(out),
+                                          "--match", "auto"])
+        plan = CliRunner().invoke(cli, ["plan", str(minilm_dir), "--into", "ws_bert_mlm:model", "--match", "auto"])
+    finally:
+        sys.modules.pop("ws_bert_mlm", None)
+    assert result.exit_code == 0, result.output
+    written = ws.open(out).load()
+    pooler = ws.open(minilm_dir).tensor("pooler.dense.weight")
+    assert not torch.equal(written["cls.predictions.transform.dense.weight"], pooler)
+    assert torch.equal(written["cls.predictions.transform.dense.bias"], torch.zeros(384))
+    assert plan.exit_code == 1 and "ambiguous: pooler.dense" in plan.output

@@ -676,7 +676,7 @@ def _prepare(model: torch.nn.Module, source: Any, plan: LoadPlan | None, options
 
     source, p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage,
                                      on_meta="materialize the sharded model (to_empty) before loading into it")
-    inits = [s.target for s in p.missing if (s.fill or "").startswith("init: ") and _is_dtensor(state[s.target])]
+    inits = [s.target for s in p.unsourced if (s.fill or "").startswith("init: ") and _is_dtensor(state[s.target])]
     if inits:
         raise UsageError(f"init rules for sharded parameters ({', '.join(inits[:5])}) are not applied while "
                          "loading; load with strict=False, then initialize them with weightsmith.init_")

@@ -11,7 +11,7 @@ from typing import Any
 from ._result import Result
 from .errors import ModelError
 from .keymap import apply_transform, parse_transforms
-from .plan import LoadPlan, PlanError, Source, Step, as_source, plan as make_plan
+from .plan import LoadPlan, PlanError, Source, Step, as_source, format_share, plan as make_plan
 
 __all__ = ["load_", "build", "transfer", "LoadReport", "empty_init"]
 
@@ -46,7 +46,7 @@ class LoadReport(Result):
         for (t, how), n in counts.items():
             table.add_row(t + (f"  ×{n}" if n > 1 else ""), how)
         lines = [f"{self.loaded} loaded from the source, {self.filled} filled otherwise; "
-                 f"coverage {self.coverage:.0%} of target parameters"]
+                 f"coverage {format_share(self.coverage)} of target parameters"]
         lines += [f"unused {k}: {why}" for k, why in self.unused.items()]
         return Group(table, Text("\n".join(lines)))
 
@@ -58,8 +58,8 @@ def _fold_text(text: str) -> str:
 
 
 def _provenance(step: Step) -> str:
-    if step.how == "missing":
-        return step.fill or "current value"
+    if step.how in ("missing", "skipped"):
+        return (step.fill or "current value") + (f" (skipped: {step.note})" if step.how == "skipped" else "")
     if step.how == "tied":
         return step.note
     text = ", ".join(step.sources)
@@ -67,19 +67,7 @@ def _provenance(step: Step) -> str:
 
 
 def _check(p: LoadPlan, *, strict: bool, min_coverage: float) -> None:
-    problems = list(p.problems)
-    if strict:
-        problems += [f"missing: {s.target} {list(s.shape)} has no value in the source (pass init= rules "
-                     "for it, or strict=False to keep its current value)"
-                     for s in p.missing if (s.fill or "current value") == "current value"]
-        problems += [f"unexpected: source {u.key} {list(u.shape)}: {u.reason}"
-                     for u in p.unused if not u.expected]
-        problems += [f"ambiguous: {a}" for a in p.ambiguous]
-    if not p.loaded:
-        problems.append(f"nothing in {p.source} matches {p.target}: refusing a load that loads nothing")
-    elif p.coverage < min_coverage:
-        problems.append(f"only {p.coverage:.0%} of {p.target}'s parameters come from {p.source} "
-                        f"(min_coverage={min_coverage:.0%})")
+    problems = p.refusals(strict=strict, min_coverage=min_coverage)  # the plan's verdict says the same
     if problems:
         head = f"cannot load {p.source} into {p.target}; nothing was changed ({len(problems)} problem(s)):"
         raise PlanError("\n  - ".join([head, *problems[:50]]) + ("\n  ..." if len(problems) > 50 else ""),
@@ -131,7 +119,7 @@ def _fill_missing(model: Any, p: LoadPlan, *, seed: int | None, device: Any = No
     """Run the plan's ``init`` rules on the missing keys they fill."""
     initializers = getattr(p, "_initializers", {})
     by_rule: dict[int, tuple[Any, set[str]]] = {}
-    for s in p.missing:
+    for s in p.unsourced:
         if s.fill and s.fill.startswith("init: "):
             how = initializers.get(s.target, s.fill[len("init: "):])
             by_rule.setdefault(id(how), (how, set()))[1].add(s.target)
@@ -420,7 +408,7 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     slots = _registrations(model)
     # 1. what is missing or adapted: materialize empty, then initialize
     pending = [s for s in p.steps if s.kind == "parameter" and state[s.target].is_meta
-               and (s.how == "missing" or any(t.startswith("adapt:") for t in s.transforms))]
+               and (s.how in ("missing", "skipped") or any(t.startswith("adapt:") for t in s.transforms))]
     for old in {id(state[s.target]): state[s.target] for s in pending}.values():
         _materialize(slots, old, target)
     _initialize(model, p, pending, slots, seed=seed, device=target)
@@ -447,11 +435,13 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
 
 def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, list[tuple[Any, str]]],
                 *, seed: int | None, device: Any) -> None:
-    """``init`` rules where given; else each owning module's ``reset_parameters``.
+    """``init`` rules where given; else the model's own initialization.
 
-    A module with some parameters loaded and some missing is reset whole first (its loaded
-    parameters are put in place afterwards); a parameter whose module has no
-    ``reset_parameters`` is zeroed, and the plan says so.
+    A transformers model initializes a new key as ``from_pretrained`` does, with its own
+    ``_init_weights`` on the owning module; other models use each owning module's
+    ``reset_parameters``. A module with some parameters loaded and some missing is initialized
+    whole first (its loaded parameters are put in place afterwards); a parameter that neither
+    initializes is zeroed, and the plan says so.
     """
     import torch
 
@@ -459,13 +449,25 @@ def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, l
 
     _fill_missing(model, p, seed=seed, device=device)
     rest = {s.target: s for s in pending if not (s.fill or "").startswith("init: ")}
+    own_init = getattr(model, "_init_weights", None)
     for mod_name, mod in model.named_modules():
         own = {f"{mod_name}.{n}" if mod_name else n: t for n, t in mod.named_parameters(recurse=False)}
         mine = [n for n in own if n in rest]
         if not mine:
             continue
+        if callable(own_init):
+            with torch.no_grad():
+                for old in {id(t): t for t in own.values() if t.is_meta}.values():
+                    _materialize(slots, old, device)
+                for n in mine:  # uninitialized memory: NaN shows what _init_weights leaves unset
+                    model.get_parameter(n).fill_(float("nan"))
+                own_init(mod)
+            if all(not model.get_parameter(n).isnan().any() for n in mine):
+                continue
+            for n in mine:
+                rest[n].fill = "reset_parameters (the model's _init_weights does not cover it)"
         if hasattr(mod, "reset_parameters"):
-            for old in {id(t): t for t in own.values() if t.is_meta}.values():
+            for old in {id(t): t for t in mod.parameters(recurse=False) if t.is_meta}.values():
                 _materialize(slots, old, device)
             mod.reset_parameters()
             continue

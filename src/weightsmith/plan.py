@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, WeightsmithError
 from .keymap import Rule, align_prefixes, as_rules, expected_shape, natural_key, parse_transforms
 from .selectors import compile_selector
 
-__all__ = ["plan", "LoadPlan", "Step", "Unused", "Source", "as_source", "PlanError"]
+__all__ = ["plan", "LoadPlan", "Step", "Unused", "Source", "as_source", "PlanError", "format_share"]
 
 _POLICIES = ("error", "skip", "adapt")
 
@@ -42,18 +43,19 @@ class Step:
     kind: str                        # "parameter" or "buffer"
     shape: tuple[int, ...]
     dtype: str
-    how: str                         # exact | prefix | rule | structural | tied | missing
+    how: str                         # exact | prefix | rule | structural | tied | missing | skipped
     sources: tuple[str, ...] = ()
     transforms: tuple[str, ...] = ()  # rule transforms, "adapt:...", "cast a->b"
     index: int = 0                   # which piece of a one-to-many rule
     confidence: float = 1.0
-    fill: str | None = None          # for missing keys: "init: ...", "current value", "reset_parameters"
+    fill: str | None = None          # missing / skipped keys: "init: ...", "current value", "reset_parameters",
+                                     # "_init_weights" (a transformers model's own initialization)
     tied_to: str | None = None       # for tied keys: the key whose value they share
     note: str = ""
 
     @property
     def loaded(self) -> bool:
-        return self.how not in ("missing", "tied")
+        return self.how not in ("missing", "tied", "skipped")
 
 
 @dataclass
@@ -79,6 +81,7 @@ class LoadPlan(Result):
     unused: list[Unused] = field(default_factory=list)
     ambiguous: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def loaded(self) -> list[Step]:
@@ -86,29 +89,71 @@ class LoadPlan(Result):
 
     @property
     def missing(self) -> list[Step]:
+        """Target keys the source has no value for (skipped keys are not missing: they were asked for)."""
         return [s for s in self.steps if s.how == "missing"]
+
+    @property
+    def skipped(self) -> list[Step]:
+        """Target keys whose source value did not fit and that ``on_mismatch="skip"`` leaves out."""
+        return [s for s in self.steps if s.how == "skipped"]
+
+    @property
+    def unsourced(self) -> list[Step]:
+        """Target keys filled without the source: missing and skipped ones."""
+        return [s for s in self.steps if s.how in ("missing", "skipped")]
 
     @property
     def coverage(self) -> float:
         """Fraction of target parameter elements that come from the source."""
         total = sum(_numel(s.shape) for s in self.steps if s.kind == "parameter")
-        got = sum(_numel(s.shape) for s in self.steps if s.kind == "parameter" and s.how != "missing")
+        got = sum(_numel(s.shape) for s in self.steps
+                  if s.kind == "parameter" and s.how not in ("missing", "skipped"))
         return got / total if total else 1.0
 
-    def verdict(self) -> str:
-        """One line: whether `load_` will take this plan, strictly or not."""
-        if self.problems:
-            return f"cannot load: {len(self.problems)} problem(s)"
-        kept = [s for s in self.missing if (s.fill or "current value") == "current value"]
-        unexpected = [u for u in self.unused if not u.expected]
-        if kept or unexpected or self.ambiguous:
-            parts = [f"{len(kept)} target key(s) without a value" if kept else "",
-                     f"{len(unexpected)} unexplained source key(s)" if unexpected else "",
-                     f"{len(self.ambiguous)} ambiguous match(es)" if self.ambiguous else ""]
-            return ("a strict load refuses it (" + ", ".join(p for p in parts if p)
-                    + "); strict=False loads the rest and keeps current values")
-        filled = len(self.missing)
-        return "ready to load" + (f"; {filled} target key(s) filled without the source" if filled else "")
+    def judge(self, *, strict: bool = True, min_coverage: float = 0.5) -> LoadPlan:
+        """Render and serialize the verdict for these `load_` options (the defaults otherwise)."""
+        self._judged = {"strict": strict, "min_coverage": min_coverage}
+        return self
+
+    def refusals(self, *, strict: bool = True, min_coverage: float = 0.5) -> list[str]:
+        """Why `load_` (with these options) refuses this plan; empty when it loads it."""
+        problems = list(self.problems)
+        if strict:
+            unused = [u for u in self.unused if not u.expected]
+            for s in self.missing:
+                if (s.fill or "current value") != "current value":
+                    continue
+                near = difflib.get_close_matches(s.target, [u.key for u in unused], n=1, cutoff=0.5)
+                hint = ""
+                if near:
+                    u = next(u for u in unused if u.key == near[0])
+                    hint = f"; the closest unused source key is {u.key} {list(u.shape)}"
+                problems.append(f"missing: {s.target} {list(s.shape)} has no value in the source{hint} (pass "
+                                "init= rules for it, or strict=False to keep its current value)")
+            problems += [f"unexpected: source {u.key} {list(u.shape)}: {u.reason}" for u in unused]
+            problems += [f"ambiguous: {a}" for a in self.ambiguous]
+        if not self.loaded:
+            problems.append(f"nothing in {self.source} matches {self.target}: refusing a load that loads nothing")
+        elif self.coverage < min_coverage:
+            problems.append(f"only {format_share(self.coverage)} of {self.target}'s parameters come from "
+                            f"{self.source} (min_coverage={format_share(min_coverage)})")
+        return problems
+
+    def verdict(self, *, strict: bool = True, min_coverage: float = 0.5) -> str:
+        """One line: whether `load_` with these options takes this plan, and what it does."""
+        refused = self.refusals(strict=strict, min_coverage=min_coverage)
+        mode = "a strict load" if strict else "a load with strict=False"
+        if refused:
+            kinds: dict[str, int] = {}
+            for r in refused:
+                word = r.split(":", 1)[0] if r.split(":", 1)[0] in ("missing", "unexpected", "ambiguous") else "problem"
+                kinds[word] = kinds.get(word, 0) + 1
+            text = f"{mode} refuses it (" + ", ".join(f"{n} {k}" for k, n in kinds.items()) + "); nothing is changed"
+            if strict and not self.refusals(strict=False, min_coverage=min_coverage):
+                text += "; strict=False loads the rest and keeps current values"
+            return text
+        filled = len(self.unsourced)
+        return f"ready: {mode} takes it" + (f"; {filled} target key(s) filled without the source" if filled else "")
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -120,6 +165,8 @@ class LoadPlan(Result):
         d = super().to_dict()
         d["counts"] = self.counts()
         d["coverage"] = self.coverage
+        d["verdict"] = self.verdict(**getattr(self, "_judged", {}))
+        d["refusals"] = self.refusals(**getattr(self, "_judged", {}))
         return d
 
     def _rich_(self) -> Any:
@@ -136,7 +183,7 @@ class LoadPlan(Result):
         order: list[tuple[str, ...]] = []
         for s in self.steps:
             src = ", ".join(fold_name(k) for k in s.sources)
-            detail = ", ".join(s.transforms) if s.how != "missing" else (s.fill or "")
+            detail = ", ".join(s.transforms) if s.how not in ("missing", "skipped") else (s.fill or "")
             if s.note:
                 detail = f"{detail}; {s.note}" if detail else s.note
             if s.how == "structural":
@@ -150,13 +197,31 @@ class LoadPlan(Result):
             table.add_row(key[0] + (f"  ×{n}" if n > 1 else ""), *key[1:])
         lines = [f"prefix: {self.prefix}",
                  "matched: " + ", ".join(f"{k} {v}" for k, v in self.counts().items())
-                 + f"; coverage {self.coverage:.0%} of target parameters"]
+                 + f"; coverage {format_share(self.coverage)} of target parameters"]
         for u in self.unused:
             lines.append(f"unused source {u.key} {tuple(u.shape)}: {u.reason}")
         lines += [f"ambiguous: {a}" for a in self.ambiguous]
         lines += [f"problem: {p}" for p in self.problems]
-        lines.append(self.verdict())
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append(self.verdict(**getattr(self, "_judged", {})))
         return Group(table, Text("\n".join(lines)))
+
+
+def format_share(x: float) -> str:
+    """A fraction as a percentage that never reads 100% (or 0%) when it is not: 0.9999 -> "99.99%"."""
+    if x >= 1.0:
+        return "100%"
+    if x <= 0.0:
+        return "0%"
+    pct = x * 100
+    for digits in range(0, 10):  # the fewest digits that neither round up to 100 nor down to 0
+        if 0 < round(pct, digits) < 100:
+            if digits == 0:
+                return f"{round(pct)}%"
+            scale = 10 ** digits  # cut toward the middle: 99.996 reads 99.99, not 100.00
+            v = math.floor(pct * scale) / scale if pct > 50 else math.ceil(pct * scale) / scale
+            return f"{v:.{digits}f}%"
+    return f"{pct}%"
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -176,6 +241,8 @@ class Source:
     specs: dict[str, tuple[tuple[int, ...], str]]
     get: Callable[[str], Any]
     aliases: dict[str, str] = field(default_factory=dict)  # tied key -> key holding the data
+    ordered: bool = True  # whether ``specs`` is in module order (a safetensors file sorts its names)
+    shared: dict[str, str] = field(default_factory=dict)  # a state dict's tied keys -> first name (structural only)
 
 
 def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> Source:
@@ -193,7 +260,8 @@ def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> S
                                           f"({e.strerror or e}); open it again") from e
         fp = f"{Path(source.path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{source.root}"
         aliases = {k: g[0] for g in source.ties for k in g[1:]}
-        return Source(str(source.path), _digest(fp, specs), specs, source.tensor, aliases)
+        return Source(str(source.path), _digest(fp, specs), specs, source.tensor, aliases,
+                      ordered=_in_module_order(source, specs))
     if hasattr(source, "state_dict") and callable(source.state_dict):
         state = source.state_dict()
         name = f"<{type(source).__name__}>"
@@ -207,7 +275,43 @@ def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> S
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot read the {name}: {e}") from e
     specs = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in values.items()}
-    return Source(name, _digest(name, specs, ids=[id(v) for v in values.values()]), specs, state.__getitem__)
+    return Source(name, _digest(name, specs, ids=[id(v) for v in values.values()]), specs, state.__getitem__,
+                  shared=_shared(values))
+
+
+def _shared(values: Mapping[str, Any]) -> dict[str, str]:
+    """Tied keys of a state dict (one tensor under several names) -> the first name holding it."""
+    first: dict[tuple[Any, ...], str] = {}
+    out: dict[str, str] = {}
+    for k, v in values.items():
+        try:
+            if v.device.type == "meta" or v.numel() == 0:
+                continue
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        except (AttributeError, RuntimeError, TypeError):  # not a plain tensor: no ties to find
+            continue
+        if key in first:
+            out[k] = first[key]
+        else:
+            first[key] = k
+    return out
+
+
+def _in_module_order(ckpt: Any, specs: Mapping[str, tuple[tuple[int, ...], str]]) -> bool:
+    """Whether a checkpoint lists its tensors in module order.
+
+    A torch file keeps the order of the state dict it pickled; weightsmith's safetensors writer
+    keeps the order it was given. The safetensors library sorts by name (within each dtype), so a
+    file in that order, whoever wrote it, is taken as sorted, not as module order.
+    """
+    if ckpt.format in ("torch", "torch-legacy"):
+        return True
+    if ckpt.format != "safetensors" or "weightsmith.crc32" not in ckpt.metadata:
+        return False
+    by_dtype: dict[str, list[str]] = {}
+    for k, (_, dtype) in specs.items():
+        by_dtype.setdefault(dtype, []).append(k)
+    return any(keys != sorted(keys) for keys in by_dtype.values())
 
 
 def _digest(base: str, specs: Mapping[str, Any], ids: Sequence[int] = ()) -> str:
@@ -257,9 +361,9 @@ def _mapping_targets(target: Any) -> tuple[dict[str, Any], dict[str, str], set[s
     return state, {k: "parameter" for k in state}, set(), ties
 
 
-def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
+def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
          on_mismatch: str | Sequence[tuple[Any, str]] = "error", init: Any = None,
-         root: str | None = None, trust: bool = False) -> LoadPlan:
+         allow_unused_rules: bool = False, root: str | None = None, trust: bool = False) -> LoadPlan:
     """Plan how to load ``source`` into ``model``, without touching either.
 
     Args:
@@ -268,21 +372,25 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
             or a `Source`.
         rename: rename rules, applied after prefixes are aligned: `Rule` objects,
             ``(source, target[, transform])`` tuples, a ``{source: target}`` mapping, or a
-            ``.toml``/``.json`` rules file.
-        match: ``"auto"`` also pairs the remaining tensors structurally (shape, order, names),
-            reporting low-confidence or tied candidates as ambiguous; ``"exact"`` does not.
-        on_mismatch: what a shape mismatch does: ``"error"``, ``"skip"`` (the target is filled
-            without the source) or ``"adapt"`` (a named shape adapter); or a list of
-            ``(selector, policy)`` pairs, first match wins, unmatched keys use ``"error"``.
-        init: how missing target keys are filled: ``(selector, initializer)`` rules as for
-            `init_` (or ``"default"``); keys no rule covers keep their current value.
+            ``.toml``/``.json`` rules file. A rule that matches no source key is a problem.
+        match: ``"exact"`` (default) pairs by names: exact, wrapper prefixes, rules. ``"auto"``
+            then pairs the remaining modules structurally (`weightsmith.match`): module
+            signatures aligned in order, never across subtrees; what it cannot decide is
+            reported as ambiguous.
+        on_mismatch: what a shape mismatch does: ``"error"``, ``"skip"`` (the target keeps its
+            value or gets ``init``, and is listed as skipped) or ``"adapt"`` (a named shape
+            adapter); or a list of ``(selector, policy)`` pairs, first match wins, unmatched keys
+            use ``"error"``.
+        init: how missing (and skipped) target keys are filled: ``(selector, initializer)`` rules
+            as for `init_` (or ``"default"``); keys no rule covers keep their current value.
+        allow_unused_rules: a rename rule that matches nothing is a warning, not a problem.
         root, trust: passed to `weightsmith.open` when ``source`` is a path.
 
     Returns:
         a `LoadPlan`; its ``problems`` list says why it cannot be applied, if it cannot.
     """
     if match not in ("auto", "exact"):
-        raise WeightsmithError(f"match must be 'auto' or 'exact', got {match!r}")
+        raise WeightsmithError(f"match must be 'exact' (names only) or 'auto' (also structural), got {match!r}")
     src = source if isinstance(source, Source) else as_source(source, root=root, trust=trust)
     rules = as_rules(rename)
     policy = _policy(on_mismatch)
@@ -292,6 +400,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
     src_keys = [k for k in src.specs if k not in src.aliases]
     prefix = align_prefixes(src_keys, state)
     problems: list[str] = []
+    warnings: list[str] = []
     unused: dict[str, Unused] = {}
     claims: dict[str, Step] = {}
 
@@ -306,13 +415,15 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
     # 1. names: prefixes, then rules (first match wins), else the name itself
     mapped = {prefix(k): k for k in src_keys}
     grouped: set[str] = set()
+    hits: dict[int, int] = {}
     for m, k in mapped.items():
         if k in grouped:
             continue
-        for rule in rules:
+        for i, rule in enumerate(rules):
             hit = _apply_rule(rule, m, mapped)
             if hit is None:
                 continue
+            hits[i] = hits.get(i, 0) + 1
             for step in hit:
                 claim(step)
                 grouped.update(step.sources)
@@ -320,6 +431,11 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
         else:
             how = "exact" if m == k else "prefix"
             claim(Step(m, "", (), "", how, (k,)))
+    for i, rule in enumerate(rules):
+        if i not in hits:
+            text = _unused_rule(rule, i, list(mapped))
+            (warnings if allow_unused_rules else problems).append(
+                text + ("" if allow_unused_rules else "; remove it, or pass allow_unused_rules=True"))
 
     # 2. shapes, dtypes and policies
     steps: dict[str, Step] = {}
@@ -350,8 +466,11 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
                 continue
             if what == "skip":
                 for k in step.sources:
-                    unused[k] = Unused(k, src.specs[k][0], f"shape {list(got)} does not fit {t!r} "
-                                       f"{list(step.shape)} (skipped)")
+                    unused[k] = Unused(k, src.specs[k][0], f"skipped: shape {list(got)} does not fit {t!r} "
+                                       f"{list(step.shape)} (on_mismatch='skip')", expected=True)
+                step.how = "skipped"
+                step.note = f"source {', '.join(step.sources)} {list(got)} does not fit {list(step.shape)}"
+                steps[t] = step
                 continue
             adapter = find_adapter(t, got, step.shape)
             if adapter is None:
@@ -365,26 +484,14 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
             step.transforms = (*step.transforms, f"cast {sdtype}->{step.dtype}")
         steps[t] = step
 
-    # 3. structural matching of what is left
+    # 3. structural matching of what is left (match="auto")
     ambiguous: list[str] = []
-    used = {k for s in steps.values() for k in s.sources}
     if match == "auto":
-        left_src = [k for k in src_keys if k not in used and k not in failed
-                    and (k not in unused or unused[k].reason.startswith("no target"))]
-        tied_names = {n for g in tie_groups for n in g[1:]}
-        left_tgt = [t for t in state if t not in steps and t not in tied_names
-                    and not any(t in g and any(m in steps for m in g) for g in tie_groups)]
-        for t, k, conf, why in _structural(left_src, left_tgt, src.specs, tshape, tdtype, ambiguous):
-            step = Step(t, kinds[t], tshape[t], tdtype[t], "structural", (k,), confidence=conf, note=why)
-            if src.specs[k][1] != tdtype[t]:
-                step.transforms = (f"cast {src.specs[k][1]}->{tdtype[t]}",)
-            steps[t] = step
-            unused.pop(k, None)
-            used.add(k)
+        _structural(model, src, state, steps, unused, failed, tie_groups, kinds, tshape, tdtype, ambiguous)
 
     # 4. ties, missing keys and unused sources
     for group in tie_groups:
-        loaded = [n for n in group if n in steps]
+        loaded = [n for n in group if n in steps and steps[n].loaded]
         for n in group:
             if n not in steps and loaded:
                 steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
@@ -397,21 +504,30 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
                 steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
                                 note=f"tied to {loaded[0]}")
     fill = _fill(model, init)
+    own_init = "_init_weights" if callable(getattr(model, "_init_weights", None)) else "reset_parameters"
     ordered = []
     initializers: dict[str, Any] = {}
     for t in state:
         step = steps.get(t)
         if step is None and t in failed_targets:
             step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill="not loaded: see problems")
-        if step is None:
+        if step is None or step.how == "skipped":
             how, initializers[t] = fill(t)
             if how == "current value" and state[t].is_meta and kinds[t] == "parameter":
-                how = "reset_parameters"  # what build() does for a module constructed on meta
-            step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill=how)
+                how = own_init  # what build() does for a module constructed on meta
+            if step is None:
+                step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill=how)
+            else:
+                step.fill = how
         ordered.append(step)
-    used = {k for s in ordered for k in s.sources}
+    used = {k for s in ordered if s.loaded for k in s.sources}
     for k in src_keys:
         if k in used or k in unused or k in failed:
+            continue
+        twin = next((n for n in sorted(_tied_names(k, src.shared)) if n in used), None)
+        if twin is not None:
+            unused[k] = Unused(k, src.specs[k][0], f"the same tensor as {twin!r} in the source, which is loaded",
+                               expected=True)
             continue
         unused[k] = _no_target(k, prefix(k), src.specs[k][0], non_persistent)
     for k, base in src.aliases.items():
@@ -421,10 +537,64 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
         target=type(model).__name__ if hasattr(model, "named_modules") else str(getattr(model, "path", "<state dict>")),
         prefix=prefix.describe(), steps=ordered,
         unused=sorted(unused.values(), key=lambda u: natural_key(u.key)),
-        ambiguous=ambiguous, problems=problems)
+        ambiguous=ambiguous, problems=problems, warnings=warnings)
     # the initializers themselves (callables have only a name in the plan's text)
     made._initializers = {t: how for t, how in initializers.items() if how is not None}
     return made
+
+
+def _structural(model: Any, src: Source, state: Mapping[str, Any], steps: dict[str, Step],
+                unused: dict[str, Unused], failed: set[str], tie_groups: list[list[str]],
+                kinds: Mapping[str, str], tshape: Mapping[str, tuple[int, ...]], tdtype: Mapping[str, str],
+                ambiguous: list[str]) -> None:
+    """Pair what names left unpaired by module structure (`match_modules`), in place."""
+    from .match import match_modules
+
+    used = {k for s in steps.values() for k in s.sources}
+    # one tensor under several names (T5's shared embedding, also its encoder's) pairs once, under
+    # its deepest name: that one says where in the tree it is used
+    rep: dict[str, str] = {}
+    for k, base in src.shared.items():
+        best = rep.get(base, base)
+        rep[base] = k if k.count(".") > best.count(".") else best
+    hidden = {k for k, base in src.shared.items() if rep[base] != k} | {b for b, k in rep.items() if k != b}
+    left_src = [k for k in src.specs if k not in src.aliases and k not in used and k not in failed
+                and k not in hidden and not any(n in used for n in _tied_names(k, src.shared))
+                and (k not in unused or unused[k].reason.startswith("no target"))]
+    tied_names = {n for g in tie_groups for n in g[1:]}
+    left_tgt = [t for t in state if t not in steps and t not in tied_names
+                and not any(t in g and any(m in steps for m in g) for g in tie_groups)]
+    anchors = {k: s.target for s in steps.values() if s.loaded for k in s.sources}
+    linear: set[str] = set()
+    if hasattr(model, "named_modules"):
+        from torch import nn
+
+        linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    found = match_modules({k: src.specs[k] for k in left_src}, {t: (tshape[t], tdtype[t]) for t in left_tgt},
+                          anchors=anchors, source_ordered=src.ordered, linear=linear)
+    for pair in found.pairs:
+        t, k = pair.target, pair.source
+        transforms = (str(pair.transform),) if pair.transform is not None else ()
+        if src.specs[k][1] != tdtype[t]:
+            transforms += (f"cast {src.specs[k][1]}->{tdtype[t]}",)
+        steps[t] = Step(t, kinds[t], tshape[t], tdtype[t], "structural", (k,), transforms,
+                        confidence=pair.confidence, note=pair.reason)
+        unused.pop(k, None)
+    ambiguous += [str(a) for a in found.ambiguous]
+
+
+def _tied_names(key: str, shared: Mapping[str, str]) -> set[str]:
+    base = shared.get(key, key)
+    return ({k for k, b in shared.items() if b == base} | {base}) - {key}
+
+
+def _unused_rule(rule: Rule, index: int, names: Sequence[str]) -> str:
+    """Text for a rename rule that matched no source key, with the closest source modules."""
+    modules = sorted({n.rpartition(".")[0] for n in names} | set(names))
+    pattern = rule.sources[0].removeprefix("re:")
+    near = difflib.get_close_matches(pattern, modules, n=3, cutoff=0.4)
+    return (f"rename rule {index + 1} ({rule}) matches no source key"
+            + (f"; closest source names: {', '.join(near)}" if near else ""))
 
 
 def _no_target(key: str, name: str, shape: tuple[int, ...], non_persistent: set[str]) -> Unused:
@@ -492,57 +662,3 @@ def _owners(model: Any) -> dict[str, Any]:
         for n, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             out[f"{mod_name}.{n}" if mod_name else n] = mod
     return out
-
-
-def _leaf(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
-def _parent(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
-def _kind(dtype: str) -> str:
-    return "float" if dtype.startswith(("float", "bfloat", "complex")) else dtype
-
-
-def _structural(src: list[str], tgt: list[str], specs: Mapping[str, tuple[tuple[int, ...], str]],
-                tshape: Mapping[str, tuple[int, ...]], tdtype: Mapping[str, str],
-                ambiguous: list[str]) -> list[tuple[str, str, float, str]]:
-    """Pair leftover tensors by (leaf name, shape, dtype kind); equal counts pair in structural order."""
-    by_sig_src: dict[tuple[Any, ...], list[str]] = {}
-    by_sig_tgt: dict[tuple[Any, ...], list[str]] = {}
-    for k in sorted(src, key=natural_key):
-        by_sig_src.setdefault((_leaf(k), specs[k][0], _kind(specs[k][1])), []).append(k)
-    for t in tgt:  # model order
-        by_sig_tgt.setdefault((_leaf(t), tshape[t], _kind(tdtype[t])), []).append(t)
-    pairs: list[tuple[str, str, float, str]] = []
-    for sig, ts in by_sig_tgt.items():
-        ss = by_sig_src.get(sig, [])
-        if not ss:
-            continue
-        if len(ss) != len(ts):
-            ambiguous.append(f"{len(ss)} source and {len(ts)} target tensors named *.{sig[0]} of shape "
-                             f"{list(sig[1])}: not guessed ({', '.join(ss[:3])} / {', '.join(ts[:3])})")
-            continue
-        for k, t in zip(ss, ts):
-            sim = difflib.SequenceMatcher(None, _parent(k), _parent(t)).ratio()
-            if len(ss) == 1:
-                conf, why = 0.8 + 0.2 * sim, f"the only *.{sig[0]} of shape {list(sig[1])} left on both sides"
-            else:
-                conf, why = 0.6 + 0.3 * sim, f"{len(ss)} *.{sig[0]} of shape {list(sig[1])}, paired in order"
-            pairs.append((t, k, round(conf, 2), why))
-    # a source module must map to one target module: drop pairings that split one
-    parent_map: dict[str, set[str]] = {}
-    for t, k, _, _ in pairs:
-        parent_map.setdefault(_parent(k), set()).add(_parent(t))
-    split = {p for p, ts in parent_map.items() if len(ts) > 1}
-    kept = []
-    for t, k, conf, why in pairs:
-        if _parent(k) in split:
-            ambiguous.append(f"{k} -> {t}: its module's tensors would go to different target modules; not guessed")
-        elif conf < 0.6:
-            ambiguous.append(f"{k} -> {t}: confidence {conf:.2f} too low; not guessed")
-        else:
-            kept.append((t, k, conf, why))
-    return kept

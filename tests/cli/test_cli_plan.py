@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import weightsmith
+import weightsmith.examples
 from weightsmith.cli import cli
 from weightsmith.examples import model_a
 
@@ -41,15 +42,64 @@ def test_inspect_a_factory_shows_trainable_columns_without_allocating(factory_mo
 
 def test_plan_prints_matches_and_exits_1_on_problems(factory_module, source, tmp_path):
     _, path = source
-    ok = CliRunner().invoke(cli, ["plan", str(path), "--into", FACTORY, "--on-mismatch", "skip"])
-    assert ok.exit_code == 0, ok.output
-    assert "strip 'module.'" in ok.output
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rename]]\nsource = "head"\ntarget = "classifier"\n')
+    ok = CliRunner().invoke(cli, ["plan", str(path), "--into", FACTORY, "--match", "auto", "--rules", str(rules),
+                                  "--on-mismatch", "skip"])
+    assert ok.exit_code == 0, ok.output
+    assert "strip 'module.'" in ok.output and "ready: a strict load takes it" in ok.output
     bad = CliRunner().invoke(cli, ["plan", str(path), "--into", FACTORY, "--rules", str(rules), "--json"])
     assert bad.exit_code == 1
     problems = json.loads(bad.output)["problems"]
     assert any("classifier.weight" in p and "[3, 8]" in p and "[5, 8]" in p for p in problems)
+
+
+@pytest.mark.parametrize("extra", [[], ["--match", "auto"], ["--no-strict"], ["--match", "auto", "--no-strict"],
+                                   ["--on-mismatch", "skip", "--match", "auto"]])
+def test_plan_exits_0_exactly_when_load_would_run_and_says_the_same(factory_module, source, extra):
+    _, path = source
+    result = CliRunner().invoke(cli, ["plan", str(path), "--into", FACTORY, "--json", *extra])
+    data = json.loads(result.output)
+    options = {"match": "auto" if "auto" in extra else "exact",
+               "on_mismatch": "skip" if "skip" in extra else "error"}
+    strict = "--no-strict" not in extra
+    try:
+        weightsmith.build(weightsmith.examples.model_b, path, strict=strict, **options)
+        loads = True
+    except weightsmith.PlanError:
+        loads = False
+    assert result.exit_code == (0 if loads else 1), result.output
+    assert data["verdict"].startswith("ready" if loads else ("a strict load refuses" if strict
+                                                             else "a load with strict=False refuses"))
+    assert (data["refusals"] == []) == loads
+
+
+def test_plan_of_a_factory_that_raises_is_one_line_and_exit_2(tmp_path, source, monkeypatch):
+    _, path = source
+    (tmp_path / "ws_cli_broken.py").write_text("def model(config):\n    return config\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(cli, ["plan", str(path), "--into", "ws_cli_broken:model"])
+    finally:
+        sys.modules.pop("ws_cli_broken", None)
+    assert result.exit_code == 2
+    assert "ws_cli_broken:model failed to build the model: TypeError" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_rename_rule_that_matches_nothing_is_an_error_or_with_a_flag_a_warning(factory_module, source, tmp_path):
+    _, path = source
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rename]]\nsource = "conv1"\ntarget = "backbone_conv"\n'
+                     '[[rename]]\nsource = "heads"\ntarget = "classifier"\n')
+    args = ["plan", str(path), "--into", FACTORY, "--rules", str(rules), "--no-strict"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1
+    assert "rename rule 2 (heads -> classifier) matches no source key; closest source names: head" in refused.output
+    warned = CliRunner().invoke(cli, [*args, "--allow-unused-rules"])
+    assert warned.exit_code == 0, warned.output
+    assert "warning: rename rule 2 (heads -> classifier) matches no source key" in warned.output
 
 
 def test_warmstart_writes_a_checkpoint_for_the_target_and_refuses_to_overwrite(factory_module, source, tmp_path):
@@ -76,7 +126,7 @@ def test_warmstart_into_a_checkpoint_keeps_its_own_values_where_the_source_has_n
     weightsmith.save({"fc.weight": torch.zeros(8, 8), "extra": torch.full((2,), 7.0)}, target)
     out = tmp_path / "out.safetensors"
     result = CliRunner().invoke(cli, ["warmstart", str(path), "--into", str(target), "-o", str(out),
-                                      "--exact"], catch_exceptions=False)
+                                      "--match", "exact"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     got = weightsmith.open(out).load()
     assert torch.equal(got["fc.weight"], a.fc.weight)
