@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import weightsmith
 import weightsmith.examples
-from weightsmith.cli import cli
+from weightsmith.cli import cli, main
 from weightsmith.examples import model_a
 
 FACTORY = "ws_cli_models:model_b"
@@ -74,18 +74,21 @@ def test_plan_exits_0_exactly_when_load_would_run_and_says_the_same(factory_modu
     assert (data["refusals"] == []) == loads
 
 
-def test_plan_of_a_factory_that_raises_is_one_line_and_exit_2(tmp_path, source, monkeypatch):
+def test_plan_of_a_factory_that_raises_is_one_line_and_exit_2(tmp_path, source, monkeypatch, capsys):
     _, path = source
     (tmp_path / "ws_cli_broken.py").write_text("def model(config):\n    return config\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     try:
-        result = CliRunner().invoke(cli, ["plan", str(path), "--into", "ws_cli_broken:model"])
+        with pytest.raises(SystemExit) as exited:
+            main(["plan", str(path), "--into", "ws_cli_broken:model"])
     finally:
         sys.modules.pop("ws_cli_broken", None)
-    assert result.exit_code == 2
-    assert "ws_cli_broken:model failed to build the model: TypeError" in result.output
-    assert "Traceback" not in result.output
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert exited.value.code == 2
+    assert "building the target 'ws_cli_broken:model' failed: TypeError" in text
+    assert "Traceback" not in text
 
 
 def test_a_rename_rule_that_matches_nothing_is_an_error_or_with_a_flag_a_warning(factory_module, source, tmp_path):

@@ -51,8 +51,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script and of ``python -m weightsmith``: returns the exit code
-    (0 fine, 1 findings, 2 error); weightsmith errors print one line (``--debug``: the traceback)."""
+    """Entry point of the console script and of ``python -m weightsmith``: returns 0, or exits with
+    1 (findings) or 2 (error); weightsmith errors print one line (``--debug``: the traceback)."""
     from ..errors import WeightsmithError
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
