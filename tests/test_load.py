@@ -426,7 +426,7 @@ FAILURES = {
     "plan= with plan options": (_plan_and_options, PlanError, "not both"),
     "an unknown init rule": (_failing_init_rule, ModelError, "no_such_initializer"),
     "a second init rule that cannot be used": (_second_init_rule_unusable, ModelError, "gain"),
-    "a callable initializer that raises": (_raising_callable_init, RuntimeError, "initializer exploded"),
+    "a callable initializer that raises": (_raising_callable_init, ModelError, "initializer exploded"),
 }
 
 
@@ -487,8 +487,9 @@ def test_a_module_that_fails_to_load_midway_leaves_the_model_as_it_was(tmp_path)
     model.extra = shared  # a tie, under another name
     snap = snapshot(model)
 
-    with pytest.raises(RuntimeError, match="cannot load 2.bias"):
+    with pytest.raises(ModelError, match="cannot load 2.bias.*put back") as info:
         ws.load_(model, path, strict=False)
+    assert isinstance(info.value.__cause__, RuntimeError)  # the module's own error, chained
 
     assert torch.equal(model[2].seen, torch.full((8,), 3.0))  # the buffer had been written ...
     assert_untouched(model, snap)  # ... and was put back

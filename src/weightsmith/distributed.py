@@ -43,7 +43,7 @@ from torch.futures import Future as TorchFuture
 
 from .errors import CheckpointError, SaveError, UsageError, WeightsmithError
 from .io.dcp import Chunk, DcpReader, copy_chunk, map_chunk, read_object
-from .assign import _uninterrupted
+from .assign import _uninterrupted, _write_mode
 from .load import LoadReport, _checked, _fill_missing, _report, _value
 from .plan import LoadPlan, PlanError, Source
 from .save import SaveReport
@@ -629,11 +629,13 @@ class _Work:
 
     def commit(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Write every staged value and every deferred read into the model; every rank agreed."""
-        for name, value in staged.items():
-            target = self.state[name]
-            (target.to_local() if _is_dtensor(target) else target).copy_(value)
-        for target, region in self.writes:
-            target.copy_(region)
+        targets = [self.state[name] for name in staged] + [target for target, _ in self.writes]
+        with _write_mode(targets):  # inference tensors take writes only under inference_mode
+            for name, value in staged.items():
+                target = self.state[name]
+                (target.to_local() if _is_dtensor(target) else target).copy_(value)
+            for target, region in self.writes:
+                target.copy_(region)
 
     def close(self) -> None:
         """Unmap the regions read for this load."""

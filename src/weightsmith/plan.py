@@ -383,6 +383,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
             used.add(k)
 
     # 4. ties, missing keys and unused sources
+    shadowed: dict[str, Step] = {}  # a tied key the source also gave a value: load_ compares the two
     for group in tie_groups:
         loaded = [n for n in group if n in steps]
         for n in group:
@@ -390,7 +391,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
                 steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
                                 note=f"tied to {loaded[0]}")
             elif n in steps and loaded and n != loaded[0]:
-                s = steps.pop(n)
+                s = shadowed[n] = steps.pop(n)
                 for k in s.sources:
                     unused[k] = Unused(k, src.specs[k][0], f"{n!r} is tied to {loaded[0]!r}, loaded from "
                                        f"{', '.join(steps[loaded[0]].sources)}", expected=True)
@@ -424,6 +425,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "auto",
         ambiguous=ambiguous, problems=problems)
     # the initializers themselves (callables have only a name in the plan's text)
     made._initializers = {t: how for t, how in initializers.items() if how is not None}
+    made._shadowed = shadowed
     return made
 
 

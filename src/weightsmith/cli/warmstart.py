@@ -17,10 +17,12 @@ from ._common import abort, emit
 @click.option("--exact", is_flag=True, help="No structural matching: names only.")
 @click.option("--on-mismatch", type=click.Choice(["error", "skip", "adapt"]), default="error", show_default=True)
 @click.option("--strict", is_flag=True, help="Every target key from the source, every source key used.")
+@click.option("--tied", default="error", show_default=True,
+              help="Tied target keys given different values: error, first, or the key whose value wins.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema weightsmith.load/1).")
 def command(source: str, target: str, out: Path, rules: str | None, exact: bool, on_mismatch: str,
-            strict: bool, force: bool, as_json: bool) -> None:
+            strict: bool, tied: str, force: bool, as_json: bool) -> None:
     """Warm-start TARGET from SOURCE and write the result to OUT (plus OUT.report.json)."""
     from ..load import build, transfer
     from ..save import save
@@ -29,7 +31,7 @@ def command(source: str, target: str, out: Path, rules: str | None, exact: bool,
     if out.exists() and not force:
         abort(f"{out} exists; pass --force to overwrite it")
     options = {"rename": rules or (), "match": "exact" if exact else "auto", "on_mismatch": on_mismatch,
-               "strict": strict}
+               "strict": strict, "tied": tied}
     if is_factory(target):
         model, report = build(load_factory(target), source, **options)
         state = model.state_dict()
