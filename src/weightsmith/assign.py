@@ -469,9 +469,10 @@ def _elements_overlap(tensor: torch.Tensor) -> bool:
         reach += s * (n - 1)
     else:
         return False
-    if tensor.numel() > _EXACT_OVERLAP_LIMIT or reach >= 4 * _EXACT_OVERLAP_LIMIT:
+    extent = sum(s * (n - 1) for s, n in dims)
+    if tensor.numel() > _EXACT_OVERLAP_LIMIT or extent >= 4 * _EXACT_OVERLAP_LIMIT:
         return True
-    offsets = torch.arange(reach + 1).as_strided(tensor.shape, tensor.stride())
+    offsets = torch.arange(extent + 1).as_strided(tensor.shape, tensor.stride())
     return bool(offsets.unique().numel() < tensor.numel())
 
 
