@@ -165,8 +165,8 @@ def _settle_ties(p: LoadPlan, src: Source, state: Mapping[str, Any], *, tied: st
         for m, d in differ:
             problems.append(f"{kept!r} (from {', '.join(members[0].sources)}) and {m.target!r} (from "
                             f"{', '.join(m.sources)}) are one tensor in {p.target}, but {p.source} gives them "
-                            f"different values (max |a-b| = {d}); pass tied='first' to take {kept!r}'s value, "
-                            f"or tied={m.target!r} to take the other")
+                            f"different values (max |a-b| = {d}); pass tied='first' to take the value of {kept!r}, "
+                            f"or tied={m.target!r} for the other")
     if problems:
         head = f"cannot load {p.source} into {p.target}; nothing was changed ({len(problems)} tie(s) given two values):"
         raise PlanError("\n  - ".join([head, *problems]), problems=problems)
