@@ -798,7 +798,8 @@ def test_tied_picks_which_value_a_tie_takes(tmp_path, tied, delta):
     assert model.emb.weight is weight and model.head.weight is weight  # same object, still tied
     assert torch.equal(weight.detach(), emb + delta)
     if delta:
-        assert report.provenance["emb.weight"] == "head.weight (chosen by tied=)"
+        assert report.provenance["emb.weight"] == "head.weight"
+        assert "took the value of head.weight" in report.unused["emb.weight"]
 
 
 def test_tied_must_be_a_key_or_keys():
@@ -818,3 +819,15 @@ def test_build_and_transfer_refuse_a_tie_given_two_values_too(tmp_path):
         ws.transfer(path, target)
     out, _ = ws.transfer(path, target, tied="first")
     assert torch.equal(out["emb.weight"], emb) and out["head.weight"] is out["emb.weight"]
+
+
+def test_a_dcp_folder_giving_a_tie_two_values_is_refused_and_tied_picks(tmp_path):
+    emb = torch.arange(12.0).reshape(4, 3)
+    ws.save({"emb.weight": emb, "head.weight": emb - 1}, tmp_path / "ckpt", format="dcp")
+    model = TiedLM()
+    snap = snapshot(model)
+    with pytest.raises(PlanError, match="max \\|a-b\\| = 1"):
+        ws.load_(model, tmp_path / "ckpt")
+    assert_untouched(model, snap)
+    ws.load_(model, tmp_path / "ckpt", tied="head.weight")
+    assert torch.equal(model.emb.weight.detach(), emb - 1) and model.head.weight is model.emb.weight

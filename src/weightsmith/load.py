@@ -127,23 +127,20 @@ def _stage(p: LoadPlan, src: Source, state: Mapping[str, Any]) -> dict[str, Any]
     return staged
 
 
-def _settle_ties(p: LoadPlan, src: Source, state: Mapping[str, Any], *, tied: str | Sequence[str],
-                 staged: Mapping[str, Any] | None = None) -> dict[str, Step]:
-    """Check the tied targets the source gives a value more than once; return which value wins.
+def _settle_ties(p: LoadPlan, src: Source, state: Mapping[str, Any], *, tied: str | Sequence[str]) -> LoadPlan:
+    """Check the tied targets the source gives a value more than once; the plan with the winners.
 
     A tie is one tensor under several names: when the source has a value for more than one of
     them, the plan loads the first name's and drops the rest. Equal values (after the cast to
-    the target's dtype) load as they are. Different values are refused, naming both keys and
+    the target's dtype) load as planned. Different values are refused, naming both keys and
     the largest difference, unless ``tied`` is ``"first"`` (the first name in the model's
-    order wins) or names the key (target or source) whose value wins.
-
-    Returns:
-        for each tied target whose value comes from another key than planned, that key's step.
+    order wins) or names the key (target or source) whose value wins; the plan returned then
+    takes that key's value. Values are read for the comparison only where such keys exist.
     """
     shadowed: dict[str, Step] = getattr(p, "_shadowed", {})
     picks = _tie_picks(tied)
     if not shadowed:
-        return {}
+        return p
     steps = {s.target: s for s in p.steps}
     groups: dict[str, list[Step]] = {}
     for name, shadow in shadowed.items():
@@ -153,7 +150,7 @@ def _settle_ties(p: LoadPlan, src: Source, state: Mapping[str, Any], *, tied: st
     problems: list[str] = []
     for kept, members in groups.items():
         current = state[kept]
-        first = staged[kept] if staged is not None and kept in staged else _read(members[0], src, current)
+        first = _read(members[0], src, current)
         differ = [(m, d) for m in members[1:] if (d := _difference(first, _read(m, src, current), current.dtype))]
         if not differ or "first" in picks:
             continue
@@ -170,7 +167,30 @@ def _settle_ties(p: LoadPlan, src: Source, state: Mapping[str, Any], *, tied: st
     if problems:
         head = f"cannot load {p.source} into {p.target}; nothing was changed ({len(problems)} tie(s) given two values):"
         raise PlanError("\n  - ".join([head, *problems]), problems=problems)
-    return overrides
+    return _choose(p, src, overrides) if overrides else p
+
+
+def _choose(p: LoadPlan, src: Source, overrides: Mapping[str, Step]) -> LoadPlan:
+    """A copy of ``p`` where each overridden target takes its value the way the given step does."""
+    import dataclasses
+
+    from .plan import Unused
+
+    steps, unused = [], list(p.unused)
+    for s in p.steps:
+        pick = overrides.get(s.target)
+        if pick is None:
+            steps.append(s)
+            continue
+        steps.append(dataclasses.replace(pick, target=s.target, kind=s.kind, shape=s.shape, dtype=s.dtype,
+                                         note=f"chosen by tied= over {', '.join(s.sources)}"))
+        unused = [u for u in unused if u.key not in pick.sources]
+        unused += [Unused(k, src.specs[k][0], f"{s.target!r} took the value of {', '.join(pick.sources)} (tied=)",
+                          expected=True) for k in s.sources]
+    chosen = dataclasses.replace(p, steps=steps, unused=unused)
+    chosen._initializers = getattr(p, "_initializers", {})
+    chosen._shadowed = {}  # settled
+    return chosen
 
 
 def _tie_picks(tied: Any) -> set[str]:
@@ -289,21 +309,16 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
         from .distributed import load_sharded_
 
         return load_sharded_(model, source, plan=plan, strict=strict, min_coverage=min_coverage, seed=seed,
-                             **plan_options)
+                             tied=tied, **plan_options)
     from .checkpoint import Checkpoint
 
-    _tie_picks(tied)
     source, p, src, state = _checked(model, source, plan, dict(plan_options), strict=strict,
-                                     min_coverage=min_coverage,
+                                     min_coverage=min_coverage, tied=tied,
                                      on_meta="use weightsmith.build() to construct and load in one step")
     opened = isinstance(source, Checkpoint)
-    if (opened and source.format == "dcp" and not getattr(p, "_shadowed", None)
-            and not _writing_may_fail(model, None, state, p)):
+    if opened and source.format == "dcp" and not _writing_may_fail(model, None, state, p):
         return _load_dcp_in_place(model, p, src, source, seed=seed)
     staged = _stage(p, src, state)
-    chosen = _settle_ties(p, src, state, tied=tied, staged=staged)
-    for key, step in chosen.items():
-        staged[key] = _read(step, src, state[key])
     if opened:  # a file: its tensors are mapped
         from .io._base import read_in
 
@@ -334,7 +349,7 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
             raise ModelError(f"loading {p.source} into {p.target} failed while writing "
                              f"({type(e).__name__}: {e}); {kept}") from e
         raise
-    return _report(p, chosen)
+    return _report(p)
 
 
 def _load_dcp_in_place(model: Any, p: LoadPlan, src: Source, source: Any, *, seed: int | None) -> LoadReport:
@@ -392,12 +407,16 @@ def _writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mappi
 
 
 def _checked(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, Any], *, strict: bool,
-             min_coverage: float, on_meta: str) -> tuple[Any, LoadPlan, Source, dict[str, Any]]:
+             min_coverage: float, on_meta: str,
+             tied: str | Sequence[str] = "error") -> tuple[Any, LoadPlan, Source, dict[str, Any]]:
     """The source (a path opened, with ``root`` and ``trust`` from ``options``), the plan for
     loading it into ``model``, checked, and the model's state.
 
-    Refuses targets on the meta device (``on_meta`` says what to do instead).
+    Refuses targets on the meta device (``on_meta`` says what to do instead), targets that
+    cannot be written in place, and tied targets given two values (unless ``tied`` picks one:
+    the plan returned then takes it).
     """
+    _tie_picks(tied)
     if isinstance(source, (str, PurePath)):
         from .checkpoint import open as open_checkpoint
 
@@ -415,7 +434,7 @@ def _checked(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, 
         raise AssignError("\n  - ".join([f"cannot load {p.source} into {p.target}; nothing was changed: "
                                          f"{len(bad)} target tensor(s) cannot be written in place:", *bad]),
                           problems=tuple(bad))
-    return source, p, src, state
+    return source, _settle_ties(p, src, state, tied=tied), src, state
 
 
 def _touched(p: LoadPlan) -> list[str]:
@@ -423,13 +442,11 @@ def _touched(p: LoadPlan) -> list[str]:
     return [s.target for s in p.steps if s.loaded or (s.fill or "").startswith("init: ")]
 
 
-def _report(p: LoadPlan, chosen: Mapping[str, Step] | None = None) -> LoadReport:
-    provenance = {s.target: _provenance(s) for s in p.steps}
-    for key, step in (chosen or {}).items():
-        provenance[key] = f"{_provenance(step)} (chosen by tied=)"
+def _report(p: LoadPlan) -> LoadReport:
     return LoadReport(source=p.source, target=p.target, loaded=len(p.loaded),
                       filled=len(p.steps) - len(p.loaded), coverage=p.coverage,
-                      provenance=provenance, unused={u.key: u.reason for u in p.unused})
+                      provenance={s.target: _provenance(s) for s in p.steps},
+                      unused={u.key: u.reason for u in p.unused})
 
 
 def transfer(source: Any, target: Any, *, strict: bool = False, min_coverage: float = 0.5,
@@ -456,16 +473,13 @@ def transfer(source: Any, target: Any, *, strict: bool = False, min_coverage: fl
     _check(p, strict=strict, min_coverage=min_coverage)
     current = tgt.load() if isinstance(tgt, Checkpoint) else dict(tgt)
     out = dict(current)
-    staged = _stage(p, src, current)
-    chosen = _settle_ties(p, src, current, tied=tied, staged=staged)
-    for key, step in chosen.items():
-        staged[key] = _read(step, src, current[key])
-    for key, value in staged.items():
+    p = _settle_ties(p, src, current, tied=tied)
+    for key, value in _stage(p, src, current).items():
         out[key] = value.to(dtype=current[key].dtype)
     for step in p.steps:
         if step.tied_to is not None:
             out[step.target] = out[step.tied_to]
-    return out, _report(p, chosen)
+    return out, _report(p)
 
 
 # -- build -------------------------------------------------------------------------------------
@@ -562,13 +576,13 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
         _materialize(slots, old, target)
     _initialize(model, p, pending, slots, seed=seed, device=target)
     state = model.state_dict(keep_vars=True)
-    chosen = _settle_ties(p, src, state, tied=tied)
+    p = _settle_ties(p, src, state, tied=tied)
     # 2. what the checkpoint has: put in place, mapped from the file where possible
     with torch.no_grad():
-        values = {step.target: _value(chosen.get(step.target, step), src, state[step.target])
+        values = {step.target: _value(step, src, state[step.target])
                   .to(device=target, dtype=state[step.target].dtype) for step in p.loaded}
         _apart(values, None if isinstance(source, (str, PurePath, Checkpoint))
-               else [src.get(k) for step in p.loaded for k in chosen.get(step.target, step).sources])
+               else [src.get(k) for step in p.loaded for k in step.sources])
         for step in p.loaded:
             value = values[step.target]
             old = state[step.target]
@@ -583,7 +597,7 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if left:
         raise ModelError(f"{len(left)} tensor(s) were neither loaded nor initialized, e.g. {left[0]!r}")
-    return model, _report(p, chosen)
+    return model, _report(p)
 
 
 def _apart(values: dict[str, Any], caller: list[Any] | None) -> None:

@@ -325,3 +325,17 @@ def test_an_inference_tensor_target_is_written_under_inference_mode(tmp_path: Pa
     assert model.odd.is_inference() and not model.a.is_inference() and model.a.requires_grad
     (model.a.sum() + model.b.sum()).backward()  # the Parameters still train
     assert torch.equal(model.a.grad, torch.ones(3))
+
+
+def test_a_dcp_folder_loads_into_an_inference_buffer_and_refuses_an_expanded_target(tmp_path: Path) -> None:
+    # a DCP folder is written into the model's own tensors chunk by chunk (no staged copy)
+    source = _source_for(_Odd("inference buffer"))
+    weightsmith.save(source, tmp_path / "ckpt", format="dcp")
+    model = _Odd("inference buffer")
+    weightsmith.load_(model, tmp_path / "ckpt")
+    assert all(torch.equal(v, torch.full(v.shape, 7.0)) for v in model.state_dict().values())
+    odd = _Odd("expanded parameter")
+    before = _state(odd)
+    with pytest.raises(WeightsmithError, match="share one memory location"):
+        weightsmith.load_(odd, tmp_path / "ckpt")
+    _assert_unchanged(odd, before)
