@@ -129,3 +129,43 @@ def test_build_gives_two_untied_targets_memory_of_their_own_when_the_source_ties
         built[0].weight.zero_()  # one untied parameter changed: the other, and the source, keep theirs
     assert torch.equal(built[1].weight, expected) and torch.equal(shared, expected)
 
+
+
+# -- two different targets over one memory (not a tie) ------------------------------------------------
+def _one_memory_twice() -> nn.Module:
+    m = nn.Module()
+    m.a = nn.Parameter(torch.zeros(2, 3))
+    m.b = nn.Parameter(m.a.data)  # another Parameter object over the same floats
+    return m
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_two_targets_over_one_memory_given_different_values_are_refused(writer):
+    m = _one_memory_twice()
+    with pytest.raises(ws.WeightsmithError, match="'a' shares memory with 'b'.*not a tie"):
+        WRITERS[writer](m, {"a": torch.ones(2, 3), "b": torch.full((2, 3), 2.0)})
+    assert torch.equal(m.a.detach(), torch.zeros(2, 3))  # nothing written
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_targets_over_one_memory_that_agree_or_do_not_overlap_load(writer):
+    m = _one_memory_twice()
+    WRITERS[writer](m, {"a": torch.ones(2, 3), "b": torch.ones(2, 3)})
+    assert torch.equal(m.b.detach(), torch.ones(2, 3))
+    fused = torch.zeros(4, 6)  # q and k: column halves of one weight, apart element by element
+    qk = nn.Module()
+    qk.q, qk.k = nn.Parameter(fused[:, :3]), nn.Parameter(fused[:, 3:])
+    WRITERS[writer](qk, {"q": torch.ones(4, 3), "k": torch.full((4, 3), 2.0)})
+    assert torch.equal(fused, torch.cat([torch.ones(4, 3), torch.full((4, 3), 2.0)], 1))
+
+
+def test_a_buffer_that_views_a_weight_transposed_loads_when_the_values_agree():
+    m = nn.Module()
+    m.w = nn.Parameter(torch.zeros(2, 3))
+    m.register_buffer("wt", m.w.data.T)
+    x = torch.arange(6.0).reshape(2, 3)
+    ws.load_(m, {"w": x, "wt": x.T})
+    assert torch.equal(m.w.detach(), x)
+    with pytest.raises(ws.WeightsmithError, match="'w' shares memory with 'wt'"):
+        ws.load_(m, {"w": x, "wt": x.T + 1})
+    assert torch.equal(m.w.detach(), x)

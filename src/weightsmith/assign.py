@@ -209,7 +209,15 @@ def _plan(
                 f"{name!r} and {write.given[0]!r} are tied (one tensor) but were given different {what}s"
             )
     problems += _unwritable((w.given[0], w.slot.tensor) for w in writes.values())
+    if not problems:
+        problems += _clashes([(w.given[0], w.slot.tensor, w.value) for w in _in_order(list(writes.values()))])
     return list(writes.values()), skipped, problems
+
+
+def _in_order(writes: list[_Write]) -> list[_Write]:
+    """The order `_write` writes in: first those that may fail (see `_may_fail`), then the rest."""
+    return ([w for w in writes if _may_fail(w.value, w.slot.tensor)]
+            + [w for w in writes if not _may_fail(w.value, w.slot.tensor)])
 
 
 def _raise(problems: list[str], total: int, *, verb: str = "assign") -> None:
@@ -233,14 +241,13 @@ def _write(writes: list[_Write]) -> None:
     # A checked copy between plain tensors cannot fail; some others can (see `_may_fail`). Those
     # go first, each target backed up before it is written, so that a failure finds only
     # backed-up writes done and the rest need no backup. Ctrl-C waits for the last write.
-    risky = [w for w in writes if _may_fail(w.value, w.slot.tensor)]
-    safe = [w for w in writes if not _may_fail(w.value, w.slot.tensor)]
-    backed_up = {id(w) for w in risky}
+    ordered = _in_order(writes)
+    backed_up = {id(w) for w in ordered if _may_fail(w.value, w.slot.tensor)}
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     current = ""
     try:
         with _uninterrupted(), _write_mode(targets):
-            for w in risky + safe:
+            for w in ordered:
                 current = w.given[0]
                 if w.value is w.slot.tensor:
                     continue
@@ -545,3 +552,68 @@ def _write_mode(targets: Iterable[torch.Tensor]) -> contextlib.AbstractContextMa
     if any(t.is_inference() for t in targets if isinstance(t, torch.Tensor)):
         return torch.inference_mode()
     return torch.no_grad()
+
+
+def _clashes(writes: list[tuple[str, torch.Tensor, Any]]) -> list[str]:
+    """Targets that share memory with another target and would not hold the value written to them.
+
+    Two Parameters over one memory (``nn.Parameter(p.data)``, a buffer that views a weight) are
+    not a tie: writing both writes the memory twice, and the last write wins wherever they
+    overlap. The writes of each group of overlapping targets are replayed, in ``writes`` order,
+    on a scratch copy of their bytes; a target left holding anything but its value is listed.
+    Targets apart in memory (nearly all) cost one sort.
+    """
+    problems: list[str] = []
+    for group in _overlapping([t for _, t, _ in writes]):
+        problems += _replay([writes[i] for _, i in group], [span for span, _ in group])
+    return problems
+
+
+def _overlapping(tensors: list[torch.Tensor]) -> list[list[tuple[tuple[str, int, int], int]]]:
+    """Groups of tensors whose memory overlaps, as ``(span, index)`` in index order; one sort."""
+    spans = sorted((span, i) for i, t in enumerate(tensors) if (span := _span(_local(t))) is not None)
+    groups: list[list[tuple[tuple[str, int, int], int]]] = []
+    device, reach = "", -1
+    for span, i in spans:
+        if groups and span[0] == device and span[1] < reach:
+            groups[-1].append((span, i))
+            reach = max(reach, span[2])
+        else:
+            groups.append([(span, i)])
+            device, reach = span[0], span[2]
+    return [sorted(g, key=lambda item: item[1]) for g in groups if len(g) > 1]
+
+
+def _replay(writes: list[tuple[str, torch.Tensor, Any]], spans: list[tuple[str, int, int]]) -> list[str]:
+    """`_clashes` for one group of overlapping targets, given in write order with their spans."""
+    targets = [_local(t) for _, t, _ in writes]
+    base = min(s[1] for s in spans) // 64 * 64
+    scratch = torch.empty(max(s[2] for s in spans) - base, dtype=torch.uint8, device=targets[0].device)
+    names = [name for name, _, _ in writes]
+    try:
+        views = []
+        for t, span in zip(targets, spans):
+            raw = scratch[span[1] - base:span[2] - base].view(t.dtype)
+            views.append(raw.as_strided(t.shape, t.stride()))
+        with torch.no_grad():
+            for view, (_, _, value) in zip(views, writes):
+                view.copy_(torch.as_tensor(value).detach())
+    except RuntimeError as e:  # bytes that no dtype view can lie on: cannot be shown safe
+        return [f"{', '.join(map(repr, names))}: different tensors over overlapping memory, and the writes "
+                f"cannot be checked ({e}); give each memory of its own or tie them (weightsmith.tie_)"]
+    problems = []
+    for name, view, (_, _, value) in zip(names, views, writes):
+        expected = torch.as_tensor(value).detach().to(device=view.device, dtype=view.dtype)
+        if not (torch.equal(view, expected) or _nan_equal(view, expected)):
+            others = [n for n in names if n != name]
+            problems.append(f"{name!r} shares memory with {', '.join(map(repr, others))} (different tensors, "
+                            f"not a tie), and the values given to them disagree where they overlap: writing "
+                            f"both would leave {name!r} wrong; give them agreeing values, give each memory of "
+                            "its own, or tie them (weightsmith.tie_)")
+    return problems
+
+
+def _nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())

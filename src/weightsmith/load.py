@@ -303,7 +303,7 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
     >>> import weightsmith as ws                                            # doctest: +SKIP
     >>> ws.load_(model_b, "a.safetensors", rename=[("conv1", "backbone_conv")], strict=False)  # doctest: +SKIP
     """
-    from .assign import _uninterrupted, _write_mode
+    from .assign import _clashes, _overlapping, _uninterrupted, _write_mode
 
     if any(type(t).__name__ == "DTensor" for t in model.parameters()):  # sharded: each rank loads its part
         from .distributed import load_sharded_
@@ -316,7 +316,10 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
                                      min_coverage=min_coverage, tied=tied,
                                      on_meta="use weightsmith.build() to construct and load in one step")
     opened = isinstance(source, Checkpoint)
-    if opened and source.format == "dcp" and not _writing_may_fail(model, None, state, p):
+    touched = _touched(p)
+    # targets over one memory are checked against the staged values (below): not in place
+    if (opened and source.format == "dcp" and not _writing_may_fail(model, None, state, p)
+            and not _overlapping([state[s.target] for s in p.loaded])):
         return _load_dcp_in_place(model, p, src, source, seed=seed)
     staged = _stage(p, src, state)
     if opened:  # a file: its tensors are mapped
@@ -324,8 +327,11 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
 
         for key, value in staged.items():  # a file cut short raises here, not SIGBUS mid-copy
             read_in(value, f"{src.name} (for {key!r})")
-    touched = _touched(p)
     _unaliased(staged, state, touched)
+    clashes = _clashes([(key, state[key], value) for key, value in staged.items()])  # in load_state_dict's order
+    if clashes:
+        raise AssignError("\n  - ".join([f"cannot load {p.source} into {p.target}; nothing was changed:", *clashes]),
+                          problems=tuple(clashes))
     # everything was checked: a backup is kept only where writing can still fail
     backup = {k: state[k].detach().clone() for k in touched} if _writing_may_fail(model, staged, state, p) else {}
     flags = {k: v.requires_grad for k, v in state.items()}
