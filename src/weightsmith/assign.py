@@ -416,20 +416,27 @@ def _copy(tensor: torch.Tensor, device: str | torch.device | None) -> torch.Tens
 # -- what memory a write touches ------------------------------------------------------------------
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor whose memory a write lands in (a DTensor's local shard)."""
+    if type(tensor) in (torch.Tensor, nn.Parameter):
+        return tensor
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
 
 
-def _span(tensor: torch.Tensor) -> tuple[str, int, int] | None:
+def _span(tensor: torch.Tensor) -> tuple[torch.device, int, int] | None:
     """``(device, first byte, end byte)`` of the memory a dense tensor's elements lie in; ``None``: none."""
-    if tensor.layout != torch.strided or tensor.is_meta or tensor.numel() == 0:
+    if tensor.layout != torch.strided or tensor.is_meta:
         return None
     try:
         start = tensor.data_ptr()
     except RuntimeError:  # a wrapper subclass with no memory of its own
         return None
+    if tensor.is_contiguous():  # the common case, without a Python loop over dimensions
+        nbytes = tensor.nbytes
+        return (tensor.device, start, start + nbytes) if nbytes else None
+    if tensor.numel() == 0:
+        return None
     extent = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
-    return str(tensor.device), start, start + (extent + 1) * tensor.element_size()
+    return tensor.device, start, start + (extent + 1) * tensor.element_size()
 
 
 class _Memory:
@@ -441,12 +448,12 @@ class _Memory:
     """
 
     def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
-        by_device: dict[str, list[tuple[int, int]]] = {}
+        by_device: dict[torch.device, list[tuple[int, int]]] = {}
         for t in tensors:
             span = _span(_local(t))
             if span is not None:
                 by_device.setdefault(span[0], []).append(span[1:])
-        self._index: dict[str, tuple[list[int], list[int]]] = {}
+        self._index: dict[torch.device, tuple[list[int], list[int]]] = {}
         for device, spans in by_device.items():
             spans.sort()
             # reach[i]: the furthest end among the first i + 1 ranges, so one bisect answers
@@ -466,6 +473,8 @@ _EXACT_OVERLAP_LIMIT = 1 << 22  # elements: beyond this an unprovable layout cou
 
 def _elements_overlap(tensor: torch.Tensor) -> bool:
     """Whether two elements of a dense tensor share memory (an expanded or ``as_strided`` view)."""
+    if tensor.is_contiguous():
+        return False
     dims = sorted((s, n) for n, s in zip(tensor.shape, tensor.stride()) if n > 1)
     if any(s == 0 for s, _ in dims):
         return True
@@ -569,22 +578,27 @@ def _clashes(writes: list[tuple[str, torch.Tensor, Any]]) -> list[str]:
     return problems
 
 
-def _overlapping(tensors: list[torch.Tensor]) -> list[list[tuple[tuple[str, int, int], int]]]:
+def _overlapping(tensors: list[torch.Tensor]) -> list[list[tuple[tuple[torch.device, int, int], int]]]:
     """Groups of tensors whose memory overlaps, as ``(span, index)`` in index order; one sort."""
-    spans = sorted((span, i) for i, t in enumerate(tensors) if (span := _span(_local(t))) is not None)
-    groups: list[list[tuple[tuple[str, int, int], int]]] = []
-    device, reach = "", -1
-    for span, i in spans:
-        if groups and span[0] == device and span[1] < reach:
-            groups[-1].append((span, i))
-            reach = max(reach, span[2])
-        else:
-            groups.append([(span, i)])
-            device, reach = span[0], span[2]
+    by_device: dict[torch.device, list[tuple[tuple[torch.device, int, int], int]]] = {}
+    for i, t in enumerate(tensors):
+        if (span := _span(_local(t))) is not None:
+            by_device.setdefault(span[0], []).append((span, i))
+    groups: list[list[tuple[tuple[torch.device, int, int], int]]] = []
+    for spans in by_device.values():
+        spans.sort(key=lambda item: item[0][1:])
+        reach = -1
+        for span, i in spans:
+            if span[1] < reach:
+                groups[-1].append((span, i))
+                reach = max(reach, span[2])
+            else:
+                groups.append([(span, i)])
+                reach = span[2]
     return [sorted(g, key=lambda item: item[1]) for g in groups if len(g) > 1]
 
 
-def _replay(writes: list[tuple[str, torch.Tensor, Any]], spans: list[tuple[str, int, int]]) -> list[str]:
+def _replay(writes: list[tuple[str, torch.Tensor, Any]], spans: list[tuple[torch.device, int, int]]) -> list[str]:
     """`_clashes` for one group of overlapping targets, given in write order with their spans."""
     targets = [_local(t) for _, t, _ in writes]
     base = min(s[1] for s in spans) // 64 * 64

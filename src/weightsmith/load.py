@@ -238,7 +238,7 @@ def _unaliased(staged: dict[str, Any], state: Mapping[str, Any], touched: Sequen
 
     memory = _Memory(state[k] for k in touched)
     for key, value in staged.items():
-        if not _same_view(value, state[key]) and memory.overlaps(value):
+        if memory.overlaps(value) and not _same_view(value, state[key]):
             staged[key] = value.clone()
 
 
@@ -613,20 +613,17 @@ def _apart(values: dict[str, Any], caller: list[Any] | None) -> None:
     would be coupled without being tied (each stepped by an optimizer), and a model sharing a
     caller's state dict would change with it.
     """
-    from .assign import _Memory, _local, _span
+    from .assign import _Memory, _overlapping
 
     if caller is not None:
         memory = _Memory(caller)
         for key, value in values.items():
             if memory.overlaps(value):
                 values[key] = value.clone()
-    spans = sorted((span, key) for key, value in values.items() if (span := _span(_local(value))) is not None)
-    reach: dict[str, int] = {}
-    for (device, start, end), key in spans:
-        if start < reach.get(device, start):
-            values[key] = values[key].clone()  # overlaps one placed before it
-        else:
-            reach[device] = max(reach.get(device, end), end)
+    keys = list(values)
+    for group in _overlapping(list(values.values())):
+        for _, i in group[1:]:  # the first keeps the memory, the others get their own
+            values[keys[i]] = values[keys[i]].clone()
 
 
 def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, list[tuple[Any, str]]],
