@@ -831,3 +831,20 @@ def test_a_dcp_folder_giving_a_tie_two_values_is_refused_and_tied_picks(tmp_path
     assert_untouched(model, snap)
     ws.load_(model, tmp_path / "ckpt", tied="head.weight")
     assert torch.equal(model.emb.weight.detach(), emb - 1) and model.head.weight is model.emb.weight
+
+
+def test_a_tie_compared_in_a_file_cut_short_is_an_error_not_a_crash(tmp_path):
+    """The tie check reads both values before the first write: pages gone must raise, not SIGBUS."""
+    model = TiedLM()
+    model.emb = nn.Embedding(256, 1024)  # 1 MiB each: many pages
+    model.head = nn.Linear(1024, 256, bias=False)
+    model.head.weight = model.emb.weight
+    path = tmp_path / "big.safetensors"
+    ws.save({"emb.weight": torch.zeros(256, 1024), "head.weight": torch.ones(256, 1024)}, path)
+    ckpt = ws.open(path)
+    ckpt.tensor("head.weight")  # mapped while whole
+    os.truncate(path, os.path.getsize(path) // 2)
+    snap = snapshot(model)
+    with pytest.raises(ws.CorruptCheckpointError, match="head.weight"):
+        ws.load_(model, ckpt, tied="first")
+    assert_untouched(model, snap)

@@ -202,8 +202,13 @@ def _tie_picks(tied: Any) -> set[str]:
 
 
 def _read(step: Step, src: Source, current: Any) -> Any:
+    """A step's value, read in (a file cut short raises here, not SIGBUS while comparing)."""
+    from .io._base import read_in
+
     try:
-        return _value(step, src, current)
+        value = _value(step, src, current)
+        read_in(value, f"{src.name} (for {step.target!r})")
+        return value
     except (OSError, RuntimeError, ValueError) as e:
         raise PlanError(f"cannot read {', '.join(step.sources)} from {src.name} for {step.target}: {e}; "
                         "nothing was changed") from e
