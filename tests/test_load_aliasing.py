@@ -169,3 +169,16 @@ def test_a_buffer_that_views_a_weight_transposed_loads_when_the_values_agree():
     with pytest.raises(ws.WeightsmithError, match="'w' shares memory with 'wt'"):
         ws.load_(m, {"w": x, "wt": x.T + 1})
     assert torch.equal(m.w.detach(), x)
+
+
+def test_only_values_that_would_be_read_after_a_write_are_copied():
+    from weightsmith.load import _unaliased
+
+    m = Two()
+    state = m.state_dict(keep_vars=True)
+    fresh = torch.zeros(2, 3)
+    staged = {"a": m.a, "b": m.a, "w": fresh}
+    _unaliased(staged, state, list(state))
+    assert staged["a"] is m.a  # its own target exactly: writing it changes nothing, no copy
+    assert staged["b"] is not m.a and torch.equal(staged["b"], m.a.detach())  # read after a is written
+    assert staged["w"] is fresh  # memory of its own: no copy
