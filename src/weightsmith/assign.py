@@ -312,7 +312,11 @@ def assign_(model: nn.Module, mapping: Mapping[str, Any], *, strict: bool = True
     dtype casts without losing values (integer → float is fine; float → integer and complex → real
     are not). Values land on each tensor's own device and dtype, and each Parameter object stays
     the same (an optimizer holding it keeps working). Names the mapping leaves out are not touched.
-    Writing one name of a tied group writes the shared tensor.
+    Writing one name of a tied group writes the shared tensor. Values that share memory with the
+    model (``{"a": m.b, "b": m.a}``) are read before anything is written; targets that cannot
+    take a value in place (expanded, sparse, read-only memory) and different tensors over one
+    memory given disagreeing values are refused; tensors made under ``torch.inference_mode()``
+    are written under it.
 
     Args:
         model: the live model.
