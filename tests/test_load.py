@@ -426,7 +426,7 @@ FAILURES = {
     "plan= with plan options": (_plan_and_options, PlanError, "not both"),
     "an unknown init rule": (_failing_init_rule, ModelError, "no_such_initializer"),
     "a second init rule that cannot be used": (_second_init_rule_unusable, ModelError, "gain"),
-    "a callable initializer that raises": (_raising_callable_init, RuntimeError, "initializer exploded"),
+    "a callable initializer that raises": (_raising_callable_init, ModelError, "initializer exploded"),
 }
 
 
@@ -487,8 +487,9 @@ def test_a_module_that_fails_to_load_midway_leaves_the_model_as_it_was(tmp_path)
     model.extra = shared  # a tie, under another name
     snap = snapshot(model)
 
-    with pytest.raises(RuntimeError, match="cannot load 2.bias"):
+    with pytest.raises(ModelError, match="cannot load 2.bias.*put back") as info:
         ws.load_(model, path, strict=False)
+    assert isinstance(info.value.__cause__, RuntimeError)  # the module's own error, chained
 
     assert torch.equal(model[2].seen, torch.full((8,), 3.0))  # the buffer had been written ...
     assert_untouched(model, snap)  # ... and was put back
@@ -736,3 +737,114 @@ def test_ctrl_c_during_the_write_waits_until_the_model_is_whole(tmp_path):
         torch.Tensor.copy_ = copy_
     assert interrupted
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# -- a tie given two values by the source -------------------------------------------------------------
+class TiedLM(nn.Module):
+    """An embedding and an output head that are one Parameter, as language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(4, 3)
+        self.head = nn.Linear(3, 4, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def _two_values(tmp_path, head_delta: float = 0.25):
+    emb = torch.arange(12.0).reshape(4, 3)
+    path = tmp_path / "untied.safetensors"
+    ws.save({"emb.weight": emb, "head.weight": emb + head_delta}, path)  # two tensors in the file
+    return path, emb
+
+
+def test_a_tie_given_two_different_values_is_refused_naming_both_keys(tmp_path):
+    path, _ = _two_values(tmp_path)
+    model = TiedLM()
+    snap = snapshot(model)
+    with pytest.raises(PlanError) as info:
+        ws.load_(model, path)
+    text = str(info.value)
+    assert "'emb.weight'" in text and "'head.weight'" in text and "max |a-b| = 0.25" in text
+    assert "tied='first'" in text and "nothing was changed" in text
+    assert_untouched(model, snap)
+
+
+def test_a_tie_given_two_equal_values_loads_as_before(tmp_path):
+    path, emb = _two_values(tmp_path, head_delta=0.0)
+    model = TiedLM()
+    weight = model.emb.weight
+    report = ws.load_(model, path)
+    assert model.emb.weight is weight and model.head.weight is weight
+    assert torch.equal(weight.detach(), emb)
+    assert report.provenance["head.weight"] == "tied to emb.weight"
+
+
+def test_nan_in_the_same_places_counts_as_equal(tmp_path):
+    emb = torch.tensor([[float("nan"), 1.0, 2.0]] * 4)
+    ws.save({"emb.weight": emb, "head.weight": emb.clone()}, tmp_path / "nan.safetensors")
+    model = TiedLM()
+    ws.load_(model, tmp_path / "nan.safetensors")
+    assert torch.equal(model.emb.weight[:, 1:].detach(), emb[:, 1:])
+
+
+@pytest.mark.parametrize("tied, delta", [("first", 0.0), ("emb.weight", 0.0), ("head.weight", 0.25),
+                                         (["other.key", "head.weight"], 0.25)])
+def test_tied_picks_which_value_a_tie_takes(tmp_path, tied, delta):
+    path, emb = _two_values(tmp_path)
+    model = TiedLM()
+    weight = model.emb.weight
+    report = ws.load_(model, path, tied=tied)
+    assert model.emb.weight is weight and model.head.weight is weight  # same object, still tied
+    assert torch.equal(weight.detach(), emb + delta)
+    if delta:
+        assert report.provenance["emb.weight"] == "head.weight"
+        assert "took the value of head.weight" in report.unused["emb.weight"]
+
+
+def test_tied_must_be_a_key_or_keys():
+    with pytest.raises(ws.UsageError, match="tied must be"):
+        ws.load_(TiedLM(), {"emb.weight": torch.zeros(4, 3)}, tied=1)
+
+
+def test_build_and_transfer_refuse_a_tie_given_two_values_too(tmp_path):
+    path, emb = _two_values(tmp_path)
+    with pytest.raises(PlanError, match="'head.weight'"):
+        ws.build(TiedLM, path)
+    built, _ = ws.build(TiedLM, path, tied="head.weight")
+    assert built.head.weight is built.emb.weight and torch.equal(built.emb.weight.detach(), emb + 0.25)
+    target = tmp_path / "tied.pt"
+    ws.save(TiedLM(), target)  # the file records the tie
+    with pytest.raises(PlanError, match="'head.weight'"):
+        ws.transfer(path, target)
+    out, _ = ws.transfer(path, target, tied="first")
+    assert torch.equal(out["emb.weight"], emb) and out["head.weight"] is out["emb.weight"]
+
+
+def test_a_dcp_folder_giving_a_tie_two_values_is_refused_and_tied_picks(tmp_path):
+    emb = torch.arange(12.0).reshape(4, 3)
+    ws.save({"emb.weight": emb, "head.weight": emb - 1}, tmp_path / "ckpt", format="dcp")
+    model = TiedLM()
+    snap = snapshot(model)
+    with pytest.raises(PlanError, match="max \\|a-b\\| = 1"):
+        ws.load_(model, tmp_path / "ckpt")
+    assert_untouched(model, snap)
+    ws.load_(model, tmp_path / "ckpt", tied="head.weight")
+    assert torch.equal(model.emb.weight.detach(), emb - 1) and model.head.weight is model.emb.weight
+
+
+def test_a_tie_compared_in_a_file_cut_short_is_an_error_not_a_crash(tmp_path):
+    """The tie check reads both values before the first write: pages gone must raise, not SIGBUS."""
+    model = TiedLM()
+    model.emb = nn.Embedding(256, 1024)  # 1 MiB each: many pages
+    model.head = nn.Linear(1024, 256, bias=False)
+    model.head.weight = model.emb.weight
+    path = tmp_path / "big.safetensors"
+    ws.save({"emb.weight": torch.zeros(256, 1024), "head.weight": torch.ones(256, 1024)}, path)
+    ckpt = ws.open(path)
+    ckpt.tensor("head.weight")  # mapped while whole
+    os.truncate(path, os.path.getsize(path) // 2)
+    snap = snapshot(model)
+    with pytest.raises(ws.CorruptCheckpointError, match="head.weight"):
+        ws.load_(model, ckpt, tied="first")
+    assert_untouched(model, snap)

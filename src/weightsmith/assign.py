@@ -7,11 +7,13 @@ optimizer holding it keeps working, and a tie (one tensor under several names) s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import difflib
+import itertools
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,7 +208,16 @@ def _plan(
             problems.append(
                 f"{name!r} and {write.given[0]!r} are tied (one tensor) but were given different {what}s"
             )
+    problems += _unwritable((w.given[0], w.slot.tensor) for w in writes.values())
+    if not problems:
+        problems += _clashes([(w.given[0], w.slot.tensor, w.value) for w in _in_order(list(writes.values()))])
     return list(writes.values()), skipped, problems
+
+
+def _in_order(writes: list[_Write]) -> list[_Write]:
+    """The order `_write` writes in: first those that may fail (see `_may_fail`), then the rest."""
+    return ([w for w in writes if _may_fail(w.value, w.slot.tensor)]
+            + [w for w in writes if not _may_fail(w.value, w.slot.tensor)])
 
 
 def _raise(problems: list[str], total: int, *, verb: str = "assign") -> None:
@@ -217,34 +228,26 @@ def _raise(problems: list[str], total: int, *, verb: str = "assign") -> None:
     )
 
 
-def _shares_memory(value: torch.Tensor, targets: list[torch.Tensor]) -> bool:
-    try:
-        ptr = value.untyped_storage().data_ptr()
-        return any(t.untyped_storage().data_ptr() == ptr for t in targets)
-    except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
-        return False
-
-
 def _write(writes: list[_Write]) -> None:
     """Copy every value into its slot; on any failure put back what was already written."""
     targets = [w.slot.tensor for w in writes]
+    memory = _Memory(targets)
     for w in writes:
         if _same_view(w.value, w.slot.tensor):
             w.value = w.slot.tensor  # already in place: copying a tensor onto itself is a no-op
-        elif _shares_memory(w.value, targets):
+        elif memory.overlaps(w.value):
             # e.g. swapping two weights: the second read would see the first write
             w.value = w.value.clone()
     # A checked copy between plain tensors cannot fail; some others can (see `_may_fail`). Those
     # go first, each target backed up before it is written, so that a failure finds only
     # backed-up writes done and the rest need no backup. Ctrl-C waits for the last write.
-    risky = [w for w in writes if _may_fail(w.value, w.slot.tensor)]
-    safe = [w for w in writes if not _may_fail(w.value, w.slot.tensor)]
-    backed_up = {id(w) for w in risky}
+    ordered = _in_order(writes)
+    backed_up = {id(w) for w in ordered if _may_fail(w.value, w.slot.tensor)}
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     current = ""
     try:
-        with _uninterrupted():
-            for w in risky + safe:
+        with _uninterrupted(), _write_mode(targets):
+            for w in ordered:
                 current = w.given[0]
                 if w.value is w.slot.tensor:
                     continue
@@ -252,8 +255,9 @@ def _write(writes: list[_Write]) -> None:
                     saved.append((w.slot.tensor, _copy(w.slot.tensor, None)))
                 w.slot.tensor.copy_(w.value)
     except Exception as e:
-        for target, old in saved:
-            target.copy_(old)
+        with _write_mode(targets):
+            for target, old in saved:
+                target.copy_(old)
         raise AssignError(
             f"writing {current!r} failed ({type(e).__name__}: {e}); every entry written before it "
             "was restored, the model is unchanged",
@@ -308,7 +312,11 @@ def assign_(model: nn.Module, mapping: Mapping[str, Any], *, strict: bool = True
     dtype casts without losing values (integer → float is fine; float → integer and complex → real
     are not). Values land on each tensor's own device and dtype, and each Parameter object stays
     the same (an optimizer holding it keeps working). Names the mapping leaves out are not touched.
-    Writing one name of a tied group writes the shared tensor.
+    Writing one name of a tied group writes the shared tensor. Values that share memory with the
+    model (``{"a": m.b, "b": m.a}``) are read before anything is written; targets that cannot
+    take a value in place (expanded, sparse, read-only memory) and different tensors over one
+    memory given disagreeing values are refused; tensors made under ``torch.inference_mode()``
+    are written under it.
 
     Args:
         model: the live model.
@@ -407,3 +415,223 @@ def _copy(tensor: torch.Tensor, device: str | torch.device | None) -> torch.Tens
     out = torch.empty_like(tensor, device=device or tensor.device, requires_grad=False)
     out.copy_(tensor.detach())
     return out
+
+
+# -- what memory a write touches ------------------------------------------------------------------
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory a write lands in (a DTensor's local shard)."""
+    if type(tensor) in (torch.Tensor, nn.Parameter):
+        return tensor
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def _span(tensor: torch.Tensor) -> tuple[torch.device, int, int] | None:
+    """``(device, first byte, end byte)`` of the memory a dense tensor's elements lie in; ``None``: none."""
+    if tensor.layout != torch.strided or tensor.is_meta:
+        return None
+    try:
+        start = tensor.data_ptr()
+    except RuntimeError:  # a wrapper subclass with no memory of its own
+        return None
+    if tensor.is_contiguous():  # the common case, without a Python loop over dimensions
+        nbytes = tensor.nbytes
+        return (tensor.device, start, start + nbytes) if nbytes else None
+    if tensor.numel() == 0:
+        return None
+    extent = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+    return tensor.device, start, start + (extent + 1) * tensor.element_size()
+
+
+class _Memory:
+    """The bytes some tensors lie in, asked quickly whether another tensor touches any of them.
+
+    Overlap is judged on byte ranges, so views, slices and a second storage object over the
+    same memory all count; a strided view may be reported where its elements miss (a needless
+    copy at worst, never a missed alias).
+    """
+
+    def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
+        by_device: dict[torch.device, list[tuple[int, int]]] = {}
+        for t in tensors:
+            span = _span(_local(t))
+            if span is not None:
+                by_device.setdefault(span[0], []).append(span[1:])
+        self._index: dict[torch.device, tuple[list[int], list[int]]] = {}
+        for device, spans in by_device.items():
+            spans.sort()
+            # reach[i]: the furthest end among the first i + 1 ranges, so one bisect answers
+            self._index[device] = ([s for s, _ in spans], list(itertools.accumulate((e for _, e in spans), max)))
+
+    def overlaps(self, tensor: torch.Tensor) -> bool:
+        span = _span(_local(tensor))
+        if span is None or span[0] not in self._index:
+            return False
+        starts, reach = self._index[span[0]]
+        i = bisect.bisect_left(starts, span[2]) - 1
+        return i >= 0 and reach[i] > span[1]
+
+
+_EXACT_OVERLAP_LIMIT = 1 << 22  # elements: beyond this an unprovable layout counts as overlapping
+
+
+def _elements_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two elements of a dense tensor share memory (an expanded or ``as_strided`` view)."""
+    if tensor.is_contiguous():
+        return False
+    dims = sorted((s, n) for n, s in zip(tensor.shape, tensor.stride()) if n > 1)
+    if any(s == 0 for s, _ in dims):
+        return True
+    reach = 0
+    for s, n in dims:  # each stride clears everything the smaller ones reach: provably apart
+        if s <= reach:
+            break
+        reach += s * (n - 1)
+    else:
+        return False
+    extent = sum(s * (n - 1) for s, n in dims)
+    if tensor.numel() > _EXACT_OVERLAP_LIMIT or extent >= 4 * _EXACT_OVERLAP_LIMIT:
+        return True
+    offsets = torch.arange(extent + 1).as_strided(tensor.shape, tensor.stride())
+    return bool(offsets.unique().numel() < tensor.numel())
+
+
+class _Mappings:
+    """This process's memory mappings (Linux ``/proc/self/maps``), to find read-only ones."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.rows: list[tuple[int, int, bool]] = []
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    addresses, perms = line.split(None, 2)[:2]
+                    lo, hi = (int(a, 16) for a in addresses.split("-"))
+                    self.starts.append(lo)
+                    self.rows.append((lo, hi, "w" in perms))
+        except (OSError, ValueError):  # not Linux, or unreadable: nothing is known to be read-only
+            self.starts, self.rows = [], []
+
+    def read_only(self, start: int, end: int) -> bool:
+        """Whether a mapping covering part of ``[start, end)`` refuses writes."""
+        i = bisect.bisect_right(self.starts, start) - 1
+        while 0 <= i < len(self.rows) and self.rows[i][0] < end:
+            lo, hi, writable = self.rows[i]
+            if hi > start and not writable:
+                return True
+            i += 1
+        return False
+
+
+def _unwritable(targets: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """One line (name, shape, why, fix) per tensor that cannot take a value in place.
+
+    Inference tensors are not listed: `_write_mode` writes them under ``torch.inference_mode``.
+    """
+    problems: list[str] = []
+    mappings: _Mappings | None = None
+    seen: set[int] = set()
+    for name, tensor in targets:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        t = _local(tensor)
+        head = f"{name!r} {_fmt(t.shape)}"
+        if t.is_meta:
+            continue  # said elsewhere, with what to do about it
+        if t.layout != torch.strided:
+            problems.append(f"{head}: a {t.layout} tensor cannot be written in place; make the model's "
+                            "tensor dense first (e.g. module.<name> = nn.Parameter(t.to_dense()))")
+        elif _elements_overlap(t):
+            problems.append(f"{head}: several of its elements share one memory location (strides "
+                            f"{_fmt(t.stride())}: an expanded or broadcast tensor), so no value can be "
+                            "written into it in place; give it memory of its own first, e.g. "
+                            "module.<name> = nn.Parameter(t.contiguous()) (a new object: rebuild optimizers)")
+        elif t.device.type == "cpu" and (span := _span(t)) is not None:
+            mappings = mappings or _Mappings()
+            if mappings.read_only(span[1], span[2]):
+                problems.append(f"{head}: its memory is mapped read-only (e.g. a read-only numpy memmap), "
+                                "writing would crash the process; copy it into writable memory first "
+                                "(t.clone())")
+    return problems
+
+
+def _write_mode(targets: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager[Any]:
+    """``no_grad``, or ``inference_mode`` where a target is an inference tensor.
+
+    A tensor created under ``torch.inference_mode()`` takes in-place writes only inside it;
+    ordinary tensors take them in either, and stay ordinary.
+    """
+    if any(t.is_inference() for t in targets if isinstance(t, torch.Tensor)):
+        return torch.inference_mode()
+    return torch.no_grad()
+
+
+def _clashes(writes: list[tuple[str, torch.Tensor, Any]]) -> list[str]:
+    """Targets that share memory with another target and would not hold the value written to them.
+
+    Two Parameters over one memory (``nn.Parameter(p.data)``, a buffer that views a weight) are
+    not a tie: writing both writes the memory twice, and the last write wins wherever they
+    overlap. The writes of each group of overlapping targets are replayed, in ``writes`` order,
+    on a scratch copy of their bytes; a target left holding anything but its value is listed.
+    Targets apart in memory (nearly all) cost one sort.
+    """
+    problems: list[str] = []
+    for group in _overlapping([t for _, t, _ in writes]):
+        problems += _replay([writes[i] for _, i in group], [span for span, _ in group])
+    return problems
+
+
+def _overlapping(tensors: list[torch.Tensor]) -> list[list[tuple[tuple[torch.device, int, int], int]]]:
+    """Groups of tensors whose memory overlaps, as ``(span, index)`` in index order; one sort."""
+    by_device: dict[torch.device, list[tuple[tuple[torch.device, int, int], int]]] = {}
+    for i, t in enumerate(tensors):
+        if (span := _span(_local(t))) is not None:
+            by_device.setdefault(span[0], []).append((span, i))
+    groups: list[list[tuple[tuple[torch.device, int, int], int]]] = []
+    for spans in by_device.values():
+        spans.sort(key=lambda item: item[0][1:])
+        reach = -1
+        for span, i in spans:
+            if span[1] < reach:
+                groups[-1].append((span, i))
+                reach = max(reach, span[2])
+            else:
+                groups.append([(span, i)])
+                reach = span[2]
+    return [sorted(g, key=lambda item: item[1]) for g in groups if len(g) > 1]
+
+
+def _replay(writes: list[tuple[str, torch.Tensor, Any]], spans: list[tuple[torch.device, int, int]]) -> list[str]:
+    """`_clashes` for one group of overlapping targets, given in write order with their spans."""
+    targets = [_local(t) for _, t, _ in writes]
+    base = min(s[1] for s in spans) // 64 * 64
+    scratch = torch.empty(max(s[2] for s in spans) - base, dtype=torch.uint8, device=targets[0].device)
+    names = [name for name, _, _ in writes]
+    try:
+        views = []
+        for t, span in zip(targets, spans):
+            raw = scratch[span[1] - base:span[2] - base].view(t.dtype)
+            views.append(raw.as_strided(t.shape, t.stride()))
+        with torch.no_grad():
+            for view, (_, _, value) in zip(views, writes):
+                view.copy_(torch.as_tensor(value).detach())
+    except RuntimeError as e:  # bytes that no dtype view can lie on: cannot be shown safe
+        return [f"{', '.join(map(repr, names))}: different tensors over overlapping memory, and the writes "
+                f"cannot be checked ({e}); give each memory of its own or tie them (weightsmith.tie_)"]
+    problems = []
+    for name, view, (_, _, value) in zip(names, views, writes):
+        expected = torch.as_tensor(value).detach().to(device=view.device, dtype=view.dtype)
+        if not (torch.equal(view, expected) or _nan_equal(view, expected)):
+            others = [n for n in names if n != name]
+            problems.append(f"{name!r} shares memory with {', '.join(map(repr, others))} (different tensors, "
+                            f"not a tie), and the values given to them disagree where they overlap: writing "
+                            f"both would leave {name!r} wrong; give them agreeing values, give each memory of "
+                            "its own, or tie them (weightsmith.tie_)")
+    return problems
+
+
+def _nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())

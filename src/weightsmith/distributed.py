@@ -20,7 +20,7 @@ import contextlib
 import functools
 import io
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +43,7 @@ from torch.futures import Future as TorchFuture
 
 from .errors import CheckpointError, SaveError, UsageError, WeightsmithError
 from .io.dcp import Chunk, DcpReader, copy_chunk, map_chunk, read_object
-from .assign import _uninterrupted
+from .assign import _uninterrupted, _write_mode
 from .load import LoadReport, _checked, _fill_missing, _report, _value
 from .plan import LoadPlan, PlanError, Source
 from .save import SaveReport
@@ -456,7 +456,8 @@ def _save_report(path: Path, state: Mapping[str, Any], names: list[str]) -> Save
 # -- loading into sharded models ----------------------------------------------------------------
 @torch.no_grad()
 def load_sharded_(model: torch.nn.Module, source: Any, *, plan: LoadPlan | None = None, strict: bool = True,
-                  min_coverage: float = 0.5, seed: int | None = None, **plan_options: Any) -> LoadReport:
+                  min_coverage: float = 0.5, seed: int | None = None, tied: str | Sequence[str] = "error",
+                  **plan_options: Any) -> LoadReport:
     """Load a checkpoint into a model sharded across ranks, all or nothing on every rank.
 
     Every rank of the default process group calls it. The plan is made on every rank from key
@@ -474,7 +475,8 @@ def load_sharded_(model: torch.nn.Module, source: Any, *, plan: LoadPlan | None 
     Args:
         model: the ``nn.Module`` whose parameters are ``DTensor`` shards (``distribute_tensor``,
             FSDP2 ``fully_shard``); plain tensors in it (replicated buffers) get the full value.
-        source, plan, strict, min_coverage, seed, **plan_options: as for `load_`.
+        source, plan, strict, min_coverage, seed, tied, **plan_options: as for `load_` (a tie
+            given two values by the source is compared whole, on every rank).
 
     Returns:
         a `LoadReport`, the same on every rank.
@@ -488,7 +490,8 @@ def load_sharded_(model: torch.nn.Module, source: Any, *, plan: LoadPlan | None 
     error: BaseException | None = None
     work: _Work | None = None
     try:
-        work = _prepare(model, source, plan, dict(plan_options), strict=strict, min_coverage=min_coverage)
+        work = _prepare(model, source, plan, dict(plan_options), strict=strict, min_coverage=min_coverage,
+                        tied=tied)
     except Exception as e:  # any failure on one rank must reach the others, or they wait forever
         error = e
     _raise_agreed(error, _agree(error), "planning the load")
@@ -636,11 +639,13 @@ class _Work:
 
     def commit(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Write every staged value and every deferred read into the model; every rank agreed."""
-        for name, value in staged.items():
-            target = self.state[name]
-            (target.to_local() if _is_dtensor(target) else target).copy_(value)
-        for target, region in self.writes:
-            target.copy_(region)
+        targets = [self.state[name] for name in staged] + [target for target, _ in self.writes]
+        with _write_mode(targets):  # inference tensors take writes only under inference_mode
+            for name, value in staged.items():
+                target = self.state[name]
+                (target.to_local() if _is_dtensor(target) else target).copy_(value)
+            for target, region in self.writes:
+                target.copy_(region)
 
     def close(self) -> None:
         """Unmap the regions read for this load."""
@@ -671,10 +676,10 @@ def _box(name: str, t: torch.Tensor) -> tuple[slice, ...] | None:
 
 
 def _prepare(model: torch.nn.Module, source: Any, plan: LoadPlan | None, options: dict[str, Any], *,
-             strict: bool, min_coverage: float) -> _Work:
+             strict: bool, min_coverage: float, tied: str | Sequence[str] = "error") -> _Work:
     from .checkpoint import Checkpoint
 
-    source, p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage,
+    source, p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage, tied=tied,
                                      on_meta="materialize the sharded model (to_empty) before loading into it")
     inits = [s.target for s in p.unsourced if (s.fill or "").startswith("init: ") and _is_dtensor(state[s.target])]
     if inits:

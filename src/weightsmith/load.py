@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
 from ._result import Result
-from .errors import ModelError
+from .errors import AssignError, ModelError, UsageError, WeightsmithError
 from .keymap import apply_transform, parse_transforms
 from .plan import LoadPlan, PlanError, Source, Step, as_source, format_share, plan as make_plan
 
@@ -115,6 +115,126 @@ def _stage(p: LoadPlan, src: Source, state: Mapping[str, Any]) -> dict[str, Any]
     return staged
 
 
+def _settle_ties(p: LoadPlan, src: Source, state: Mapping[str, Any], *, tied: str | Sequence[str]) -> LoadPlan:
+    """Check the tied targets the source gives a value more than once; the plan with the winners.
+
+    A tie is one tensor under several names: when the source has a value for more than one of
+    them, the plan loads the first name's and drops the rest. Equal values (after the cast to
+    the target's dtype) load as planned. Different values are refused, naming both keys and
+    the largest difference, unless ``tied`` is ``"first"`` (the first name in the model's
+    order wins) or names the key (target or source) whose value wins; the plan returned then
+    takes that key's value. Values are read for the comparison only where such keys exist.
+    """
+    shadowed: dict[str, Step] = getattr(p, "_shadowed", {})
+    picks = _tie_picks(tied)
+    if not shadowed:
+        return p
+    steps = {s.target: s for s in p.steps}
+    groups: dict[str, list[Step]] = {}
+    for name, shadow in shadowed.items():
+        kept = steps[name].tied_to or name
+        groups.setdefault(kept, [steps[kept]]).append(shadow)
+    overrides: dict[str, Step] = {}
+    problems: list[str] = []
+    for kept, members in groups.items():
+        current = state[kept]
+        first = _read(members[0], src, current)
+        differ = [(m, d) for m in members[1:] if (d := _difference(first, _read(m, src, current), current.dtype))]
+        if not differ or "first" in picks:
+            continue
+        chosen = [m for m in members if m.target in picks or picks & set(m.sources)]
+        if len(chosen) == 1:
+            if chosen[0] is not members[0]:
+                overrides[kept] = chosen[0]
+            continue
+        for m, d in differ:
+            problems.append(f"{kept!r} (from {', '.join(members[0].sources)}) and {m.target!r} (from "
+                            f"{', '.join(m.sources)}) are one tensor in {p.target}, but {p.source} gives them "
+                            f"different values (max |a-b| = {d}); pass tied='first' to take the value of {kept!r}, "
+                            f"or tied={m.target!r} for the other")
+    if problems:
+        head = f"cannot load {p.source} into {p.target}; nothing was changed ({len(problems)} tie(s) given two values):"
+        raise PlanError("\n  - ".join([head, *problems]), problems=problems)
+    return _choose(p, src, overrides) if overrides else p
+
+
+def _choose(p: LoadPlan, src: Source, overrides: Mapping[str, Step]) -> LoadPlan:
+    """A copy of ``p`` where each overridden target takes its value the way the given step does."""
+    import dataclasses
+
+    from .plan import Unused
+
+    steps, unused = [], list(p.unused)
+    for s in p.steps:
+        pick = overrides.get(s.target)
+        if pick is None:
+            steps.append(s)
+            continue
+        steps.append(dataclasses.replace(pick, target=s.target, kind=s.kind, shape=s.shape, dtype=s.dtype,
+                                         note=f"chosen by tied= over {', '.join(s.sources)}"))
+        unused = [u for u in unused if u.key not in pick.sources]
+        unused += [Unused(k, src.specs[k][0], f"{s.target!r} took the value of {', '.join(pick.sources)} (tied=)",
+                          expected=True) for k in s.sources]
+    chosen = dataclasses.replace(p, steps=steps, unused=unused)
+    chosen._initializers = getattr(p, "_initializers", {})
+    chosen._shadowed = {}  # settled
+    return chosen
+
+
+def _tie_picks(tied: Any) -> set[str]:
+    if isinstance(tied, str):
+        return {tied}
+    if isinstance(tied, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in tied):
+        return set(tied)
+    raise UsageError(f"tied must be 'error', 'first', or key name(s) whose value wins; got {tied!r}")
+
+
+def _read(step: Step, src: Source, current: Any) -> Any:
+    """A step's value, read in (a file cut short raises here, not SIGBUS while comparing)."""
+    from .io._base import read_in
+
+    try:
+        value = _value(step, src, current)
+        read_in(value, f"{src.name} (for {step.target!r})")
+        return value
+    except (OSError, RuntimeError, ValueError) as e:
+        raise PlanError(f"cannot read {', '.join(step.sources)} from {src.name} for {step.target}: {e}; "
+                        "nothing was changed") from e
+
+
+def _difference(a: Any, b: Any, dtype: Any) -> str:
+    """``""`` where ``a`` and ``b`` are equal as ``dtype`` (NaN equal to NaN), else max |a - b| as text."""
+    import torch
+
+    a = a.detach().to(dtype=dtype)
+    b = b.detach().to(device=a.device, dtype=dtype)
+    if torch.equal(a, b):
+        return ""
+    if a.is_floating_point() or a.is_complex():
+        both_nan = a.isnan() & b.isnan()
+        if bool(((a == b) | both_nan).all()):
+            return ""
+        wide = torch.complex128 if a.is_complex() else torch.float64
+        gap = (a.to(wide) - b.to(wide)).abs().masked_fill(both_nan, 0)
+        return f"{float(gap.nan_to_num(nan=float('inf')).max()):.6g}"
+    return f"{int((a.to(torch.int64) - b.to(torch.int64)).abs().max())}"
+
+
+def _unaliased(staged: dict[str, Any], state: Mapping[str, Any], touched: Sequence[str]) -> None:
+    """Copy each staged value that shares memory with a tensor about to be written.
+
+    A source may be the model itself (``{"a": m.b, "b": m.a}``): writing ``a`` first would
+    change the value ``b`` then reads. A value that is its own target, exactly, stays (its
+    write changes nothing).
+    """
+    from .assign import _Memory, _same_view
+
+    memory = _Memory(state[k] for k in touched)
+    for key, value in staged.items():
+        if memory.overlaps(value) and not _same_view(value, state[key]):
+            staged[key] = value.clone()
+
+
 def _fill_missing(model: Any, p: LoadPlan, *, seed: int | None, device: Any = None) -> None:
     """Run the plan's ``init`` rules on the missing keys they fill."""
     initializers = getattr(p, "_initializers", {})
@@ -133,7 +253,8 @@ def _fill_missing(model: Any, p: LoadPlan, *, seed: int | None, device: Any = No
 
 
 def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool = True,
-          min_coverage: float = 0.5, seed: int | None = None, **plan_options: Any) -> LoadReport:
+          min_coverage: float = 0.5, seed: int | None = None, tied: str | Sequence[str] = "error",
+          **plan_options: Any) -> LoadReport:
     """Load a checkpoint into a live model by a plan, all or nothing.
 
     The whole plan is checked first; every value is then read and transformed; only then is
@@ -144,7 +265,10 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
     first write, and where writing itself can still fail (a module's own loading code, load
     hooks, a callable initializer, a copy from a device into host memory) a backup is kept and
     put back; otherwise no second copy of the model is made. Ctrl-C during the write is held
-    until the model is whole.
+    until the model is whole. Targets that cannot take a value in place (expanded or overlapping
+    memory, read-only mappings, sparse tensors) are refused before the first write; tensors made
+    under ``torch.inference_mode()`` are written under it. A source that shares memory with the
+    model (its own tensors, swapped by a rename) is copied before anything is written.
 
     Args:
         model: the target ``nn.Module``.
@@ -156,6 +280,10 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
             of the target's parameters from the source (a load that matches nothing is always
             refused).
         seed: seed for ``init`` rules filling missing keys.
+        tied: when the source gives tied target keys (one tensor under several names) different
+            values: ``"error"`` refuses, naming both keys and max |a-b|; ``"first"`` takes the
+            value of the first name in the model's order; a key name (target or source), or a
+            list of them, one per tie, takes that key's value. Equal values always load.
         **plan_options: `plan` options (``rename``, ``match``, ``on_mismatch``, ``init``, ``root``,
             ``trust``).
 
@@ -168,22 +296,23 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
     >>> import weightsmith as ws                                            # doctest: +SKIP
     >>> ws.load_(model_b, "a.safetensors", rename=[("conv1", "backbone_conv")], strict=False)  # doctest: +SKIP
     """
-    import torch
-
-    from .assign import _uninterrupted
+    from .assign import _clashes, _overlapping, _uninterrupted, _write_mode
 
     if any(type(t).__name__ == "DTensor" for t in model.parameters()):  # sharded: each rank loads its part
         from .distributed import load_sharded_
 
         return load_sharded_(model, source, plan=plan, strict=strict, min_coverage=min_coverage, seed=seed,
-                             **plan_options)
+                             tied=tied, **plan_options)
     from .checkpoint import Checkpoint
 
     source, p, src, state = _checked(model, source, plan, dict(plan_options), strict=strict,
-                                     min_coverage=min_coverage,
+                                     min_coverage=min_coverage, tied=tied,
                                      on_meta="use weightsmith.build() to construct and load in one step")
     opened = isinstance(source, Checkpoint)
-    if opened and source.format == "dcp" and not _writing_may_fail(model, None, state, p):
+    touched = _touched(p)
+    # targets over one memory are checked against the staged values (below): not in place
+    if (opened and source.format == "dcp" and not _writing_may_fail(model, None, state, p)
+            and not _overlapping([state[s.target] for s in p.loaded])):
         return _load_dcp_in_place(model, p, src, source, seed=seed)
     staged = _stage(p, src, state)
     if opened:  # a file: its tensors are mapped
@@ -191,24 +320,33 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
 
         for key, value in staged.items():  # a file cut short raises here, not SIGBUS mid-copy
             read_in(value, f"{src.name} (for {key!r})")
-    touched = [s.target for s in p.steps if s.loaded or (s.fill or "").startswith("init: ")]
+    _unaliased(staged, state, touched)
+    clashes = _clashes([(key, state[key], value) for key, value in staged.items()])  # in load_state_dict's order
+    if clashes:
+        raise AssignError("\n  - ".join([f"cannot load {p.source} into {p.target}; nothing was changed:", *clashes]),
+                          problems=tuple(clashes))
     # everything was checked: a backup is kept only where writing can still fail
     backup = {k: state[k].detach().clone() for k in touched} if _writing_may_fail(model, staged, state, p) else {}
     flags = {k: v.requires_grad for k, v in state.items()}
+    targets = [state[k] for k in touched]
     try:
-        with _uninterrupted():  # Ctrl-C is delivered once the model is whole again
+        with _uninterrupted(), _write_mode(targets):  # Ctrl-C is delivered once the model is whole again
             _fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
-            with torch.no_grad():
-                result = model.load_state_dict(staged, strict=False)
+            result = model.load_state_dict(staged, strict=False)
             if result.unexpected_keys:
                 raise ModelError(f"the model refused keys {result.unexpected_keys[:5]}")
-    except BaseException:
-        with torch.no_grad():
+    except BaseException as e:
+        with _write_mode(targets):
             for k, v in backup.items():
                 state[k].copy_(v)
         for k, v in state.items():
             if v.is_leaf and v.is_floating_point():
                 v.requires_grad_(flags[k])
+        if isinstance(e, Exception) and not isinstance(e, WeightsmithError):
+            kept = ("every value written was put back, the model is unchanged" if backup
+                    else "the model may be partly written")
+            raise ModelError(f"loading {p.source} into {p.target} failed while writing "
+                             f"({type(e).__name__}: {e}); {kept}") from e
         raise
     return _report(p)
 
@@ -221,16 +359,15 @@ def _load_dcp_in_place(model: Any, p: LoadPlan, src: Source, source: Any, *, see
     target, the regions are read in and checked (nothing written), and only then copied in,
     as a sharded load does on each rank.
     """
-    import torch
-
-    from .assign import _uninterrupted
+    from .assign import _uninterrupted, _write_mode
     from .distributed import _Work
 
     work = _Work(model, p, src, source)
     try:
         work.read_collective()
         staged = work.stage()
-        with _uninterrupted(), torch.no_grad():
+        state = model.state_dict(keep_vars=True)
+        with _uninterrupted(), _write_mode(state[k] for k in _touched(p)):
             _fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
             work.commit(staged)
     finally:
@@ -269,12 +406,16 @@ def _writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mappi
 
 
 def _checked(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, Any], *, strict: bool,
-             min_coverage: float, on_meta: str) -> tuple[Any, LoadPlan, Source, dict[str, Any]]:
+             min_coverage: float, on_meta: str,
+             tied: str | Sequence[str] = "error") -> tuple[Any, LoadPlan, Source, dict[str, Any]]:
     """The source (a path opened, with ``root`` and ``trust`` from ``options``), the plan for
     loading it into ``model``, checked, and the model's state.
 
-    Refuses targets on the meta device (``on_meta`` says what to do instead).
+    Refuses targets on the meta device (``on_meta`` says what to do instead), targets that
+    cannot be written in place, and tied targets given two values (unless ``tied`` picks one:
+    the plan returned then takes it).
     """
+    _tie_picks(tied)
     if isinstance(source, (str, PurePath)):
         from .checkpoint import open as open_checkpoint
 
@@ -285,7 +426,19 @@ def _checked(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, 
     meta = [s.target for s in p.steps if state[s.target].is_meta and s.how != "tied"]
     if meta:
         raise ModelError(f"{len(meta)} target tensor(s) are on the meta device (e.g. {meta[0]!r}); {on_meta}")
-    return source, p, src, state
+    from .assign import _unwritable
+
+    bad = _unwritable((k, state[k]) for k in _touched(p))
+    if bad:
+        raise AssignError("\n  - ".join([f"cannot load {p.source} into {p.target}; nothing was changed: "
+                                         f"{len(bad)} target tensor(s) cannot be written in place:", *bad]),
+                          problems=tuple(bad))
+    return source, _settle_ties(p, src, state, tied=tied), src, state
+
+
+def _touched(p: LoadPlan) -> list[str]:
+    """The target keys a load writes: those loaded, and those an ``init`` rule fills."""
+    return [s.target for s in p.steps if s.loaded or (s.fill or "").startswith("init: ")]
 
 
 def _report(p: LoadPlan) -> LoadReport:
@@ -296,11 +449,13 @@ def _report(p: LoadPlan) -> LoadReport:
 
 
 def transfer(source: Any, target: Any, *, strict: bool = False, min_coverage: float = 0.5,
-             **plan_options: Any) -> tuple[dict[str, Any], LoadReport]:
+             tied: str | Sequence[str] = "error", **plan_options: Any) -> tuple[dict[str, Any], LoadReport]:
     """A state dict shaped like ``target`` (a checkpoint, path or state dict) with values from ``source``.
 
     The checkpoint-to-checkpoint form of `load_`: keys the source cannot fill keep the target's
-    own values. Used by ``weightsmith warmstart`` when the target is a file.
+    own values; ``tied`` is as for `load_` (the target's ties are those of its file). Nothing is
+    written in place: the result is a new dict (its values may be the source's or the target's
+    own tensors). Used by ``weightsmith warmstart`` when the target is a file.
     """
     from pathlib import Path
 
@@ -312,10 +467,12 @@ def transfer(source: Any, target: Any, *, strict: bool = False, min_coverage: fl
     options = dict(plan_options)
     root, trust = options.pop("root", None), options.pop("trust", False)
     src = as_source(source, root=root, trust=trust)
+    _tie_picks(tied)
     p = make_plan(tgt, src, **options)
     _check(p, strict=strict, min_coverage=min_coverage)
     current = tgt.load() if isinstance(tgt, Checkpoint) else dict(tgt)
     out = dict(current)
+    p = _settle_ties(p, src, current, tied=tied)
     for key, value in _stage(p, src, current).items():
         out[key] = value.to(dtype=current[key].dtype)
     for step in p.steps:
@@ -371,20 +528,22 @@ def _owner(model: Any, name: str) -> tuple[Any, str]:
 
 def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init: Any = None,
           strict: bool = True, min_coverage: float = 0.5, seed: int | None = None,
-          **plan_options: Any) -> tuple[Any, LoadReport]:
+          tied: str | Sequence[str] = "error", **plan_options: Any) -> tuple[Any, LoadReport]:
     """Construct a model and load a checkpoint into it, with one copy of the parameters.
 
     The model is built with its parameters on the meta device and no initialization run
     (`empty_init`); what the checkpoint has is put in place directly (memory-mapped from the
     file when no cast or transform is needed: no second copy); only what is missing is
     initialized — by ``init`` rules, else by the owning module's ``reset_parameters``.
+    Values from a state dict or model in memory are copied (the built model never shares
+    memory with the caller's tensors), and no two untied tensors of the model share memory.
 
     Args:
         factory: a callable returning the ``nn.Module`` (a class, or a function).
         source: a path, a `Checkpoint`, a state dict or a model.
         device: where the parameters end up.
         init: ``(selector, initializer)`` rules for missing keys (as for `init_`).
-        strict, min_coverage, seed, **plan_options: as for `load_`.
+        strict, min_coverage, seed, tied, **plan_options: as for `load_`.
 
     Returns:
         ``(model, report)``.
@@ -393,6 +552,9 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     from torch import nn
 
     from .assign import _materialize, _registrations, _replace
+    from .checkpoint import Checkpoint
+
+    _tie_picks(tied)
 
     with empty_init():
         model = factory()
@@ -413,11 +575,15 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
         _materialize(slots, old, target)
     _initialize(model, p, pending, slots, seed=seed, device=target)
     state = model.state_dict(keep_vars=True)
+    p = _settle_ties(p, src, state, tied=tied)
     # 2. what the checkpoint has: put in place, mapped from the file where possible
     with torch.no_grad():
+        values = {step.target: _value(step, src, state[step.target])
+                  .to(device=target, dtype=state[step.target].dtype) for step in p.loaded}
+        _apart(values, None if isinstance(source, (str, PurePath, Checkpoint))
+               else [src.get(k) for step in p.loaded for k in step.sources])
         for step in p.loaded:
-            value = _value(step, src, state[step.target])
-            value = value.to(device=target, dtype=state[step.target].dtype)
+            value = values[step.target]
             old = state[step.target]
             if step.kind == "parameter":
                 # init_ may have replaced a Parameter behind our back: then its owner is found by name
@@ -431,6 +597,26 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     if left:
         raise ModelError(f"{len(left)} tensor(s) were neither loaded nor initialized, e.g. {left[0]!r}")
     return model, _report(p)
+
+
+def _apart(values: dict[str, Any], caller: list[Any] | None) -> None:
+    """Copy values so that none shares memory with the ``caller``'s tensors or with another value.
+
+    Each value becomes a tensor of its own in the built model: two Parameters over one memory
+    would be coupled without being tied (each stepped by an optimizer), and a model sharing a
+    caller's state dict would change with it.
+    """
+    from .assign import _Memory, _overlapping
+
+    if caller is not None:
+        memory = _Memory(caller)
+        for key, value in values.items():
+            if memory.overlaps(value):
+                values[key] = value.clone()
+    keys = list(values)
+    for group in _overlapping(list(values.values())):
+        for _, i in group[1:]:  # the first keeps the memory, the others get their own
+            values[keys[i]] = values[keys[i]].clone()
 
 
 def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, list[tuple[Any, str]]],

@@ -490,6 +490,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
         _structural(model, src, state, steps, unused, failed, tie_groups, kinds, tshape, tdtype, ambiguous)
 
     # 4. ties, missing keys and unused sources
+    shadowed: dict[str, Step] = {}  # a tied key the source also gave a value: load_ compares the two
     for group in tie_groups:
         loaded = [n for n in group if n in steps and steps[n].loaded]
         for n in group:
@@ -497,7 +498,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
                 steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
                                 note=f"tied to {loaded[0]}")
             elif n in steps and loaded and n != loaded[0]:
-                s = steps.pop(n)
+                s = shadowed[n] = steps.pop(n)
                 for k in s.sources:
                     unused[k] = Unused(k, src.specs[k][0], f"{n!r} is tied to {loaded[0]!r}, loaded from "
                                        f"{', '.join(steps[loaded[0]].sources)}", expected=True)
@@ -540,6 +541,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
         ambiguous=ambiguous, problems=problems, warnings=warnings)
     # the initializers themselves (callables have only a name in the plan's text)
     made._initializers = {t: how for t, how in initializers.items() if how is not None}
+    made._shadowed = shadowed
     return made
 
 

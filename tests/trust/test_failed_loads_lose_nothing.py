@@ -3,7 +3,9 @@
 Random small models (Linear, LayerNorm, Embedding; sometimes a layer used twice, sometimes an
 embedding tied to a linear layer; some parameters frozen) take checkpoints with faults injected:
 a tensor of another shape, a tensor turned to int, a missing key under ``strict=True``, a read
-that fails with ``OSError`` part-way through, a module whose loading raises part-way through.
+that fails with ``OSError`` part-way through, a module whose loading raises part-way through,
+a target that cannot be written in place (an expanded Parameter, on a random module). Each
+failure is a `WeightsmithError`, whatever raised underneath.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 import weightsmith
 from weightsmith.errors import WeightsmithError
 
-_BREAKING = ("shape", "missing", "read error", "module raises")
+_BREAKING = ("shape", "missing", "read error", "module raises", "unwritable target")
 
 
 def _build(specs: list[tuple[Any, ...]], seed: int) -> nn.Sequential:
@@ -104,7 +106,7 @@ def _state(model: nn.Module) -> dict[str, Any]:
     """Everything a failed load must leave alone."""
     params = dict(model.named_parameters(remove_duplicate=False))
     return {
-        "values": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "values": {k: (v.to_dense() if v.is_sparse else v).detach().clone() for k, v in model.state_dict().items()},
         "flags": {k: p.requires_grad for k, p in params.items()},
         "ids": {k: id(p) for k, p in params.items()},
     }
@@ -144,7 +146,6 @@ def test_a_failed_load_leaves_the_model_exactly_as_it_was(tmp_path: Path) -> Non
             faults.append("int")  # alone, an int source is cast and loads; here it rides along
         for fault in faults:
             seen[fault] = seen.get(fault, 0) + 1
-        ties_before = _ties(model)
 
         if "shape" in faults:
             key = data.draw(st.sampled_from(keys), "reshaped key")
@@ -157,6 +158,10 @@ def test_a_failed_load_leaves_the_model_exactly_as_it_was(tmp_path: Path) -> Non
             for name in [g for g in _ties(_build(specs, 0)) if key in g] or [[key]]:
                 for k in name:
                     source.pop(k, None)  # the whole tie group: otherwise the tie fills the gap
+        if "unwritable target" in faults:
+            index = data.draw(st.integers(0, len(model) - 1), "module with an expanded parameter")
+            model[index].odd = nn.Parameter(torch.randn(1, 2).expand(3, 2))  # stride 0: 6 elements, 2 floats
+            source[f"{index}.odd"] = torch.ones(3, 2)
         if not source:
             source["unrelated.weight"] = torch.zeros(1)
         path = tmp_path / "source.safetensors"
@@ -176,12 +181,12 @@ def test_a_failed_load_leaves_the_model_exactly_as_it_was(tmp_path: Path) -> Non
 
             victim._register_load_state_dict_pre_hook(refuse)  # noqa: SLF001 - a fault, on purpose
 
-        before = _state(model)
+        before, ties_before = _state(model), _ties(model)
         try:
             weightsmith.load_(model, ckpt, strict=True)
-        except (WeightsmithError, RuntimeError) as e:
-            if not isinstance(e, WeightsmithError):
-                assert "module raises" in faults and "cannot load right now" in str(e)
+        except WeightsmithError as e:
+            if isinstance(e.__cause__, RuntimeError) and "cannot load right now" in str(e.__cause__):
+                assert "module raises" in faults
         else:
             pytest.fail(f"faults {faults} did not stop the load")
         _assert_unchanged(model, before)
@@ -208,3 +213,129 @@ def test_a_mapping_source_whose_kth_read_fails_raises_a_weightsmith_error(k: int
     with pytest.raises(WeightsmithError, match="Input/output error"):
         weightsmith.load_(model, _LazyMapping(source, k=k))
     _assert_unchanged(model, before)
+
+
+# -- targets that cannot take a value in place -------------------------------------------------------
+class _Odd(nn.Module):
+    """Two ordinary Parameters, then (registered last, so a copy-as-you-go load writes the others
+    first) a tensor of the kind given."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Parameter(torch.randn(3))
+        self.b = nn.Parameter(torch.randn(2, 3))
+        if kind == "inference buffer":
+            with torch.inference_mode():
+                self.register_buffer("odd", torch.zeros(2, 3))
+        elif kind == "expanded parameter":  # stride 0: six elements over three floats
+            self.odd = nn.Parameter(torch.randn(1, 3).expand(2, 3))
+        elif kind == "overlapping strides":  # no stride 0, and still (0, 1) and (1, 0) share a float
+            self.odd = nn.Parameter(torch.randn(4).as_strided((2, 3), (1, 1)))
+        elif kind == "sparse parameter":
+            self.odd = nn.Parameter(torch.eye(2, 3).to_sparse())
+
+
+def _source_for(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: torch.full(v.shape, 7.0) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["expanded parameter", "overlapping strides", "sparse parameter"])
+@pytest.mark.parametrize("how", ["load_ a dict", "load_ a file", "assign_", "restore_"])
+def test_a_target_that_cannot_be_written_in_place_is_refused_before_the_first_write(
+        tmp_path: Path, kind: str, how: str) -> None:
+    model = _Odd(kind)
+    source = _source_for(model)
+    source["odd"] = torch.full((2, 3), 7.0)  # dense, whatever the target is
+    before = _state(model)
+    with pytest.raises(WeightsmithError) as info:
+        if how == "load_ a dict":
+            weightsmith.load_(model, source)
+        elif how == "load_ a file":
+            weightsmith.save(source, tmp_path / "s.safetensors")
+            weightsmith.load_(model, tmp_path / "s.safetensors")
+        elif how == "assign_":
+            weightsmith.assign_(model, source)
+        else:
+            weightsmith.restore_(model, source)
+    text = str(info.value)
+    assert "'odd' (2, 3)" in text and "nothing was" in text  # the key, its shape, and that nothing changed
+    why = {"sparse parameter": "sparse"}.get(kind, "share one memory location")
+    assert why in text
+    assert "first" in text  # the fix: what to do before loading
+    _assert_unchanged(model, before)
+
+
+def test_every_odd_target_is_listed_in_one_error() -> None:
+    model = _Odd("expanded parameter")
+    model.odd2 = nn.Parameter(torch.eye(2).to_sparse())
+    source = {**_source_for(_Odd("expanded parameter")), "odd2": torch.zeros(2, 2)}
+    before = _state(model)
+    with pytest.raises(WeightsmithError) as info:
+        weightsmith.load_(model, source)
+    assert len(info.value.problems) == 2  # type: ignore[attr-defined]
+    assert "'odd' (2, 3)" in info.value.problems[0] and "'odd2' (2, 2)" in info.value.problems[1]  # type: ignore
+    _assert_unchanged(model, before)
+
+
+def test_a_target_in_read_only_memory_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # a write into a read-only mapping kills the process (SIGSEGV): run it in a child
+    code = f"""
+import warnings, numpy as np, torch, weightsmith
+from torch import nn
+from weightsmith.errors import WeightsmithError
+np.zeros(3, dtype=np.float32).tofile({str(tmp_path / "w.bin")!r})
+warnings.simplefilter("ignore")  # torch warns that the array is not writable: that is the case
+model = nn.Module()
+model.a = nn.Parameter(torch.zeros(3))
+model.register_buffer("ro", torch.from_numpy(np.memmap({str(tmp_path / "w.bin")!r}, dtype=np.float32, mode="r")))
+for fn in (weightsmith.load_, weightsmith.assign_):
+    try:
+        fn(model, {{"a": torch.ones(3), "ro": torch.ones(3)}})
+    except WeightsmithError as e:
+        assert "'ro' (3,)" in str(e) and "read-only" in str(e), e
+    else:
+        raise SystemExit("loaded into read-only memory")
+assert torch.equal(model.a, torch.zeros(3)) and torch.equal(model.ro, torch.zeros(3))
+print("refused")
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "refused" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("how", ["load_ a dict", "load_ a file", "assign_", "restore_"])
+def test_an_inference_tensor_target_is_written_under_inference_mode(tmp_path: Path, how: str) -> None:
+    model = _Odd("inference buffer")
+    params = {k: p for k, p in model.named_parameters()}
+    source = _source_for(model)
+    if how == "load_ a dict":
+        weightsmith.load_(model, source)
+    elif how == "load_ a file":
+        weightsmith.save(source, tmp_path / "s.safetensors")
+        weightsmith.load_(model, tmp_path / "s.safetensors")
+    elif how == "assign_":
+        weightsmith.assign_(model, source)
+    else:
+        weightsmith.restore_(model, source)
+    assert all(torch.equal(v, torch.full(v.shape, 7.0)) for v in model.state_dict().values())
+    assert all(p is params[k] for k, p in model.named_parameters())  # the same objects
+    assert model.odd.is_inference() and not model.a.is_inference() and model.a.requires_grad
+    (model.a.sum() + model.b.sum()).backward()  # the Parameters still train
+    assert torch.equal(model.a.grad, torch.ones(3))
+
+
+def test_a_dcp_folder_loads_into_an_inference_buffer_and_refuses_an_expanded_target(tmp_path: Path) -> None:
+    # a DCP folder is written into the model's own tensors chunk by chunk (no staged copy)
+    source = _source_for(_Odd("inference buffer"))
+    weightsmith.save(source, tmp_path / "ckpt", format="dcp")
+    model = _Odd("inference buffer")
+    weightsmith.load_(model, tmp_path / "ckpt")
+    assert all(torch.equal(v, torch.full(v.shape, 7.0)) for v in model.state_dict().values())
+    odd = _Odd("expanded parameter")
+    before = _state(odd)
+    with pytest.raises(WeightsmithError, match="share one memory location"):
+        weightsmith.load_(odd, tmp_path / "ckpt")
+    _assert_unchanged(odd, before)

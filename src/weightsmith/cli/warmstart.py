@@ -21,11 +21,13 @@ from ._target import target_options
 @click.option("--allow-unused-rules", is_flag=True, help="A rename rule that matches nothing is only a warning.")
 @click.option("--on-mismatch", type=click.Choice(["error", "skip", "adapt"]), default="error", show_default=True)
 @click.option("--strict", is_flag=True, help="Every target key from the source, every source key used.")
+@click.option("--tied", default="error", show_default=True,
+              help="Tied target keys given different values: error, first, or the key whose value wins.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema weightsmith.load/1).")
 @target_options
 def command(source: str, target: str, out: Path, rules: str | None, match: str, exact: bool,
-            allow_unused_rules: bool, on_mismatch: str, strict: bool, force: bool, as_json: bool) -> None:
+            allow_unused_rules: bool, on_mismatch: str, strict: bool, tied: str, force: bool, as_json: bool) -> None:
     """Warm-start TARGET from SOURCE and write the result to OUT (plus OUT.report.json)."""
     from ..load import build, transfer
     from ..save import save
@@ -34,7 +36,7 @@ def command(source: str, target: str, out: Path, rules: str | None, match: str, 
     if out.exists() and not force:
         abort(f"{out} exists; pass --force to overwrite it")
     options = {"rename": rules or (), "match": "exact" if exact else match, "on_mismatch": on_mismatch,
-               "strict": strict, "allow_unused_rules": allow_unused_rules}
+               "strict": strict, "allow_unused_rules": allow_unused_rules, "tied": tied}
     if is_factory(target):
         model, report = build(load_factory(target, source=source), source, **options)
         state = model.state_dict()
