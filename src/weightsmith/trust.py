@@ -53,15 +53,19 @@ class GlobalUse:
             (TorchScript code in the archive), ``unread`` (named in a pickle the restricted
             reader could not follow to its end: counted as refused unless allowlisted).
         where: the pickles naming it (zip member names, ``pickle 2``, ``.metadata``).
+        calls: where a real unpickler would run code through it: the opcode, its byte offset
+            in the pickle and why (``"REDUCE at byte 57: called"``).
     """
 
     name: str
     status: str
     uses: tuple[str, ...]
     where: tuple[str, ...]
+    calls: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "uses": list(self.uses), "where": list(self.where)}
+        return {"name": self.name, "status": self.status, "uses": list(self.uses), "where": list(self.where),
+                "calls": list(self.calls)}
 
 
 @dataclass
@@ -114,6 +118,7 @@ class GlobalsReport(Result):
                    f"UNSAFE: unpickled for real, it would (or, where 'unread', might) call "
                    f"{', '.join(self.refused)}")
         lines = [f"{len(self.pickles)} pickle(s) read: {', '.join(self.pickles) or 'none'}", verdict]
+        lines += [f"  {g.name}: {c}" for g in self.globals for c in g.calls[:3]]
         lines += [f"problem: {p}" for p in self.problems]
         return Group(table, Text("\n".join(lines)))
 
@@ -162,11 +167,12 @@ class _Scan:
         self.problems: list[str] = []
         self.uses: dict[str, set[str]] = {}
         self.where: dict[str, list[str]] = {}
+        self.calls: dict[str, list[str]] = {}
         self.total = _size_of(root)
         self.done = 0
 
     def report(self) -> list[GlobalUse]:
-        from .io._pickle import is_allowed
+        from .io._pickle import KNOWN_PLAIN, is_allowed
 
         out = []
         for name, uses in self.uses.items():
@@ -177,15 +183,26 @@ class _Scan:
                 status = "allowed"
             elif "unread" in uses:
                 status = "refused"  # named where the reader could not follow: assume the worst
-            else:
+            elif name in KNOWN_PLAIN:
                 status = "data"
-            out.append(GlobalUse(name, status, tuple(sorted(uses)), tuple(dict.fromkeys(self.where[name]))))
+            else:
+                # off the allowlist: a real unpickler imports its module and builds the object
+                # with the class's own __new__/__setstate__, which nothing here can vouch for
+                status = "refused"
+            out.append(GlobalUse(name, status, tuple(sorted(uses)), tuple(dict.fromkeys(self.where[name])),
+                                 tuple(dict.fromkeys(self.calls.get(name, ())))))
         order = {"refused": 0, "data": 1, "allowed": 2}
         return sorted(out, key=lambda g: (order[g.status], g.name))
 
     def note(self, name: str, how: set[str] | tuple[str, ...], where: str) -> None:
         self.uses.setdefault(name, set()).update(how)
         self.where.setdefault(name, []).append(where)
+
+    def note_scan(self, scan: Any, where: str) -> None:
+        for name, how in scan.globals.items():
+            self.note(name, how, where)
+        for f in scan.findings:
+            self.calls.setdefault(f.name, []).append(f"{where}: {f.opcode} at byte {f.position}: {f.why}")
 
     def step(self, nbytes: int, label: str) -> None:
         self.done += nbytes
@@ -329,16 +346,14 @@ class _Scan:
         except pickle.UnpicklingError as e:
             partial = getattr(e, "scan", None)
             if isinstance(partial, PickleScan):
-                for name, how in partial.globals.items():
-                    self.note(name, how, label)
+                self.note_scan(partial, label)
             stream.seek(start)
             for name in _named_globals(stream, count=count):
                 self.note(name, ("unread",), label)
             self.problems.append(f"{label}: the restricted reader broke off ({e}); every global its opcodes "
                                  "name is listed, those it could not follow as 'unread'")
             return False, None
-        for name, how in scan.globals.items():
-            self.note(name, how, label)
+        self.note_scan(scan, label)
         return True, (scan.objects[-1] if scan.objects else None)
 
 
