@@ -251,11 +251,17 @@ class _Scan:
     def zip(self, path: Path, label_prefix: str) -> str:
         import zipfile
 
+        from .io.torchfile import pickle_limit, zip_layout_problem
+
         try:
             with zipfile.ZipFile(path) as zf:
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError) as e:
             raise CorruptCheckpointError(f"{path}: damaged zip archive ({e})") from e
+        problem = zip_layout_problem(path, [i.filename for i in infos])
+        if problem:
+            raise CorruptCheckpointError(problem)
+        limit = pickle_limit(path.stat().st_size)
         fmt = "zip"
         for info in infos:
             name = info.filename
@@ -272,10 +278,14 @@ class _Scan:
                     continue
                 label = label_prefix + info.filename
                 try:
-                    data = _member_bytes(f, info, limit=_MAX_PICKLE)
+                    data = _member_bytes(f, info, limit=limit + 1)
                 except CorruptCheckpointError as e:
                     self.problems.append(f"{label}: {e}")
                     continue
+                if len(data) > limit:
+                    raise CorruptCheckpointError(
+                        f"{path}: member {info.filename!r} inflates past {limit:,} bytes (the file's size plus "
+                        "32 MiB); a checkpoint pickle is never that compressible: refusing a decompression bomb")
                 self.pickles.append(label)
                 self._walk(io.BytesIO(data), label, count=None)
                 self.step(info.compress_size, label)
