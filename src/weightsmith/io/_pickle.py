@@ -265,8 +265,7 @@ class _Machine:
         self.legacy = legacy
         self.budget = budget
         self.placeholders = placeholders
-        self.pos = 0  # the current opcode's offset, for findings
-        self.opname = ""
+        self.at = 0  # the current opcode's index in buf, for findings
 
     # -- bytes ------------------------------------------------------------------------------
     def _take(self, n: int) -> bytes:
@@ -279,15 +278,20 @@ class _Machine:
         return out
 
     def _fill(self, n: int) -> None:
-        rest = self.buf[self.i:]
-        want = n - len(rest)
-        if want > self.budget:
+        """Make ``n`` bytes available at ``self.i``, keeping the current opcode's byte."""
+        if n - (len(self.buf) - self.i) > self.budget:
             raise _Bad(f"an opcode declares {n:,} bytes, more than this pickle may hold")
-        more = self.stream.read(max(want, _CHUNK))
-        self.base += self.i
-        self.buf, self.i = rest + more, 0
-        if len(self.buf) < n:
+        more = self.stream.read(max(n - (len(self.buf) - self.i), _CHUNK))
+        self._shift(more)
+        if len(self.buf) - self.i < n:
             raise EOFError
+
+    def _shift(self, more: bytes) -> None:
+        keep = min(self.at, self.i)
+        self.buf = self.buf[keep:] + more
+        self.base += keep
+        self.i -= keep
+        self.at -= keep
 
     def _line(self) -> bytes:
         end = self.buf.find(b"\n", self.i)
@@ -297,8 +301,7 @@ class _Machine:
             more = self.stream.read(_CHUNK)
             if not more:
                 raise EOFError
-            self.base += self.i
-            self.buf, self.i = self.buf[self.i:] + more, 0
+            self._shift(more)
             end = self.buf.find(b"\n", self.i)
         out = self.buf[self.i:end]
         self.i = end + 1
@@ -310,6 +313,16 @@ class _Machine:
             raise _Bad("the pickle builds more objects than its size allows (a resource bomb?)")
 
     # -- findings ---------------------------------------------------------------------------
+    @property
+    def pos(self) -> int:
+        """The current opcode's byte offset in the stream."""
+        return self.base + self.at
+
+    @property
+    def opname(self) -> str:
+        code = self.buf[self.at]
+        return _OPNAMES.get(code, f"0x{code:02x}")
+
     def _name(self, value: Any) -> str:
         if isinstance(value, type) and issubclass(value, Opaque):
             return value._ws_global
@@ -494,65 +507,71 @@ class _Machine:
             del stack[k:]
             return items
 
+        ops = 0
         while True:
-            self.pos = self.base + self.i
-            op = take(1)
-            code = op[0]
-            self.opname = _OPNAMES.get(code, f"0x{code:02x}")
-            charge(8)  # a stack slot
+            at = self.i
+            if at >= len(self.buf):
+                self._fill(1)
+                at = self.i
+            code = self.buf[at]
+            self.i = at + 1
+            self.at = at
+            ops += 1
+            if not ops & 0xFFF:
+                charge(8 << 12)  # a stack slot per opcode
             try:
-                if op == b"q":  # BINPUT
+                if code == 0x71:  # BINPUT
                     memo[take(1)[0]] = stack[-1]
                     charge(64)
-                elif op == b"h":  # BINGET
+                elif code == 0x68:  # BINGET
                     stack.append(memo[take(1)[0]])
-                elif op == b"(":  # MARK
+                elif code == 0x28:  # MARK
                     marks.append(len(stack))
-                elif op == b"X":  # BINUNICODE
+                elif code == 0x58:  # BINUNICODE
                     (n,) = struct.unpack("<I", take(4))
                     charge(n)
                     stack.append(str(take(n), "utf-8", "surrogatepass"))
-                elif op == b"\x8c":  # SHORT_BINUNICODE
+                elif code == 0x8c:  # SHORT_BINUNICODE
                     n = take(1)[0]
                     charge(49 + n)
                     stack.append(str(take(n), "utf-8", "surrogatepass"))
-                elif op == b"K":  # BININT1
+                elif code == 0x4b:  # BININT1
                     stack.append(take(1)[0])
-                elif op == b"M":  # BININT2
+                elif code == 0x4d:  # BININT2
                     stack.append(int.from_bytes(take(2), "little"))
-                elif op == b"J":  # BININT
+                elif code == 0x4a:  # BININT
                     stack.append(struct.unpack("<i", take(4))[0])
-                elif op == b"\x94":  # MEMOIZE
+                elif code == 0x94:  # MEMOIZE
                     memo[len(memo)] = stack[-1]
                     charge(64)
-                elif op == b"t":  # TUPLE
+                elif code == 0x74:  # TUPLE
                     items = pop_mark()
                     charge(40 + 8 * len(items))
                     stack.append(tuple(items))
-                elif op == b")":  # EMPTY_TUPLE
+                elif code == 0x29:  # EMPTY_TUPLE
                     stack.append(())
-                elif op in (b"\x85", b"\x86", b"\x87"):  # TUPLE1, TUPLE2, TUPLE3
+                elif code in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
                     n = code - 0x84
                     if len(stack) < n:
                         raise IndexError
                     stack[-n:] = [tuple(stack[-n:])]
                     charge(40 + 8 * n)
-                elif op == b"R":  # REDUCE
+                elif code == 0x52:  # REDUCE
                     args = stack.pop()
                     stack[-1] = self._apply(stack[-1], args)
                     charge(400)
-                elif op == b"Q":  # BINPERSID
+                elif code == 0x51:  # BINPERSID
                     stack[-1] = self._persistent(stack[-1])
                     charge(300)
-                elif op == b"}":  # EMPTY_DICT
+                elif code == 0x7d:  # EMPTY_DICT
                     stack.append({})
                     charge(64)
-                elif op == b"]":  # EMPTY_LIST
+                elif code == 0x5d:  # EMPTY_LIST
                     stack.append([])
                     charge(56)
-                elif op in (b"u", b"s"):  # SETITEMS, SETITEM
-                    items = pop_mark() if op == b"u" else stack[-2:]
-                    if op == b"s":
+                elif code in (0x75, 0x73):  # SETITEMS, SETITEM
+                    items = pop_mark() if code == 0x75 else stack[-2:]
+                    if code == 0x73:
                         del stack[-2:]
                     if len(items) % 2:
                         raise _Bad("SETITEMS with an odd number of items")
@@ -567,8 +586,8 @@ class _Machine:
                             target.__dict__["_ws_items"][self._key(items[j], "an object")] = items[j + 1]
                     else:
                         raise _Bad(f"SETITEMS on a {_short(target)}")
-                elif op in (b"e", b"a"):  # APPENDS, APPEND
-                    items = pop_mark() if op == b"e" else [stack.pop()]
+                elif code in (0x65, 0x61):  # APPENDS, APPEND
+                    items = pop_mark() if code == 0x65 else [stack.pop()]
                     target = stack[-1]
                     charge(8 * len(items))
                     if isinstance(target, list):
@@ -578,89 +597,89 @@ class _Machine:
                         target.__dict__["_ws_list"].extend(items)
                     else:
                         raise _Bad(f"APPENDS on a {_short(target)}")
-                elif op == b"\x88":  # NEWTRUE
+                elif code == 0x88:  # NEWTRUE
                     stack.append(True)
-                elif op == b"\x89":  # NEWFALSE
+                elif code == 0x89:  # NEWFALSE
                     stack.append(False)
-                elif op == b"N":  # NONE
+                elif code == 0x4e:  # NONE
                     stack.append(None)
-                elif op == b"G":  # BINFLOAT
+                elif code == 0x47:  # BINFLOAT
                     stack.append(struct.unpack(">d", take(8))[0])
-                elif op == b"c":  # GLOBAL
+                elif code == 0x63:  # GLOBAL
                     module = self._line().decode("utf-8")
                     name = self._line().decode("utf-8")
                     stack.append(self._global(module, name))
-                elif op == b"\x93":  # STACK_GLOBAL
+                elif code == 0x93:  # STACK_GLOBAL
                     name = stack.pop()
                     module = stack.pop()
                     if type(module) is not str or type(name) is not str:
                         raise _Bad("STACK_GLOBAL names a global with something other than strings")
                     stack.append(self._global(module, name))
-                elif op == b"\x81":  # NEWOBJ
+                elif code == 0x81:  # NEWOBJ
                     args = stack.pop()
                     if not isinstance(args, tuple):
                         raise _Bad("NEWOBJ with arguments that are no tuple")
                     stack[-1] = self._new(stack[-1], args, None)
                     charge(400)
-                elif op == b"\x92":  # NEWOBJ_EX
+                elif code == 0x92:  # NEWOBJ_EX
                     kwargs = stack.pop()
                     args = stack.pop()
                     if not isinstance(args, tuple) or not isinstance(kwargs, dict):
                         raise _Bad("NEWOBJ_EX with malformed arguments")
                     stack[-1] = self._new(stack[-1], args, kwargs)
                     charge(400)
-                elif op == b"b":  # BUILD
+                elif code == 0x62:  # BUILD
                     state = stack.pop()
                     self._build(stack[-1], state)
-                elif op == b"0":  # POP
+                elif code == 0x30:  # POP
                     if marks and marks[-1] == len(stack):
                         marks.pop()
                     else:
                         stack.pop()
-                elif op == b"1":  # POP_MARK
+                elif code == 0x31:  # POP_MARK
                     pop_mark()
-                elif op == b"2":  # DUP
+                elif code == 0x32:  # DUP
                     stack.append(stack[-1])
-                elif op == b".":  # STOP
+                elif code == 0x2e:  # STOP
                     if len(stack) != 1 or marks:
                         raise _Bad("STOP with a stack that does not hold exactly one object")
                     self.stream.seek(self.base + self.i)
                     return stack[0]
-                elif op == b"\x80":  # PROTO
+                elif code == 0x80:  # PROTO
                     if take(1)[0] > pickle.HIGHEST_PROTOCOL:
                         raise _Bad("unsupported pickle protocol")
-                elif op == b"\x95":  # FRAME: a length hint only
+                elif code == 0x95:  # FRAME: a length hint only
                     take(8)
-                elif op == b"r":  # LONG_BINPUT
+                elif code == 0x72:  # LONG_BINPUT
                     (n,) = struct.unpack("<I", take(4))
                     memo[n] = stack[-1]
                     charge(64)
-                elif op == b"j":  # LONG_BINGET
+                elif code == 0x6a:  # LONG_BINGET
                     (n,) = struct.unpack("<I", take(4))
                     stack.append(memo[n])
-                elif op == b"p":  # PUT
+                elif code == 0x70:  # PUT
                     memo[int(self._line())] = stack[-1]
                     charge(64)
-                elif op == b"g":  # GET
+                elif code == 0x67:  # GET
                     stack.append(memo[int(self._line())])
-                elif op == b"l":  # LIST
+                elif code == 0x6c:  # LIST
                     items = pop_mark()
                     charge(56 + 8 * len(items))
                     stack.append(items)
-                elif op == b"d":  # DICT
+                elif code == 0x64:  # DICT
                     items = pop_mark()
                     if len(items) % 2:
                         raise _Bad("DICT with an odd number of items")
                     charge(48 * len(items))
                     stack.append({self._key(items[j], "a dict"): items[j + 1] for j in range(0, len(items), 2)})
-                elif op == b"\x8f":  # EMPTY_SET
+                elif code == 0x8f:  # EMPTY_SET
                     stack.append(set())
                     charge(200)
-                elif op in (b"\x90", b"\x91"):  # ADDITEMS, FROZENSET
+                elif code in (0x90, 0x91):  # ADDITEMS, FROZENSET
                     items = pop_mark()
                     charge(48 * len(items))
                     members = [self._key(x, "a set") for x in items]
-                    if op == b"\x91":
+                    if code == 0x91:
                         stack.append(frozenset(members))
                     elif isinstance(stack[-1], set):
                         stack[-1].update(members)
@@ -668,60 +687,60 @@ class _Machine:
                         self._method(stack[-1], "add")
                     else:
                         raise _Bad(f"ADDITEMS on a {_short(stack[-1])}")
-                elif op == b"i":  # INST
+                elif code == 0x69:  # INST
                     module = self._line().decode("utf-8")
                     name = self._line().decode("utf-8")
                     stack.append(self._apply(self._global(module, name), tuple(pop_mark())))
-                elif op == b"o":  # OBJ
+                elif code == 0x6f:  # OBJ
                     items = pop_mark()
                     if not items:
                         raise _Bad("OBJ without a class")
                     stack.append(self._apply(items[0], tuple(items[1:])))
-                elif op in (b"\x82", b"\x83", b"\x84"):  # EXT1, EXT2, EXT4
-                    width = {b"\x82": 1, b"\x83": 2, b"\x84": 4}[op]
+                elif code in (0x82, 0x83, 0x84):  # EXT1, EXT2, EXT4
+                    width = {0x82: 1, 0x83: 2, 0x84: 4}[code]
                     ext = int.from_bytes(take(width), "little")
                     stack.append(self._call(_instance(self._placeholder(f"copyreg extension {ext}")),
                                             "a global from the extension registry, not named in the file"))
-                elif op == b"\x8a":  # LONG1
+                elif code == 0x8a:  # LONG1
                     n = take(1)[0]
                     stack.append(int.from_bytes(take(n), "little", signed=True))
-                elif op == b"\x8b":  # LONG4
+                elif code == 0x8b:  # LONG4
                     (n,) = struct.unpack("<i", take(4))
                     if n > 1 << 16:
                         raise _Bad(f"an integer of {n:,} bytes")
                     stack.append(int.from_bytes(take(n), "little", signed=True))
-                elif op == b"I":  # INT
+                elif code == 0x49:  # INT
                     text = self._line()
                     stack.append({b"00": False, b"01": True}.get(text) if text in (b"00", b"01") else int(text))
-                elif op == b"L":  # LONG
+                elif code == 0x4c:  # LONG
                     stack.append(int(self._line().rstrip(b"L")))
-                elif op == b"F":  # FLOAT
+                elif code == 0x46:  # FLOAT
                     stack.append(float(self._line()))
-                elif op in (b"B", b"\x8e", b"C"):  # BINBYTES, BINBYTES8, SHORT_BINBYTES
-                    width = {b"B": 4, b"\x8e": 8, b"C": 1}[op]
+                elif code in (0x42, 0x8e, 0x43):  # BINBYTES, BINBYTES8, SHORT_BINBYTES
+                    width = {0x42: 4, 0x8e: 8, 0x43: 1}[code]
                     n = int.from_bytes(take(width), "little")
                     charge(n)
                     stack.append(take(n))
-                elif op == b"\x96":  # BYTEARRAY8
+                elif code == 0x96:  # BYTEARRAY8
                     (n,) = struct.unpack("<Q", take(8))
                     charge(n)
                     stack.append(bytearray(take(n)))
-                elif op == b"\x8d":  # BINUNICODE8
+                elif code == 0x8d:  # BINUNICODE8
                     (n,) = struct.unpack("<Q", take(8))
                     charge(n)
                     stack.append(str(take(n), "utf-8", "surrogatepass"))
-                elif op == b"V":  # UNICODE
+                elif code == 0x56:  # UNICODE
                     stack.append(str(self._line(), "raw-unicode-escape"))
-                elif op in (b"T", b"U"):  # BINSTRING, SHORT_BINSTRING (Python 2 str)
-                    n = struct.unpack("<i", take(4))[0] if op == b"T" else take(1)[0]
+                elif code in (0x54, 0x55):  # BINSTRING, SHORT_BINSTRING (Python 2 str)
+                    n = struct.unpack("<i", take(4))[0] if code == 0x54 else take(1)[0]
                     charge(max(n, 0))
                     stack.append(_py2_str(take(n)))
-                elif op == b"S":  # STRING
+                elif code == 0x53:  # STRING
                     text = self._line()
-                    if len(text) < 2 or text[0] != text[-1] or text[:1] not in (b"'", b'"'):
+                    if len(text) < 2 or text[0] != text[-1] or text[:1] not in (b"'", b"\""):
                         raise _Bad("STRING opcode argument is not quoted")
                     stack.append(_py2_str(codecs.escape_decode(text[1:-1])[0]))
-                elif op == b"P":  # PERSID
+                elif code == 0x50:  # PERSID
                     stack.append(self._persistent(self._line().decode("ascii")))
                 else:  # NEXT_BUFFER, READONLY_BUFFER (out-of-band data) and unknown opcodes
                     raise _Bad(f"unsupported opcode {self.opname} at byte {self.pos}")

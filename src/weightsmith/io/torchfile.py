@@ -147,7 +147,9 @@ class TorchFileReader(Reader):
             raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported")
         info = entries[pkls[0]]
         if info.file_size > pickle_limit(self._size):
-            raise CorruptCheckpointError(f"{path}: data.pkl declares {info.file_size:,} bytes, too large")
+            raise CorruptCheckpointError(
+                f"{path}: data.pkl declares {info.file_size:,} bytes, more than the file's size plus 32 MiB; "
+                "a checkpoint pickle is never that compressible: refusing a decompression bomb")
         data = self._raw(info) if info.compress_type == zipfile.ZIP_STORED else self._inflate(info)
         try:
             scan = scan_pickle(data, budget=max(budget_for(self._size) - len(data), 0))
