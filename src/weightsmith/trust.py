@@ -140,7 +140,8 @@ def scan_globals(path: str | Path, *, progress: Progress | None = None) -> Globa
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
-        UnknownFormatError: ``path`` holds no pickle at all.
+        UnknownFormatError: ``path`` is a file holding no pickle at all (a folder without
+            pickles is reported with none: it has no globals to list).
 
     >>> import weightsmith.trust as trust                        # doctest: +SKIP
     >>> trust.scan_globals("model.pt").safe                      # doctest: +SKIP
@@ -225,9 +226,11 @@ class _Scan:
                 except UnknownFormatError as e:  # one stray file does not hide the others
                     self.problems.append(str(e))
                 found = True
-        if not found:
-            raise UnknownFormatError(f"{folder}: a folder with no pickle-bearing file (.metadata, .pt, .bin, ...)")
-        return "dcp" if meta.is_file() else "folder"
+        if meta.is_file():
+            return "dcp"
+        if not found:  # safetensors shards, a Hugging Face folder: no pickle, so no globals to list
+            return "safetensors folder" if any(folder.glob("*.safetensors")) else "folder"
+        return "folder"
 
     def file(self, path: Path, *, label_prefix: str, kind: str | None = None) -> str:
         start = self.done
