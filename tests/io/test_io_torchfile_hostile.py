@@ -114,3 +114,12 @@ def test_a_meta_tensor_larger_than_torch_can_count_is_a_corrupt_checkpoint(tmp_p
         ck = weightsmith.open(path)
         ck.tensor("w")
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("flag", [_s("yes"), b"ccollections\nOrderedDict\n)R"], ids=["text", "object"])
+def test_requires_grad_that_is_no_bool_is_a_corrupt_checkpoint(tmp_path: Path, flag: bytes) -> None:
+    # torch's C setter takes a bool and nothing else; anything here is a doctored record
+    tensor = _TENSOR.replace(b"\x89ccollections", flag + b"ccollections", 1)
+    path = _with_data_pkl(tmp_path, b"\x80\x02}" + _s("w") + tensor + b"s.")
+    with pytest.raises(CorruptCheckpointError, match="requires_grad"):
+        weightsmith.open(path)

@@ -235,6 +235,25 @@ def _short(value: Any) -> str:
     return text[:60]
 
 
+def _flag(value: Any, what: str) -> bool:
+    # torch assigns requires_grad through a C setter that takes a bool and nothing else
+    if type(value) not in (bool, int):
+        raise _Bad(f"{what} is {_short(value)}, not a bool")
+    return bool(value)
+
+
+def _plain_state(value: Any) -> bool:
+    """Whether torch's ``_set_obj_state`` would only store ``value``: attributes by plain names."""
+    parts = value if isinstance(value, tuple) and len(value) == 2 else (value,)
+    for part in parts:
+        if part is None:
+            continue
+        if not isinstance(part, dict) or not all(
+                isinstance(k, str) and not k.startswith("__") and _is_data(v) for k, v in part.items()):
+            return False
+    return True
+
+
 def _dims(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or len(value) > 64 or not all(
             type(d) is int and abs(d) < 1 << 62 for d in value):
@@ -804,7 +823,7 @@ def _tensor(m: _Machine, storage: Any, offset: Any, size: Any, stride: Any, requ
         if not isinstance(value, (dict, type(None))) or not _is_data(value):
             m._call(value, f"a tensor's {what} are a {m._name(value)}, which torch would test or read")
     m._charge(400)
-    return TensorRecord(storage, offset, shape, strides, dtype, bool(requires_grad))
+    return TensorRecord(storage, offset, shape, strides, dtype, _flag(requires_grad, "a tensor's requires_grad"))
 
 
 def _rebuild_tensor_v2(m: _Machine, storage: Any = None, offset: Any = 0, size: Any = (), stride: Any = (),
@@ -837,10 +856,12 @@ def _rebuild_parameter(m: _Machine, data: Any = None, requires_grad: Any = True,
                        state: Any = None) -> Any:
     if not isinstance(data, TensorRecord):
         raise _Bad(f"a parameter is rebuilt from {_short(data)}, not a tensor")
-    for value in (hooks, state):
-        if not isinstance(value, (dict, tuple, type(None))) or not _is_data(value):
-            m._call(value, "a parameter's hooks or state are no plain data")
-    data.requires_grad = bool(requires_grad)
+    if not isinstance(hooks, (dict, type(None))) or not _is_data(hooks):
+        m._call(hooks, "a parameter's hooks are no plain data")
+    if not _plain_state(state):
+        m._call(state if not _is_data(state) else m._placeholder("torch._utils._set_obj_state"),
+                "a parameter's state sets attributes that are not plain names and values")
+    data.requires_grad = _flag(requires_grad, "a parameter's requires_grad")
     data.is_parameter = True
     return data
 
@@ -852,7 +873,7 @@ def _rebuild_meta(m: _Machine, dtype: Any = None, size: Any = (), stride: Any = 
     shape = _dims(size, "shape")
     _numel_checked(shape)
     return TensorRecord(None, 0, shape, _dims(stride, "stride"), _DTYPE_ALIASES.get(dtype, dtype),
-                        bool(requires_grad))
+                        _flag(requires_grad, "a meta tensor's requires_grad"))
 
 
 def _rebuild_from_type_v2(m: _Machine, func: Any = None, new_type: Any = None, args: Any = (),
@@ -860,8 +881,9 @@ def _rebuild_from_type_v2(m: _Machine, func: Any = None, new_type: Any = None, a
     # torch calls func(*args), then as_subclass(new_type) and new_type's __setstate__
     if not isinstance(new_type, _Token) or new_type not in _TENSOR_TYPES:
         m._call(new_type, "a tensor subclass: its __setstate__ and as_subclass run")
-    if not isinstance(state, (dict, type(None))) or not _is_data(state):
-        m._call(state, "a tensor's state is no plain data")
+    if not _plain_state(state):
+        m._call(state if not _is_data(state) else m._placeholder("torch._utils._set_obj_state"),
+                "a tensor's state sets attributes that are not plain names and values")
     if not isinstance(args, tuple):
         raise _Bad("_rebuild_from_type_v2 with arguments that are no tuple")
     return m._apply(func, args)
