@@ -123,3 +123,12 @@ def test_requires_grad_that_is_no_bool_is_a_corrupt_checkpoint(tmp_path: Path, f
     path = _with_data_pkl(tmp_path, b"\x80\x02}" + _s("w") + tensor + b"s.")
     with pytest.raises(CorruptCheckpointError, match="requires_grad"):
         weightsmith.open(path)
+
+
+def test_an_allowlisted_rebuild_given_the_wrong_arguments_is_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    # found by the fuzzer: _rebuild_tensor takes four arguments; seven raised a bare TypeError
+    tensor = _TENSOR.replace(b"_rebuild_tensor_v2", b"_rebuild_tensor", 1)
+    path = _with_data_pkl(tmp_path, b"\x80\x02}" + _s("w") + tensor + b"s.")
+    with pytest.raises(CorruptCheckpointError) as err:
+        weightsmith.open(path)
+    assert str(path) in str(err.value)

@@ -769,6 +769,8 @@ class _Machine:
                 raise _Bad(f"{self.opname} at byte {self.pos} fetches a memo entry that was never stored") from e
             except (ValueError, UnicodeDecodeError, OverflowError, struct.error) as e:
                 raise _Bad(f"{self.opname} at byte {self.pos}: {e}") from e
+            except TypeError as e:  # an allowlisted function given the wrong arguments, an unhashable key
+                raise _Bad(f"{self.opname} at byte {self.pos}: {e}") from e
 
 
 _OPNAMES = {ord(k): v for k, v in {
