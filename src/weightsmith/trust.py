@@ -1,9 +1,13 @@
 """Checking a checkpoint before trusting it: what its pickles would run, and whether its bytes are intact.
 
-`scan_globals` lists every global a file's pickles name, read by the restricted reader of
+`scan_globals` lists every global a file's pickles name, read by the opcode interpreter of
 `weightsmith.io._pickle` (nothing is imported, constructed or called), each classified as
-``allowed`` (on the allowlist), ``data`` (a class only instantiated as plain data, or only
-named) or ``refused`` (a real unpickler would call it: code execution).
+``allowed`` (on the allowlist), ``data`` (a known plain-data class such as
+``argparse.Namespace`` or DCP's metadata dataclasses, built without running its own code) or
+``refused``: a real unpickler would call it (``REDUCE``, ``NEWOBJ`` with arguments, a
+reconstructor whose base iterates its state, ``APPEND`` on an object, ...), or it is a class
+off the allowlist, whose module a real unpickler imports and whose ``__new__`` or
+``__setstate__`` it runs. Each call is reported with its opcode and byte offset.
 
 `verify` recomputes checksums: each tensor's CRC-32 against the ``weightsmith.crc32``
 metadata that `weightsmith.save` writes into safetensors files, and each member of a torch
@@ -47,9 +51,10 @@ class GlobalUse:
 
     Attributes:
         name: the dotted name (``"posix.system"``), as the pickle opcodes spell it.
-        status: ``"allowed"``, ``"data"`` or ``"refused"``.
+        status: ``"allowed"``, ``"data"`` (a known plain-data class) or ``"refused"``.
         uses: how the pickles used it: ``allowed``, ``imported`` (only named), ``constructed``
-            (instantiated as data, never called), ``called`` (with arguments), ``code``
+            (instantiated as data: ``cls.__new__(cls)`` and its state), ``called`` (a real
+            unpickler would run it, or run code through it), ``code``
             (TorchScript code in the archive), ``unread`` (named in a pickle the restricted
             reader could not follow to its end: counted as refused unless allowlisted).
         where: the pickles naming it (zip member names, ``pickle 2``, ``.metadata``).

@@ -201,3 +201,9 @@ def test_the_payload_global_itself_is_named(tmp_path: Path) -> None:
     path = _write("raw", tmp_path, "reconstructor-list-map", tmp_path / "MARKER")
     report = scan_globals(path)
     assert {"builtins.map", "posix.system", "builtins.list"} <= set(report.refused), report.refused
+
+
+def test_the_open_error_says_which_opcode_would_call(tmp_path: Path) -> None:
+    path = _write("raw", tmp_path, "starmap", tmp_path / "MARKER")
+    with pytest.raises(CheckpointError, match=r"itertools\.starmap.*NEWOBJ at byte \d+"):
+        weightsmith.open(path)

@@ -66,10 +66,12 @@ def zip_layout_problem(path: Path, names: list[str]) -> str | None:
     return None
 
 
-def unsafe_message(path: Path, called: tuple[str, ...]) -> str:
-    """The error text for a file whose pickle would call code."""
+def unsafe_message(path: Path, called: tuple[str, ...], findings: Any = ()) -> str:
+    """The error text for a file whose pickle would call code; ``findings`` say where (first three)."""
     names = ", ".join(called[:8]) + (f" and {len(called) - 8} more" if len(called) > 8 else "")
-    return (f"{path}: loading it would call {names} (read from the pickle opcodes, not run). "
+    where = "; ".join(str(f) for f in list(findings)[:3])
+    return (f"{path}: loading it would call {names} (read from the pickle opcodes, not run"
+            f"{': ' + where if where else ''}). "
             "Only tensors and plain containers are read by default; if you trust where the file "
             "came from, open it with trust=True (CLI: --trust)")
 
@@ -83,7 +85,7 @@ def unreadable(path: Path, what: str, error: pickle.UnpicklingError, *, trust: b
     partial = getattr(error, "scan", None)
     called = partial.called if isinstance(partial, PickleScan) else ()
     if called and not trust:
-        return UnsafeCheckpointError(unsafe_message(path, called), globals=called)
+        return UnsafeCheckpointError(unsafe_message(path, called, partial.findings), globals=called)
     return CorruptCheckpointError(f"{path}: {what} cannot be read ({error})")
 
 
@@ -112,7 +114,8 @@ class TorchFileReader(Reader):
             self.format = "torch-legacy"
             tree, self.scan = self._read_legacy()
         if self.scan.called and not trust:
-            raise UnsafeCheckpointError(unsafe_message(path, self.scan.called), globals=self.scan.called)
+            raise UnsafeCheckpointError(unsafe_message(path, self.scan.called, self.scan.findings),
+                                        globals=self.scan.called)
         # a pickled nn.Module keeps its tensors inside objects the restricted reader never builds
         if trust and (self.scan.called or not find_roots(tree, self._is_tensor)):
             tree = self._load_trusted()
@@ -249,7 +252,7 @@ class TorchFileReader(Reader):
                 # the magic number first: a plain pickle is another format, not a damaged file
                 first = scan_pickles(f, count=1, legacy=True, budget=budget_for(self._size))
                 if first.called and not self._trust:
-                    raise UnsafeCheckpointError(unsafe_message(path, first.called), globals=first.called)
+                    raise UnsafeCheckpointError(unsafe_message(path, first.called, first.findings), globals=first.called)
                 magic = first.objects[0]
                 if magic != LEGACY_MAGIC:
                     raise UnknownFormatError(f"{path}: a pickle file, not a torch.save checkpoint")
@@ -258,7 +261,7 @@ class TorchFileReader(Reader):
             except pickle.UnpicklingError as e:
                 raise unreadable(path, "the legacy torch file", e, trust=self._trust) from e
             if scan.called and not self._trust:  # before the checks below trip over a stand-in
-                raise UnsafeCheckpointError(unsafe_message(path, scan.called), globals=scan.called)
+                raise UnsafeCheckpointError(unsafe_message(path, scan.called, scan.findings), globals=scan.called)
             _magic, _proto, _sysinfo, tree, keys = scan.objects
             if not isinstance(keys, list):
                 raise CorruptCheckpointError(f"{path}: legacy storage key list is damaged")
