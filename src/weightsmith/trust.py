@@ -223,6 +223,7 @@ class _Scan:
         meta = folder / METADATA_NAME
         if meta.is_file():
             self.file(meta, label_prefix=f"{METADATA_NAME}: ", kind="dcp")
+            self.dcp_objects(folder)
             found = True
         for f in sorted(folder.iterdir()):
             if f.is_file() and f.suffix in _PICKLE_SUFFIXES:
@@ -236,6 +237,49 @@ class _Scan:
         if not found:  # safetensors shards, a Hugging Face folder: no pickle, so no globals to list
             return "safetensors folder" if any(folder.glob("*.safetensors")) else "folder"
         return "folder"
+
+    def dcp_objects(self, folder: Path) -> None:
+        """The pickles of a DCP folder's non-tensor entries, which ``dcp.load`` unpickles for real.
+
+        torch's load planner reads them with ``torch.load(weights_only=False)``; tensor chunks
+        it reads with ``weights_only=True``, so they are left to that guard.
+        """
+        import zipfile
+
+        from .errors import WeightsmithError
+        from .io.dcp import DcpReader
+        from .io.torchfile import pickle_limit, zip_layout_problem
+
+        try:
+            reader = DcpReader(folder)
+        except WeightsmithError as e:  # unsafe or damaged metadata: reported from its own scan
+            self.problems.append(f"{folder}: non-tensor entries not scanned ({e})")
+            return
+        for key, chunk in reader.objects.items():
+            if chunk.file is None or chunk.byte_offset is None or chunk.length is None:
+                continue
+            path = folder / chunk.file  # confined to the folder by the reader
+            label = f"{chunk.file}: {key}"
+            limit = pickle_limit(path.stat().st_size)
+            if chunk.length > limit or chunk.byte_offset + chunk.length > path.stat().st_size:
+                self.problems.append(f"{label}: {chunk.length:,} bytes at {chunk.byte_offset:,} lie outside the file")
+                continue
+            with open(path, "rb") as f:
+                f.seek(chunk.byte_offset)
+                blob = f.read(chunk.length)
+            try:
+                with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+                    problem = zip_layout_problem(path, zf.namelist())
+                    if problem:
+                        raise CorruptCheckpointError(f"{label}: {problem}")
+                    members = [(i.filename, zf.read(i)) for i in zf.infolist()
+                               if i.filename.endswith(".pkl") and i.file_size <= limit]
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as e:
+                self.problems.append(f"{label}: no readable torch.save archive ({e})")
+                continue
+            for name, data in members:
+                self.pickles.append(f"{label}/{name}")
+                self._walk(io.BytesIO(data), f"{label}/{name}", count=None)
 
     def file(self, path: Path, *, label_prefix: str, kind: str | None = None) -> str:
         start = self.done

@@ -207,3 +207,45 @@ def test_the_open_error_says_which_opcode_would_call(tmp_path: Path) -> None:
     path = _write("raw", tmp_path, "starmap", tmp_path / "MARKER")
     with pytest.raises(CheckpointError, match=r"itertools\.starmap.*NEWOBJ at byte \d+"):
         weightsmith.open(path)
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (exec, (f"open({self.marker!r}, 'w').write('x')",))
+
+
+_DCP_CONTROL = r"""
+import sys, warnings, torch, torch.distributed.checkpoint as dcp
+warnings.simplefilter("ignore")
+state = {"w": torch.zeros(3), "extra": None}
+dcp.load(state, checkpoint_id=sys.argv[1], no_dist=True)
+"""
+
+
+def test_a_dcp_non_tensor_entry_is_scanned_as_dcp_load_unpickles_it(tmp_path: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "ckpt"
+    marker = tmp_path / "MARKER"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        # dcp.save pickles the non-tensor value with torch.save; __reduce__ runs here, its result never
+        dcp.save({"w": torch.ones(3), "extra": _Payload(str(marker))}, checkpoint_id=str(folder), no_dist=True)
+    assert not marker.exists()
+
+    report = scan_globals(folder)
+    assert "builtins.exec" in report.refused, report.to_dict()
+    assert any("extra" in p for p in report.pickles)
+    result = CliRunner().invoke(cli, ["check", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert not marker.exists()
+
+    # the control: dcp.load unpickles the entry for real (torch.load(weights_only=False))
+    subprocess.run([sys.executable, "-c", _DCP_CONTROL, str(folder)], check=False, capture_output=True,
+                   timeout=120, cwd=tmp_path)
+    assert marker.exists()
