@@ -100,3 +100,19 @@ def test_a_folder_with_a_hostile_bin_shard_is_still_scanned(tmp_path):
     assert "builtins.exec" in [g["name"] for g in json.loads(result.output)["globals"]["globals"]
                                if g["status"] == "refused"]
     assert not marker.exists()
+
+
+def test_python_dash_m_check_exits_1_on_a_file_that_would_run_code(tmp_path):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "hostile.pt"
+    torch.save({"w": torch.zeros(2), "evil": _Payload(str(marker))}, path)
+    src = os.path.dirname(os.path.dirname(weightsmith.__file__))
+    env = {**os.environ, "PYTHONPATH": src}
+    proc = subprocess.run([sys.executable, "-m", "weightsmith", "check", str(path)], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "UNSAFE" in proc.stdout
+    assert not marker.exists()
