@@ -448,6 +448,9 @@ def _named_globals(stream: Any, *, count: int | None) -> list[str]:
                     pair = top[-2:]
                     names.append(f"{pair[0]}.{pair[1]}" if len(pair) == 2 and None not in pair else COMPUTED)
                     top = []
+                elif op.name in ("EXT1", "EXT2", "EXT4"):
+                    names.append(f"copyreg extension {arg}")  # a global named by number, not text
+                    top = []
                 elif op.name in _STRING_OPS:
                     top.append(arg if isinstance(arg, str) else None)
                 elif op.name in ("GET", "BINGET", "LONG_BINGET"):

@@ -249,3 +249,14 @@ def test_a_dcp_non_tensor_entry_is_scanned_as_dcp_load_unpickles_it(tmp_path: Pa
     subprocess.run([sys.executable, "-c", _DCP_CONTROL, str(folder)], check=False, capture_output=True,
                    timeout=120, cwd=tmp_path)
     assert marker.exists()
+
+
+def test_an_extension_code_is_refused_whether_or_not_the_reader_breaks_first(tmp_path: Path) -> None:
+    # EXT1 names a global by a number from copyreg's registry: nothing in the file says which
+    whole = tmp_path / "ext.pkl"
+    whole.write_bytes(pickle_of(b"\x82\x01" + tup(s("x")) + b"R"))
+    broken = tmp_path / "ext-after-break.pkl"  # BUILD on a dict breaks the reader before the EXT1
+    broken.write_bytes(pickle_of(b"}}b0" + b"\x82\x01" + tup(s("x")) + b"R"))
+    for path in (whole, broken):
+        report = scan_globals(path)
+        assert "copyreg extension 1" in report.refused, report.to_dict()
