@@ -288,13 +288,22 @@ class _Machine:
 
     # -- bytes ------------------------------------------------------------------------------
     def _take(self, n: int) -> bytes:
-        if n < 0:
-            raise _Bad("a negative length")
-        if self.i + n > len(self.buf):
+        i = self.i
+        if i + n > len(self.buf):
+            if n < 0:
+                raise _Bad("a negative length")
             self._fill(n)
-        out = self.buf[self.i:self.i + n]
-        self.i += n
-        return out
+            i = self.i
+        self.i = i + n
+        return self.buf[i:i + n]
+
+    def _byte(self) -> int:
+        i = self.i
+        if i >= len(self.buf):
+            self._fill(1)
+            i = self.i
+        self.i = i + 1
+        return self.buf[i]
 
     def _fill(self, n: int) -> None:
         """Make ``n`` bytes available at ``self.i``, keeping the current opcode's byte."""
@@ -516,7 +525,7 @@ class _Machine:
         stack: list[Any] = []
         marks: list[int] = []
         memo: dict[int, Any] = {}
-        take, charge = self._take, self._charge
+        take, charge, byte = self._take, self._charge, self._byte
 
         def pop_mark() -> list[Any]:
             if not marks:
@@ -540,10 +549,10 @@ class _Machine:
                 charge(8 << 12)  # a stack slot per opcode
             try:
                 if code == 0x71:  # BINPUT
-                    memo[take(1)[0]] = stack[-1]
+                    memo[byte()] = stack[-1]
                     charge(64)
                 elif code == 0x68:  # BINGET
-                    stack.append(memo[take(1)[0]])
+                    stack.append(memo[byte()])
                 elif code == 0x28:  # MARK
                     marks.append(len(stack))
                 elif code == 0x58:  # BINUNICODE
@@ -551,11 +560,11 @@ class _Machine:
                     charge(n)
                     stack.append(str(take(n), "utf-8", "surrogatepass"))
                 elif code == 0x8c:  # SHORT_BINUNICODE
-                    n = take(1)[0]
+                    n = byte()
                     charge(49 + n)
                     stack.append(str(take(n), "utf-8", "surrogatepass"))
                 elif code == 0x4b:  # BININT1
-                    stack.append(take(1)[0])
+                    stack.append(byte())
                 elif code == 0x4d:  # BININT2
                     stack.append(int.from_bytes(take(2), "little"))
                 elif code == 0x4a:  # BININT
@@ -665,7 +674,7 @@ class _Machine:
                     self.stream.seek(self.base + self.i)
                     return stack[0]
                 elif code == 0x80:  # PROTO
-                    if take(1)[0] > pickle.HIGHEST_PROTOCOL:
+                    if byte() > pickle.HIGHEST_PROTOCOL:
                         raise _Bad("unsupported pickle protocol")
                 elif code == 0x95:  # FRAME: a length hint only
                     take(8)
@@ -721,11 +730,11 @@ class _Machine:
                     stack.append(self._call(_instance(self._placeholder(f"copyreg extension {ext}")),
                                             "a global from the extension registry, not named in the file"))
                 elif code == 0x8a:  # LONG1
-                    n = take(1)[0]
+                    n = byte()
                     stack.append(int.from_bytes(take(n), "little", signed=True))
                 elif code == 0x8b:  # LONG4
                     (n,) = struct.unpack("<i", take(4))
-                    if n > 1 << 16:
+                    if not 0 <= n <= 1 << 16:
                         raise _Bad(f"an integer of {n:,} bytes")
                     stack.append(int.from_bytes(take(n), "little", signed=True))
                 elif code == 0x49:  # INT
@@ -751,7 +760,9 @@ class _Machine:
                 elif code == 0x56:  # UNICODE
                     stack.append(str(self._line(), "raw-unicode-escape"))
                 elif code in (0x54, 0x55):  # BINSTRING, SHORT_BINSTRING (Python 2 str)
-                    n = struct.unpack("<i", take(4))[0] if code == 0x54 else take(1)[0]
+                    n = struct.unpack("<i", take(4))[0] if code == 0x54 else byte()
+                    if n < 0:
+                        raise _Bad("BINSTRING with a negative length")
                     charge(max(n, 0))
                     stack.append(_py2_str(take(n)))
                 elif code == 0x53:  # STRING
