@@ -29,9 +29,10 @@ How a global is used decides whether a file is safe:
 - ``called``: anything else above — arbitrary code in a real unpickler, so loading such a
   file needs ``trust=True``; `PickleScan.findings` names the global and the opcode position.
 
-Resources are bounded by the pickle's size: each object is charged against a byte budget
-(`PickleScan` raises past it), so a few bytes cannot claim gigabytes (``LONG_BINPUT 2**29``
-only makes one dict entry).
+Resources are bounded by the file's size: each object is charged against a byte budget
+(`budget_for`: twice the size plus 192 MiB; the walk raises past it), so a few bytes cannot
+claim gigabytes (``LONG_BINPUT 2**29`` only makes one dict entry), and the walk is one pass
+over the opcodes, linear in their number.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from typing import Any
 from ._dtypes import BITS, STORAGE_TO_NAME
 
 __all__ = ["StorageRef", "TensorRecord", "Opaque", "PickleScan", "Finding", "scan_pickle", "scan_pickles",
-           "is_allowed", "KNOWN_PLAIN", "MAX_NUMEL"]
+           "is_allowed", "budget_for", "KNOWN_PLAIN", "MAX_NUMEL"]
 
 MAX_NUMEL = (1 << 63) - 1  # torch counts elements in an int64
 _BASE_BUDGET = 192 << 20  # bytes of objects any pickle may build, besides twice the file's size
