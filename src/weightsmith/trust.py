@@ -1,9 +1,13 @@
 """Checking a checkpoint before trusting it: what its pickles would run, and whether its bytes are intact.
 
-`scan_globals` lists every global a file's pickles name, read by the restricted reader of
+`scan_globals` lists every global a file's pickles name, read by the opcode interpreter of
 `weightsmith.io._pickle` (nothing is imported, constructed or called), each classified as
-``allowed`` (on the allowlist), ``data`` (a class only instantiated as plain data, or only
-named) or ``refused`` (a real unpickler would call it: code execution).
+``allowed`` (on the allowlist), ``data`` (a known plain-data class such as
+``argparse.Namespace`` or DCP's metadata dataclasses, built without running its own code) or
+``refused``: a real unpickler would call it (``REDUCE``, ``NEWOBJ`` with arguments, a
+reconstructor whose base iterates its state, ``APPEND`` on an object, ...), or it is a class
+off the allowlist, whose module a real unpickler imports and whose ``__new__`` or
+``__setstate__`` it runs. Each call is reported with its opcode and byte offset.
 
 `verify` recomputes checksums: each tensor's CRC-32 against the ``weightsmith.crc32``
 metadata that `weightsmith.save` writes into safetensors files, and each member of a torch
@@ -47,21 +51,26 @@ class GlobalUse:
 
     Attributes:
         name: the dotted name (``"posix.system"``), as the pickle opcodes spell it.
-        status: ``"allowed"``, ``"data"`` or ``"refused"``.
+        status: ``"allowed"``, ``"data"`` (a known plain-data class) or ``"refused"``.
         uses: how the pickles used it: ``allowed``, ``imported`` (only named), ``constructed``
-            (instantiated as data, never called), ``called`` (with arguments), ``code``
+            (instantiated as data: ``cls.__new__(cls)`` and its state), ``called`` (a real
+            unpickler would run it, or run code through it), ``code``
             (TorchScript code in the archive), ``unread`` (named in a pickle the restricted
             reader could not follow to its end: counted as refused unless allowlisted).
         where: the pickles naming it (zip member names, ``pickle 2``, ``.metadata``).
+        calls: where a real unpickler would run code through it: the opcode, its byte offset
+            in the pickle and why (``"REDUCE at byte 57: called"``).
     """
 
     name: str
     status: str
     uses: tuple[str, ...]
     where: tuple[str, ...]
+    calls: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "uses": list(self.uses), "where": list(self.where)}
+        return {"name": self.name, "status": self.status, "uses": list(self.uses), "where": list(self.where),
+                "calls": list(self.calls)}
 
 
 @dataclass
@@ -114,6 +123,7 @@ class GlobalsReport(Result):
                    f"UNSAFE: unpickled for real, it would (or, where 'unread', might) call "
                    f"{', '.join(self.refused)}")
         lines = [f"{len(self.pickles)} pickle(s) read: {', '.join(self.pickles) or 'none'}", verdict]
+        lines += [f"  {g.name}: {c}" for g in self.globals for c in g.calls[:3]]
         lines += [f"problem: {p}" for p in self.problems]
         return Group(table, Text("\n".join(lines)))
 
@@ -135,7 +145,8 @@ def scan_globals(path: str | Path, *, progress: Progress | None = None) -> Globa
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
-        UnknownFormatError: ``path`` holds no pickle at all.
+        UnknownFormatError: ``path`` is a file holding no pickle at all (a folder without
+            pickles is reported with none: it has no globals to list).
 
     >>> import weightsmith.trust as trust                        # doctest: +SKIP
     >>> trust.scan_globals("model.pt").safe                      # doctest: +SKIP
@@ -162,11 +173,12 @@ class _Scan:
         self.problems: list[str] = []
         self.uses: dict[str, set[str]] = {}
         self.where: dict[str, list[str]] = {}
+        self.calls: dict[str, list[str]] = {}
         self.total = _size_of(root)
         self.done = 0
 
     def report(self) -> list[GlobalUse]:
-        from .io._pickle import is_allowed
+        from .io._pickle import KNOWN_PLAIN, is_allowed
 
         out = []
         for name, uses in self.uses.items():
@@ -177,15 +189,26 @@ class _Scan:
                 status = "allowed"
             elif "unread" in uses:
                 status = "refused"  # named where the reader could not follow: assume the worst
-            else:
+            elif name in KNOWN_PLAIN:
                 status = "data"
-            out.append(GlobalUse(name, status, tuple(sorted(uses)), tuple(dict.fromkeys(self.where[name]))))
+            else:
+                # off the allowlist: a real unpickler imports its module and builds the object
+                # with the class's own __new__/__setstate__, which nothing here can vouch for
+                status = "refused"
+            out.append(GlobalUse(name, status, tuple(sorted(uses)), tuple(dict.fromkeys(self.where[name])),
+                                 tuple(dict.fromkeys(self.calls.get(name, ())))))
         order = {"refused": 0, "data": 1, "allowed": 2}
         return sorted(out, key=lambda g: (order[g.status], g.name))
 
     def note(self, name: str, how: set[str] | tuple[str, ...], where: str) -> None:
         self.uses.setdefault(name, set()).update(how)
         self.where.setdefault(name, []).append(where)
+
+    def note_scan(self, scan: Any, where: str) -> None:
+        for name, how in scan.globals.items():
+            self.note(name, how, where)
+        for f in scan.findings:
+            self.calls.setdefault(f.name, []).append(f"{where}: {f.opcode} at byte {f.position}: {f.why}")
 
     def step(self, nbytes: int, label: str) -> None:
         self.done += nbytes
@@ -200,6 +223,7 @@ class _Scan:
         meta = folder / METADATA_NAME
         if meta.is_file():
             self.file(meta, label_prefix=f"{METADATA_NAME}: ", kind="dcp")
+            self.dcp_objects(folder)
             found = True
         for f in sorted(folder.iterdir()):
             if f.is_file() and f.suffix in _PICKLE_SUFFIXES:
@@ -208,9 +232,54 @@ class _Scan:
                 except UnknownFormatError as e:  # one stray file does not hide the others
                     self.problems.append(str(e))
                 found = True
-        if not found:
-            raise UnknownFormatError(f"{folder}: a folder with no pickle-bearing file (.metadata, .pt, .bin, ...)")
-        return "dcp" if meta.is_file() else "folder"
+        if meta.is_file():
+            return "dcp"
+        if not found:  # safetensors shards, a Hugging Face folder: no pickle, so no globals to list
+            return "safetensors folder" if any(folder.glob("*.safetensors")) else "folder"
+        return "folder"
+
+    def dcp_objects(self, folder: Path) -> None:
+        """The pickles of a DCP folder's non-tensor entries, which ``dcp.load`` unpickles for real.
+
+        torch's load planner reads them with ``torch.load(weights_only=False)``; tensor chunks
+        it reads with ``weights_only=True``, so they are left to that guard.
+        """
+        import zipfile
+
+        from .errors import WeightsmithError
+        from .io.dcp import DcpReader
+        from .io.torchfile import pickle_limit, zip_layout_problem
+
+        try:
+            reader = DcpReader(folder)
+        except WeightsmithError as e:  # unsafe or damaged metadata: reported from its own scan
+            self.problems.append(f"{folder}: non-tensor entries not scanned ({e})")
+            return
+        for key, chunk in reader.objects.items():
+            if chunk.file is None or chunk.byte_offset is None or chunk.length is None:
+                continue
+            path = folder / chunk.file  # confined to the folder by the reader
+            label = f"{chunk.file}: {key}"
+            limit = pickle_limit(path.stat().st_size)
+            if chunk.length > limit or chunk.byte_offset + chunk.length > path.stat().st_size:
+                self.problems.append(f"{label}: {chunk.length:,} bytes at {chunk.byte_offset:,} lie outside the file")
+                continue
+            with open(path, "rb") as f:
+                f.seek(chunk.byte_offset)
+                blob = f.read(chunk.length)
+            try:
+                with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+                    problem = zip_layout_problem(path, zf.namelist())
+                    if problem:
+                        raise CorruptCheckpointError(f"{label}: {problem}")
+                    members = [(i.filename, zf.read(i)) for i in zf.infolist()
+                               if i.filename.endswith(".pkl") and i.file_size <= limit]
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as e:
+                self.problems.append(f"{label}: no readable torch.save archive ({e})")
+                continue
+            for name, data in members:
+                self.pickles.append(f"{label}/{name}")
+                self._walk(io.BytesIO(data), f"{label}/{name}", count=None)
 
     def file(self, path: Path, *, label_prefix: str, kind: str | None = None) -> str:
         start = self.done
@@ -234,11 +303,17 @@ class _Scan:
     def zip(self, path: Path, label_prefix: str) -> str:
         import zipfile
 
+        from .io.torchfile import pickle_limit, zip_layout_problem
+
         try:
             with zipfile.ZipFile(path) as zf:
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError) as e:
             raise CorruptCheckpointError(f"{path}: damaged zip archive ({e})") from e
+        problem = zip_layout_problem(path, [i.filename for i in infos])
+        if problem:
+            raise CorruptCheckpointError(problem)
+        limit = pickle_limit(path.stat().st_size)
         fmt = "zip"
         for info in infos:
             name = info.filename
@@ -255,10 +330,14 @@ class _Scan:
                     continue
                 label = label_prefix + info.filename
                 try:
-                    data = _member_bytes(f, info, limit=_MAX_PICKLE)
+                    data = _member_bytes(f, info, limit=limit + 1)
                 except CorruptCheckpointError as e:
                     self.problems.append(f"{label}: {e}")
                     continue
+                if len(data) > limit:
+                    raise CorruptCheckpointError(
+                        f"{path}: member {info.filename!r} inflates past {limit:,} bytes (the file's size plus "
+                        "32 MiB); a checkpoint pickle is never that compressible: refusing a decompression bomb")
                 self.pickles.append(label)
                 self._walk(io.BytesIO(data), label, count=None)
                 self.step(info.compress_size, label)
@@ -329,16 +408,14 @@ class _Scan:
         except pickle.UnpicklingError as e:
             partial = getattr(e, "scan", None)
             if isinstance(partial, PickleScan):
-                for name, how in partial.globals.items():
-                    self.note(name, how, label)
+                self.note_scan(partial, label)
             stream.seek(start)
             for name in _named_globals(stream, count=count):
                 self.note(name, ("unread",), label)
             self.problems.append(f"{label}: the restricted reader broke off ({e}); every global its opcodes "
                                  "name is listed, those it could not follow as 'unread'")
             return False, None
-        for name, how in scan.globals.items():
-            self.note(name, how, label)
+        self.note_scan(scan, label)
         return True, (scan.objects[-1] if scan.objects else None)
 
 
@@ -370,6 +447,9 @@ def _named_globals(stream: Any, *, count: int | None) -> list[str]:
                 elif op.name == "STACK_GLOBAL":
                     pair = top[-2:]
                     names.append(f"{pair[0]}.{pair[1]}" if len(pair) == 2 and None not in pair else COMPUTED)
+                    top = []
+                elif op.name in ("EXT1", "EXT2", "EXT4"):
+                    names.append(f"copyreg extension {arg}")  # a global named by number, not text
                     top = []
                 elif op.name in _STRING_OPS:
                     top.append(arg if isinstance(arg, str) else None)

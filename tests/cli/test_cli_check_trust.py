@@ -56,3 +56,63 @@ def test_verify_finds_a_flipped_byte_the_format_does_not_notice(tmp_path):
     assert result.exit_code == 1, result.output
     assert list(json.loads(result.output)["verify"]["mismatched"]) == ["b"]
     assert os.path.exists(path)
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = BertModel(config)
+    with torch.no_grad():  # fresh zeros and ones are health findings; trained weights are not
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_a_hugging_face_folder_without_pickles_passes_check(tmp_path):
+    # sharded safetensors from transformers' own writer: no pickle, so no globals; health still runs
+    folder = tmp_path / "bert"
+    _tiny_bert().save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").exists() and (folder / "config.json").exists()
+    result = CliRunner().invoke(cli, ["check", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["ok"] is True and "globals" not in data
+    assert data["health"]["schema"] == "weightsmith.health/1"
+
+
+def test_a_sharded_folder_weightsmith_wrote_passes_check(tmp_path):
+    folder = tmp_path / "sharded"
+    weightsmith.save(_tiny_bert(), folder, max_shard_size=20_000)
+    result = CliRunner().invoke(cli, ["check", str(folder)])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_folder_with_a_hostile_bin_shard_is_still_scanned(tmp_path):
+    folder = tmp_path / "mixed"
+    _tiny_bert().save_pretrained(folder, safe_serialization=True)
+    marker = tmp_path / "MARKER"
+    torch.save({"w": torch.zeros(2), "evil": _Payload(str(marker))}, folder / "extra.bin")
+    result = CliRunner().invoke(cli, ["check", str(folder), "--json"])
+    assert result.exit_code == 1, result.output
+    assert "builtins.exec" in [g["name"] for g in json.loads(result.output)["globals"]["globals"]
+                               if g["status"] == "refused"]
+    assert not marker.exists()
+
+
+def test_python_dash_m_check_exits_1_on_a_file_that_would_run_code(tmp_path):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "hostile.pt"
+    torch.save({"w": torch.zeros(2), "evil": _Payload(str(marker))}, path)
+    src = os.path.dirname(os.path.dirname(weightsmith.__file__))
+    env = {**os.environ, "PYTHONPATH": src}
+    proc = subprocess.run([sys.executable, "-m", "weightsmith", "check", str(path)], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "UNSAFE" in proc.stdout
+    assert not marker.exists()

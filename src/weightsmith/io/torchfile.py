@@ -3,6 +3,15 @@
 The pickle is walked by the restricted reader of `._pickle`, which records each tensor's
 storage key, dtype, offset, shape and stride; the storages are then memory-mapped straight
 from the file (entries are stored uncompressed). No torch import is needed to list keys.
+
+Limits, so that a small hostile file cannot claim large resources or be read two ways:
+
+- an archive with two members of one name, or members under two record prefixes, is
+  refused (readers disagree on which one counts: torch reads the first);
+- a deflated ``data.pkl`` may inflate to at most the file's size plus 32 MiB, and the objects
+  its pickle builds are charged against twice the file's size plus 192 MiB;
+- a tensor whose elements overlap (an expanded, stride-0 view) may describe at most
+  `MAX_EXPANDED_BYTES` (256 MiB) of values; beyond that it is refused rather than materialised.
 """
 
 from __future__ import annotations
@@ -12,26 +21,57 @@ import io
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptCheckpointError, RootError, UnknownFormatError, UnsafeCheckpointError
 from ._base import Reader, TensorInfo, check_bytes, map_file, release_pages, tensor_from_buffer
 from ._dtypes import BITS, nbytes_of
-from ._pickle import Opaque, PickleScan, StorageRef, TensorRecord, scan_pickle, scan_pickles
+from ._pickle import MAX_NUMEL, Opaque, PickleScan, StorageRef, TensorRecord, budget_for, scan_pickle, scan_pickles
 from ._tree import choose_root, find_roots, flatten, other_objects, resolve_root
 
-__all__ = ["TorchFileReader", "LEGACY_MAGIC", "unsafe_message", "unreadable", "is_zip"]
+__all__ = ["TorchFileReader", "LEGACY_MAGIC", "MAX_EXPANDED_BYTES", "unsafe_message", "unreadable", "is_zip",
+           "zip_layout_problem", "pickle_limit"]
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_EXPANDED_BYTES = 256 << 20  # values an overlapping (stride-0) tensor may describe
 _MAX_PICKLE = 1 << 30  # a data.pkl beyond 1 GiB is no state dict
+_MAX_DEPTH = 1000  # containers nested deeper hold no state dict
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
 
 
-def unsafe_message(path: Path, called: tuple[str, ...]) -> str:
-    """The error text for a file whose pickle would call code."""
+def pickle_limit(file_size: int) -> int:
+    """Bytes a pickle inside a file of ``file_size`` bytes may inflate to."""
+    return min(_MAX_PICKLE, file_size + (32 << 20))
+
+
+def zip_layout_problem(path: Path, names: list[str]) -> str | None:
+    """Why a zip's member names are ambiguous (duplicates, several record prefixes), or None.
+
+    Different readers resolve such archives differently (torch reads the first of two
+    ``archive/data.pkl``, Python's zipfile the last), so what one checks another may not load.
+    """
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return (f"{path}: the archive holds two members named {name!r}; readers disagree on which one "
+                    "counts (torch reads the first), so it is refused. Re-save it from a trusted copy")
+        seen.add(name)
+    prefixes = sorted({n.partition("/")[0] for n in names if "/" in n})
+    if len(prefixes) > 1 and any(n.endswith("/data.pkl") for n in names):
+        return (f"{path}: the archive holds records under {len(prefixes)} prefixes "
+                f"({', '.join(repr(p) for p in prefixes[:4])}); a torch.save archive has one, and readers "
+                "disagree on which one counts, so it is refused")
+    return None
+
+
+def unsafe_message(path: Path, called: tuple[str, ...], findings: Any = ()) -> str:
+    """The error text for a file whose pickle would call code; ``findings`` say where (first three)."""
     names = ", ".join(called[:8]) + (f" and {len(called) - 8} more" if len(called) > 8 else "")
-    return (f"{path}: loading it would call {names} (read from the pickle opcodes, not run). "
+    where = "; ".join(str(f) for f in list(findings)[:3])
+    return (f"{path}: loading it would call {names} (read from the pickle opcodes, not run"
+            f"{': ' + where if where else ''}). "
             "Only tensors and plain containers are read by default; if you trust where the file "
             "came from, open it with trust=True (CLI: --trust)")
 
@@ -45,7 +85,7 @@ def unreadable(path: Path, what: str, error: pickle.UnpicklingError, *, trust: b
     partial = getattr(error, "scan", None)
     called = partial.called if isinstance(partial, PickleScan) else ()
     if called and not trust:
-        return UnsafeCheckpointError(unsafe_message(path, called), globals=called)
+        return UnsafeCheckpointError(unsafe_message(path, called, partial.findings), globals=called)
     return CorruptCheckpointError(f"{path}: {what} cannot be read ({error})")
 
 
@@ -74,7 +114,8 @@ class TorchFileReader(Reader):
             self.format = "torch-legacy"
             tree, self.scan = self._read_legacy()
         if self.scan.called and not trust:
-            raise UnsafeCheckpointError(unsafe_message(path, self.scan.called), globals=self.scan.called)
+            raise UnsafeCheckpointError(unsafe_message(path, self.scan.called, self.scan.findings),
+                                        globals=self.scan.called)
         # a pickled nn.Module keeps its tensors inside objects the restricted reader never builds
         if trust and (self.scan.called or not find_roots(tree, self._is_tensor)):
             tree = self._load_trusted()
@@ -86,9 +127,13 @@ class TorchFileReader(Reader):
         path = self.path
         try:
             with self._archive() as source, zipfile.ZipFile(source) as zf:
-                entries = {i.filename: i for i in zf.infolist()}
+                infos = zf.infolist()
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError) as e:
             raise CorruptCheckpointError(f"{path}: damaged zip archive ({e})") from e
+        problem = zip_layout_problem(path, [i.filename for i in infos])
+        if problem:
+            raise CorruptCheckpointError(problem)
+        entries = {i.filename: i for i in infos}
         pkls = [n for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
         if not pkls:
             raise UnknownFormatError(f"{path}: a zip file without data.pkl, not a torch.save checkpoint")
@@ -104,11 +149,13 @@ class TorchFileReader(Reader):
         if order and order.strip() not in (b"little", b""):
             raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported")
         info = entries[pkls[0]]
-        if info.file_size > _MAX_PICKLE:
-            raise CorruptCheckpointError(f"{path}: data.pkl declares {info.file_size:,} bytes, too large")
+        if info.file_size > pickle_limit(self._size):
+            raise CorruptCheckpointError(
+                f"{path}: data.pkl declares {info.file_size:,} bytes, more than the file's size plus 32 MiB; "
+                "a checkpoint pickle is never that compressible: refusing a decompression bomb")
         data = self._raw(info) if info.compress_type == zipfile.ZIP_STORED else self._inflate(info)
         try:
-            scan = scan_pickle(data)
+            scan = scan_pickle(data, budget=max(budget_for(self._size) - len(data), 0))
         except pickle.UnpicklingError as e:
             raise unreadable(path, "data.pkl", e, trust=self._trust) from e
         if not self._trust and not scan.called:
@@ -136,7 +183,7 @@ class TorchFileReader(Reader):
         checkpoint, and the next tool to open it may unpickle it.
         """
         for name, info in entries.items():
-            if name == data_pkl or not name.endswith(".pkl") or info.file_size > _MAX_PICKLE:
+            if name == data_pkl or not name.endswith(".pkl") or info.file_size > pickle_limit(self._size):
                 continue
             try:
                 data = self._raw(info) if info.compress_type == zipfile.ZIP_STORED else self._inflate(info)
@@ -176,13 +223,16 @@ class TorchFileReader(Reader):
             return f.read(info.file_size)
 
     def _inflate(self, info: zipfile.ZipInfo) -> bytes:
+        limit = pickle_limit(self._size)
         try:
             with self._archive() as source, zipfile.ZipFile(source) as zf, zf.open(info) as member:
-                data = member.read(_MAX_PICKLE + 1)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+                data = member.read(limit + 1)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as e:
             raise CorruptCheckpointError(f"{self.path}: {info.filename!r} cannot be inflated ({e})") from e
-        if len(data) > _MAX_PICKLE:
-            raise CorruptCheckpointError(f"{self.path}: {info.filename!r} inflates past 1 GiB")
+        if len(data) > limit:
+            raise CorruptCheckpointError(
+                f"{self.path}: {info.filename!r} inflates past {limit:,} bytes (the file's size plus 32 MiB); "
+                "a checkpoint pickle is never that compressible: refusing a decompression bomb")
         return data
 
     def _archive(self) -> Any:
@@ -200,18 +250,18 @@ class TorchFileReader(Reader):
             f.seek(0)
             try:
                 # the magic number first: a plain pickle is another format, not a damaged file
-                first = scan_pickles(f, count=1, legacy=True)
+                first = scan_pickles(f, count=1, legacy=True, budget=budget_for(self._size))
                 if first.called and not self._trust:
-                    raise UnsafeCheckpointError(unsafe_message(path, first.called), globals=first.called)
+                    raise UnsafeCheckpointError(unsafe_message(path, first.called, first.findings), globals=first.called)
                 magic = first.objects[0]
                 if magic != LEGACY_MAGIC:
                     raise UnknownFormatError(f"{path}: a pickle file, not a torch.save checkpoint")
                 f.seek(0)
-                scan = scan_pickles(f, count=5, legacy=True)
+                scan = scan_pickles(f, count=5, legacy=True, budget=budget_for(self._size))
             except pickle.UnpicklingError as e:
                 raise unreadable(path, "the legacy torch file", e, trust=self._trust) from e
             if scan.called and not self._trust:  # before the checks below trip over a stand-in
-                raise UnsafeCheckpointError(unsafe_message(path, scan.called), globals=scan.called)
+                raise UnsafeCheckpointError(unsafe_message(path, scan.called, scan.findings), globals=scan.called)
             _magic, _proto, _sysinfo, tree, keys = scan.objects
             if not isinstance(keys, list):
                 raise CorruptCheckpointError(f"{path}: legacy storage key list is damaged")
@@ -252,6 +302,8 @@ class TorchFileReader(Reader):
         return isinstance(value, TensorRecord)
 
     def _select_root(self, tree: Any, root: str | None) -> dict[str, Any]:
+        if not self._trusted:
+            _check_depth(self.path, tree)
         found = find_roots(tree, self._is_tensor)
         self.roots = tuple(p for p, _ in found)
         chosen = root if root is not None else choose_root(found)
@@ -278,8 +330,8 @@ class TorchFileReader(Reader):
         return records
 
     def _check_extent(self, key: str, rec: TensorRecord) -> None:
-        if rec.storage is None:
-            return
+        if not isinstance(rec.shape, tuple) or not isinstance(rec.stride, tuple) or rec.dtype not in BITS:
+            raise CorruptCheckpointError(f"{self.path}: tensor {key!r} has a damaged record")
         if len(rec.shape) != len(rec.stride) or any(d < 0 for d in rec.shape) or rec.offset < 0:
             raise CorruptCheckpointError(f"{self.path}: tensor {key!r} has an invalid shape {rec.shape}")
         numel = 1
@@ -287,11 +339,26 @@ class TorchFileReader(Reader):
         for d, s in zip(rec.shape, rec.stride):
             numel *= d
             last += (d - 1) * s if d else 0
-        available = rec.storage.numel - rec.storage.view_offset
+        if numel > MAX_NUMEL:
+            raise CorruptCheckpointError(
+                f"{self.path}: tensor {key!r} of shape {list(rec.shape)} has {numel:,} elements, more than "
+                "torch can index")
+        if rec.storage is None:
+            return
+        available = _elements(rec)
         if numel and (last >= available or any(s < 0 for s in rec.stride)):
             raise CorruptCheckpointError(
                 f"{self.path}: tensor {key!r} {list(rec.shape)} reaches element {last} of a storage "
                 f"of {available} elements")
+        logical = nbytes_of(rec.dtype, numel)
+        if numel and last + 1 < numel and logical > MAX_EXPANDED_BYTES:
+            # an expanded view: few stored bytes standing for many values, which every copy,
+            # conversion or save would write out in full
+            raise CorruptCheckpointError(
+                f"{self.path}: tensor {key!r} of shape {list(rec.shape)} and stride {list(rec.stride)} "
+                f"spreads {(last + 1) * BITS[rec.dtype] // 8:,} stored bytes over {logical:,} bytes of values "
+                f"(an expanded, stride-0 view); such views are read up to {MAX_EXPANDED_BYTES >> 20} MiB. "
+                "Save the tensor contiguous (tensor.contiguous()) or its unexpanded source")
 
     def _infos(self) -> dict[str, TensorInfo]:
         views: dict[tuple[Any, ...], list[str]] = {}
@@ -303,7 +370,7 @@ class TorchFileReader(Reader):
                                           shape, tuple(rec.stride())) if rec.device.type != "meta" else (key,)
             else:
                 shape, dtype = rec.shape, rec.dtype
-                ident = ((rec.storage.key, rec.storage.view_offset + rec.offset, rec.shape, rec.stride)
+                ident = ((rec.storage.key, rec.storage.view_offset, rec.offset, rec.shape, rec.stride, rec.dtype)
                          if rec.storage else (key,))
             views.setdefault(ident, []).append(key)
             specs[key] = (shape, dtype)
@@ -330,8 +397,8 @@ class TorchFileReader(Reader):
                 self._map = map_file(self.path)
             start, nbytes = self._spans[rec.storage.key]
             check_bytes(self._map, self.path, self.stamp, key, start, start + nbytes)  # cut or rewritten since
-            base = self._base(rec.storage)
-            return torch.as_strided(base, rec.shape, rec.stride, rec.storage.view_offset + rec.offset)
+            base = self._base(rec.storage, rec.dtype)
+            return torch.as_strided(base, rec.shape, rec.stride, _view_elements(rec) + rec.offset)
         except RuntimeError as e:  # the pickle's view of a storage disagrees with the storage's bytes
             raise CorruptCheckpointError(f"{self.path}: tensor {key!r} does not fit its storage ({e})") from e
 
@@ -352,7 +419,7 @@ class TorchFileReader(Reader):
             numel *= d
         size = BITS[rec.dtype] // 8
         start, _ = self._spans[rec.storage.key]
-        return start + (rec.storage.view_offset + rec.offset) * size, numel * size
+        return start + (_view_elements(rec) + rec.offset) * size, numel * size
 
     def release(self, key: str) -> None:
         rec = self._records[key]
@@ -365,14 +432,16 @@ class TorchFileReader(Reader):
         self._map, self._bases = None, {}
 
 
-    def _base(self, ref: StorageRef) -> Any:
-        base = self._bases.get(ref.key)
+    def _base(self, ref: StorageRef, dtype: str) -> Any:
+        """The storage's bytes as a 1-D tensor of ``dtype`` (an untyped storage is viewed as the tensor's)."""
+        base = self._bases.get((ref.key, dtype))
         if base is None:
             if self._map is None:
                 self._map = map_file(self.path)
             offset, nbytes = self._spans[ref.key]
-            base = tensor_from_buffer(self._map, offset, nbytes, ref.dtype)
-            self._bases[ref.key] = base
+            size = max(BITS[dtype] // 8, 1)
+            base = tensor_from_buffer(self._map, offset, nbytes - nbytes % size, dtype)
+            self._bases[(ref.key, dtype)] = base
         return base
 
 
@@ -429,6 +498,38 @@ def _torch_dtype(name: str) -> Any:
     from ._dtypes import to_torch
 
     return to_torch(name)
+
+
+def _view_elements(rec: TensorRecord) -> int:
+    """Where a legacy storage view starts, in elements of the tensor's dtype."""
+    if rec.storage is None:
+        return 0
+    return rec.storage.view_offset * BITS[rec.storage.dtype] // BITS[rec.dtype]
+
+
+def _elements(rec: TensorRecord) -> int:
+    """Elements of the tensor's dtype its storage holds past the view's start."""
+    ref = rec.storage
+    if ref is None:
+        return 0
+    return (ref.numel - ref.view_offset) * BITS[ref.dtype] // BITS[rec.dtype]
+
+
+def _check_depth(path: Path, tree: Any) -> None:
+    """Refuse containers nested deeper than any state dict: the walks after this one build paths."""
+    stack = [(tree, 0)]
+    seen: set[int] = set()
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list, tuple, Opaque)) or id(node) in seen:
+            continue
+        if depth > _MAX_DEPTH:
+            raise CorruptCheckpointError(
+                f"{path}: its objects nest more than {_MAX_DEPTH} levels deep; no state dict does")
+        seen.add(id(node))
+        kids = (node.values() if isinstance(node, dict) else
+                [v for _, v in node.ws_children] if isinstance(node, Opaque) else node)
+        stack.extend((k, depth + 1) for k in kids)
 
 
 def _storage_refs(tree: Any) -> list[StorageRef]:
