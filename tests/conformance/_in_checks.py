@@ -22,8 +22,8 @@ from click.testing import CliRunner
 import weightsmith as ws
 from weightsmith.cli import cli
 
-__all__ = ["CHECKS", "Case", "Spec", "Corpus", "params", "run", "same_bits", "values", "PICKLE_V3",
-           "FOLDER_CHECK", "FLOAT4_DIFF", "versions"]
+__all__ = ["CHECKS", "Case", "Spec", "Corpus", "params", "run", "same_bits", "values", "LEGACY_WRITER",
+           "FLOAT4_DIFF", "versions"]
 
 CHECKS = ("read", "inspect", "check", "diff", "convert", "load")
 
@@ -38,8 +38,7 @@ LABELS = {
 }
 
 # reasons of the strict xfails: each names what still has to land
-PICKLE_V3 = "needs torch.save v3 storages in the pickle reader"
-FOLDER_CHECK = "`check` on a folder without pickles exits 2 (issue 12 item 5, in trust.py)"
+LEGACY_WRITER = "torch 2.13's legacy torch.save cannot write dtypes that have no typed storage"
 FLOAT4_DIFF = "`diff` cannot compare float4_e2m1fn_x2 values (diff.py)"
 
 # every dtype torch and safetensors share, by torch name

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from _in_checks import (FLOAT4_DIFF, FOLDER_CHECK, PICKLE_V3, Case, Corpus, Spec, params,
+from _in_checks import (FLOAT4_DIFF, Case, Corpus, Spec, params,
                         randomize_, run, values, versions)
 from torch import nn
 
@@ -88,21 +88,18 @@ def _model_case(folder: Path) -> Case:
 
 FP8 = ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu")
 UINT = ("uint16", "uint32", "uint64")
-READS_TENSORS = ("read", "check", "diff", "convert")
 SPECS = [
     Spec("model", "dcp.save", VERSIONS, _model_case, has_model=True),
     Spec("plain-dtypes", "dcp.save", VERSIONS,
          _dtypes_case(("float32", "bfloat16", "float16", "float64", "int64", "int8", "uint8", "bool", "complex64"))),
-    Spec("float8", "dcp.save", VERSIONS, _dtypes_case(FP8), xfail=dict.fromkeys(READS_TENSORS, PICKLE_V3)),
-    Spec("uint16-64", "dcp.save", VERSIONS, _dtypes_case(UINT), xfail=dict.fromkeys(READS_TENSORS, PICKLE_V3)),
+    Spec("float8", "dcp.save", VERSIONS, _dtypes_case(FP8)),
+    Spec("uint16-64", "dcp.save", VERSIONS, _dtypes_case(UINT)),
     Spec("float4", "dcp.save", VERSIONS, _dtypes_case(("float4_e2m1fn_x2",)),
-         xfail={**dict.fromkeys(("read", "check", "convert"), PICKLE_V3), "diff": FLOAT4_DIFF}),
+         xfail={"diff": FLOAT4_DIFF}),
     Spec("hf-writer", "dcp.save with HuggingFaceStorageWriter", VERSIONS,
          # not float8_e8m0fnu: torch's own HuggingFaceStorageReader cannot read F8_E8M0 back
-         _dtypes_case(("float32", "bfloat16", "int64", "bool", "float8_e4m3fn", "float8_e5m2", *UINT), hf=True),
-         xfail={"check": FOLDER_CHECK}),
-    Spec("hf-writer-e8m0", "dcp.save with HuggingFaceStorageWriter", VERSIONS, _hf_e8m0_case,
-         xfail={"check": FOLDER_CHECK}),
+         _dtypes_case(("float32", "bfloat16", "int64", "bool", "float8_e4m3fn", "float8_e5m2", *UINT), hf=True)),
+    Spec("hf-writer-e8m0", "dcp.save with HuggingFaceStorageWriter", VERSIONS, _hf_e8m0_case),
 ]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _in_checks import FOLDER_CHECK, Case, Corpus, Spec, params, randomize_, run, versions
+from _in_checks import Case, Corpus, Spec, params, randomize_, run, versions
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -38,8 +38,7 @@ def _build(folder: Path) -> Case:
                 model_key=lambda k: k.replace(".weight", ".default.weight"))
 
 
-SPECS = [Spec("lora-adapter", "peft save_pretrained", versions("torch", "peft"), _build, has_model=True,
-              xfail={"check": FOLDER_CHECK})]
+SPECS = [Spec("lora-adapter", "peft save_pretrained", versions("torch", "peft"), _build, has_model=True)]
 
 
 @pytest.fixture(scope="module")

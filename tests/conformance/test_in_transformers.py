@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _in_checks import FOLDER_CHECK, Case, Corpus, Spec, params, randomize_, run, versions
+from _in_checks import Case, Corpus, Spec, params, randomize_, run, versions
 
 import weightsmith as ws
 
@@ -44,11 +44,10 @@ def _build(cls_name: str, **save: object):
 
 
 SPECS = [
-    Spec("bert-single", WRITER, VERSIONS, _build("BertModel"), has_model=True, xfail={"check": FOLDER_CHECK}),
+    Spec("bert-single", WRITER, VERSIONS, _build("BertModel"), has_model=True),
     Spec("bert-sharded", f"{WRITER} (max_shard_size)", VERSIONS, _build("BertModel", max_shard_size="20KB"),
-         has_model=True, xfail={"check": FOLDER_CHECK}),
-    Spec("bert-mlm-tied", WRITER, VERSIONS, _build("BertForMaskedLM"), has_model=True,
-         xfail={"check": FOLDER_CHECK}),
+         has_model=True),
+    Spec("bert-mlm-tied", WRITER, VERSIONS, _build("BertForMaskedLM"), has_model=True),
 ]
 
 
