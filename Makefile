@@ -30,12 +30,12 @@ $(VENV)/.demo: $(BIN)/python pyproject.toml
 demo: $(VENV)/.demo
 	$(BIN)/weightsmith demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(TF4)/.installed
 	$(BIN)/python -m pytest
 
 tf4: $(TF4)/.installed
 
-$(TF4)/.installed: $(BIN)/python
+$(TF4)/.installed: $(VENV)/.installed
 	rm -rf $(TF4)
 	$(BIN)/pip install --quiet --no-deps --target $(TF4) $(TF4_PKGS)
 	PYTHONPATH=$(TF4) $(BIN)/python -c "import transformers as t; assert t.__version__.startswith('4.'), t.__version__"
