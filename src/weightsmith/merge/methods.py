@@ -1,0 +1,286 @@
+"""The merge methods: how one output tensor is computed from its inputs, a chunk at a time.
+
+Every function here takes flattened (1-D) input tensors of any floating dtype, accumulates in
+float32 (float64 when an input is float64), and writes into a preallocated flat output. Work
+runs over chunks of ``CHUNK`` elements, so the memory used beyond the inputs' mapped pages and
+the output is a few chunk-sized buffers. Methods that need a whole-tensor quantity (a
+magnitude threshold, norms, angles) take it in a first pass over the chunks. Inputs are never
+written to: a float32 chunk of a float32 input *is* the input's memory.
+
+Formulas (τᵢ = θᵢ − θ_base, wᵢ the weights, λ = ``lambda_``):
+
+=================  ===============================================================================
+``linear``         Σ wᵢθᵢ / Σ wᵢ (``normalize=False``: Σ wᵢθᵢ)
+``task_arithmetic`` θ_base + λ Σ wᵢτᵢ
+``ties``           trim each τᵢ to its ``density`` fraction of largest magnitudes; elect a sign
+                   per element, sign(Σ wᵢτᵢ) (``consensus="sum"``) or sign(Σ sign(wᵢτᵢ))
+                   (``"count"``), zero electing +; θ_base + λ Σ wᵢτᵢ[agrees] / Σ wᵢ[agrees]
+                   (``normalize=False``: no division)
+``dare_linear``    drop each element of τᵢ with probability 1 − density, rescale the rest by
+                   1/density (``rescale=False``: no rescale); then as ``task_arithmetic``
+``dare_ties``      the same drop and rescale; then the sign election and disjoint mean of ``ties``
+``slerp``          on the flattened tensors a, b with cos Ω = â·b̂:
+                   sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b; (1−t)a + tb when |cos Ω| > 0.9995 or
+                   a norm is zero
+``model_stock``    c = mean over pairs of cos(τᵢ, τⱼ) (0 for a zero τ); r = N c / (1 + (N−1) c);
+                   r · mean(θᵢ) + (1 − r) θ_base
+=================  ===============================================================================
+
+Trimming keeps exactly ``int(density · numel)`` elements: those above the threshold magnitude,
+then those equal to it in index order. DARE's draws are ``torch.rand`` from a generator seeded
+with `dare_seed` (``seed``, output key, input index), one draw per chunk in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["METHODS", "NEEDS_BASE", "Params", "combine", "dare_seed", "CHUNK"]
+
+CHUNK = 1 << 20  # elements per chunk: 4 MB of float32 per buffer
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "model_stock",
+           "passthrough")
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock")
+_COLINEAR = 0.9995
+
+
+@dataclass
+class Params:
+    """The parameters of one output tensor, resolved for its key (numbers only)."""
+
+    weights: list[float] = field(default_factory=list)
+    density: list[float] = field(default_factory=list)  # one per input
+    t: float = 0.5
+    lambda_: float = 1.0
+    normalize: bool = True
+    consensus: str = "sum"
+    rescale: bool = True
+    seed: int = 0
+
+
+def dare_seed(seed: int, key: str, index: int) -> int:
+    """The generator seed of DARE's drop mask for input ``index`` of output ``key``."""
+    digest = hashlib.sha256(f"{seed}\0{key}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _acc_dtype(xs: Sequence[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _spans(numel: int, chunk: int) -> Iterator[slice]:
+    for s in range(0, numel, chunk):
+        yield slice(s, min(s + chunk, numel))
+
+
+def combine(method: str, xs: Sequence[torch.Tensor], base: torch.Tensor | None, p: Params,
+            out: torch.Tensor, *, key: str = "", chunk: int = CHUNK) -> None:
+    """Write the merge of flat inputs ``xs`` (and ``base``) into the flat tensor ``out``."""
+    fn = _FUNCS[method]
+    acc = _acc_dtype([*xs, *([base] if base is not None else [])])
+    fn(list(xs), base, p, out, acc=acc, key=key, chunk=chunk)
+
+
+# -- weighted sums ----------------------------------------------------------------------------
+def _linear(xs: list[torch.Tensor], _base: Any, p: Params, out: torch.Tensor, *, acc: torch.dtype,
+            key: str, chunk: int) -> None:
+    total = sum(p.weights)
+    scale = 1.0 / total if p.normalize and total != 0 else 1.0
+    for sl in _spans(out.numel(), chunk):
+        y = torch.zeros(sl.stop - sl.start, dtype=acc)
+        for x, w in zip(xs, p.weights):
+            y.add_(x[sl].to(acc), alpha=w)
+        out[sl] = y.mul_(scale)
+
+
+def _task_sum(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, *, acc: torch.dtype,
+              key: str, chunk: int, drop: bool = False) -> None:
+    gens = _generators(p, key, len(xs)) if drop else None
+    for sl in _spans(out.numel(), chunk):
+        b = base[sl].to(acc)
+        y = torch.zeros_like(b)
+        for i, (x, w) in enumerate(zip(xs, p.weights)):
+            tau = x[sl].to(acc) - b
+            if gens is not None:
+                tau = _dropped(tau, gens[i], p.density[i], p.rescale)
+            y.add_(tau, alpha=w)
+        out[sl] = torch.add(b, y, alpha=p.lambda_)  # b may be the input's own memory
+
+
+def _dare_linear(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, **kw: Any) -> None:
+    _task_sum(xs, base, p, out, drop=True, **kw)
+
+
+# -- DARE's random drop -----------------------------------------------------------------------
+def _generators(p: Params, key: str, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(dare_seed(p.seed, key, i)) for i in range(n)]
+
+
+def _dropped(tau: torch.Tensor, gen: torch.Generator, density: float, rescale: bool) -> torch.Tensor:
+    keep = torch.rand(tau.numel(), generator=gen) < density
+    tau = tau * keep
+    if rescale and 0 < density < 1:
+        tau.div_(density)
+    return tau
+
+
+# -- TIES: trim, elect, disjoint mean ---------------------------------------------------------
+def _threshold(abs_chunks: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[int, int]:
+    """The k-th largest magnitude, as float32 bits, and how many elements equal to it are kept.
+
+    An exact radix selection over the bit patterns of non-negative float32 values (ordered as
+    the integers they read as), in two passes of 16 bits each: no sort, no copy of the tensor.
+    """
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for a in abs_chunks():
+        hist += torch.bincount((a.view(torch.int32) >> 16).to(torch.int64), minlength=1 << 16)
+    hi, above = _bin_of(hist, k)
+    hist2 = torch.zeros(1 << 16, dtype=torch.int64)
+    for a in abs_chunks():
+        bits = a.view(torch.int32)
+        sel = bits[(bits >> 16) == hi]
+        hist2 += torch.bincount((sel & 0xFFFF).to(torch.int64), minlength=1 << 16)
+    lo, above2 = _bin_of(hist2, k - above)
+    return (hi << 16) | lo, k - above - above2
+
+
+def _bin_of(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and how many elements lie in higher bins."""
+    from_top = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=torch.int64)))
+    b = hist.numel() - 1 - j
+    return b, int(from_top[j]) - int(hist[b])
+
+
+class _Trim:
+    """The elements of one task vector that trimming keeps, chunk by chunk in index order."""
+
+    def __init__(self, tau_chunks: Callable[[], Iterator[torch.Tensor]], numel: int, density: float) -> None:
+        self.k = int(density * numel)
+        self.all = self.k >= numel
+        self.none = self.k <= 0
+        self.bits, self.equal_left = 0, 0
+        if not (self.all or self.none):
+            self.bits, self.equal_left = _threshold(lambda: (t.float().abs() for t in tau_chunks()), self.k)
+
+    def mask(self, tau: torch.Tensor) -> torch.Tensor | None:
+        if self.all:
+            return None
+        if self.none:
+            return torch.zeros(tau.shape, dtype=torch.bool)
+        bits = tau.float().abs().view(torch.int32)
+        keep = bits > self.bits
+        equal = bits == self.bits
+        if self.equal_left > 0 and bool(equal.any()):
+            rank = equal.cumsum(0)
+            keep |= equal & (rank <= self.equal_left)
+            self.equal_left -= min(int(rank[-1]), self.equal_left)
+        return keep
+
+
+def _elect(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, *, acc: torch.dtype,
+           key: str, chunk: int, sparsify: str) -> None:
+    numel = out.numel()
+    trims: list[_Trim | None] = [None] * len(xs)
+    gens = None
+    if sparsify == "magnitude":
+        for i, x in enumerate(xs):
+            def taus(x: torch.Tensor = x) -> Iterator[torch.Tensor]:
+                for sl in _spans(numel, chunk):
+                    yield x[sl].to(acc) - base[sl].to(acc)
+            trims[i] = _Trim(taus, numel, p.density[i])
+    else:
+        gens = _generators(p, key, len(xs))
+    for sl in _spans(numel, chunk):
+        b = base[sl].to(acc)
+        deltas = []
+        for i, (x, w) in enumerate(zip(xs, p.weights)):
+            tau = x[sl].to(acc) - b
+            trim = trims[i]
+            if trim is not None:
+                m = trim.mask(tau)
+                if m is not None:
+                    tau = tau * m
+            elif gens is not None:
+                tau = _dropped(tau, gens[i], p.density[i], p.rescale)
+            deltas.append(tau.mul_(w))
+        stack = torch.stack(deltas)
+        votes = stack.sign().sum(0) if p.consensus == "count" else stack.sum(0)
+        elected = torch.where(votes >= 0, 1.0, -1.0).to(acc)
+        agree = stack.sign() == elected
+        merged = (stack * agree).sum(0)
+        if p.normalize:
+            weights = torch.tensor(p.weights, dtype=acc).unsqueeze(1)
+            divisor = (weights * agree).sum(0)
+            divisor[divisor == 0] = 1
+            merged.div_(divisor)
+        out[sl] = torch.add(b, merged, alpha=p.lambda_)
+
+
+def _ties(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, **kw: Any) -> None:
+    _elect(xs, base, p, out, sparsify="magnitude", **kw)
+
+
+def _dare_ties(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, **kw: Any) -> None:
+    _elect(xs, base, p, out, sparsify="random", **kw)
+
+
+# -- angles -----------------------------------------------------------------------------------
+def _slerp(xs: list[torch.Tensor], base: torch.Tensor | None, p: Params, out: torch.Tensor, *,
+           acc: torch.dtype, key: str, chunk: int) -> None:
+    a, b = (base, xs[0]) if base is not None else (xs[0], xs[1])
+    dot = na = nb = 0.0
+    for sl in _spans(out.numel(), chunk):
+        x, y = a[sl].double(), b[sl].double()
+        dot += float(x @ y)
+        na += float(x @ x)
+        nb += float(y @ y)
+    t = p.t
+    s0, s1 = 1.0 - t, t
+    if na > 0 and nb > 0:
+        cos = dot / math.sqrt(na * nb)
+        if abs(cos) <= _COLINEAR:
+            omega = math.acos(max(-1.0, min(1.0, cos)))
+            s0 = math.sin((1 - t) * omega) / math.sin(omega)
+            s1 = math.sin(t * omega) / math.sin(omega)
+    for sl in _spans(out.numel(), chunk):
+        out[sl] = a[sl].to(acc).mul(s0).add_(b[sl].to(acc), alpha=s1)
+
+
+def _model_stock(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, *,
+                 acc: torch.dtype, key: str, chunk: int) -> None:
+    n = len(xs)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for sl in _spans(out.numel(), chunk):
+        b = base[sl].double()
+        taus = torch.stack([x[sl].double() - b for x in xs])
+        gram += taus @ taus.T
+    norms = gram.diagonal().sqrt()
+    cosines = [float(gram[i, j] / (norms[i] * norms[j])) if norms[i] > 0 and norms[j] > 0 else 0.0
+               for i in range(n) for j in range(i + 1, n)]
+    c = sum(cosines) / len(cosines)
+    r = n * c / (1 + (n - 1) * c) if (1 + (n - 1) * c) != 0 else 0.0
+    for sl in _spans(out.numel(), chunk):
+        mean = torch.zeros(sl.stop - sl.start, dtype=acc)
+        for x in xs:
+            mean.add_(x[sl].to(acc))
+        mean.div_(n)
+        out[sl] = mean.mul_(r).add_(base[sl].to(acc), alpha=1 - r)
+
+
+def _passthrough(xs: list[torch.Tensor], _base: Any, _p: Params, out: torch.Tensor, *, acc: torch.dtype,
+                 key: str, chunk: int) -> None:
+    for sl in _spans(out.numel(), chunk):
+        out[sl] = xs[0][sl]
+
+
+_FUNCS: dict[str, Callable[..., None]] = {
+    "linear": _linear, "task_arithmetic": _task_sum, "ties": _ties, "dare_linear": _dare_linear,
+    "dare_ties": _dare_ties, "slerp": _slerp, "model_stock": _model_stock, "passthrough": _passthrough,
+}
