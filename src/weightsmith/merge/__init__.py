@@ -7,7 +7,7 @@ adapter into its base and take one out of a fine-tune.
 
 from __future__ import annotations
 
-# lora: added below
+from .lora import LoraReport, extract_lora, merge_lora
 from .plan import MergePlan, MergeStep, merge_plan
 from .run import MergeReport, merge
 
