@@ -30,7 +30,7 @@ def _merge(sources, method, **kw):
 # -- straightforward implementations -------------------------------------------------------------
 def ref_trim(tau, density):
     flat = tau.flatten()
-    k = int(density * flat.numel())
+    k = max(1, int(density * flat.numel())) if density > 0 else 0
     order = torch.argsort(flat.abs(), descending=True, stable=True)  # equal magnitudes: index order
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[order[:k]] = True
@@ -117,6 +117,12 @@ def test_ties_trim_keeps_exactly_k_when_magnitudes_tie_across_chunks():
     assert int((out != 0).sum()) == 20
 
 
+def test_ties_keeps_at_least_one_element_at_a_positive_density():
+    base, (x,) = _models(1, shape=(3,))
+    got = _merge([x], "ties", base=base, density=0.1)  # int(0.3) = 0, but one is kept
+    assert int((got != base).sum()) == 1
+
+
 def test_ties_chunked_equals_whole():
     base, xs = _models(2, shape=(1000,))
     p = Params(weights=[1.0, 1.0], density=[0.3, 0.6])
@@ -151,7 +157,9 @@ def test_dare_ties_matches_drop_then_elect():
     w = [1.0, 0.5, 1.5]
     got = _merge(xs, "dare_ties", base=base, weights=w, density=0.4, seed=3)
     taus = [(x - base) * ref_dare_mask("w", i, 3, 0.4, 400).view(20, 20) / 0.4 for i, x in enumerate(xs)]
-    torch.testing.assert_close(got, ref_elect(base, taus, w), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, ref_elect(base, taus, w, normalize=False), rtol=0, atol=1e-5)
+    normalized = _merge(xs, "dare_ties", base=base, weights=w, density=0.4, seed=3, normalize=True)
+    torch.testing.assert_close(normalized, ref_elect(base, taus, w), rtol=0, atol=1e-5)
 
 
 def test_dare_without_rescale_keeps_values():

@@ -32,7 +32,7 @@ from ..errors import UsageError
 __all__ = ["MergeConfig", "read_config"]
 
 _MERGEKIT_GLOBAL = {"t": "t", "lambda": "lambda_", "normalize": "normalize", "rescale": "rescale",
-                    "density": "density", "consensus_method": "consensus", "random_seed": "seed"}
+                    "density": "density"}
 _MERGEKIT_IGNORED = {"int8_mask"}  # memory options of mergekit's own engine: nothing to do here
 _MERGEKIT_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "slices",
                  "tokenizer_source", "tokenizer", "chat_template", "name"}
@@ -146,7 +146,7 @@ def _from_mergekit(data: Any, root: Path, where: Path) -> MergeConfig:
             continue
         if k not in _MERGEKIT_GLOBAL:
             raise UsageError(f"{where}: unsupported parameter {k!r}; supported: {', '.join(_MERGEKIT_GLOBAL)}")
-        params[_MERGEKIT_GLOBAL[k]] = _mergekit_value(v, where, k) if k not in ("consensus_method",) else v
+        params[_MERGEKIT_GLOBAL[k]] = _mergekit_value(v, where, k)
     models: list[dict[str, Any]] = list(data.get("models") or [])
     if data.get("slices"):
         models, slices = _mergekit_slices(data["slices"], method, where)

@@ -26,8 +26,11 @@ Formulas (τᵢ = θᵢ − θ_base, wᵢ the weights, λ = ``lambda_``):
                    r · mean(θᵢ) + (1 − r) θ_base
 =================  ===============================================================================
 
-Trimming keeps exactly ``int(density · numel)`` elements: those above the threshold magnitude,
-then those equal to it in index order. DARE's draws are ``torch.rand`` from a generator seeded
+Trimming keeps exactly ``max(1, int(density · numel))`` elements (none at density 0): those above
+the threshold magnitude, then those equal to it in index order. ``normalize`` defaults to true
+for ``linear`` and ``ties``, false otherwise (as mergekit's defaults). DARE rescales by 1/density
+as in its paper; mergekit instead rescales to keep the task vector's L1 norm, and draws its
+masks from torch's global generator, so DARE results are not comparable element by element. DARE's draws are ``torch.rand`` from a generator seeded
 with `dare_seed` (``seed``, output key, input index), one draw per chunk in order.
 """
 
@@ -162,7 +165,7 @@ class _Trim:
     """The elements of one task vector that trimming keeps, chunk by chunk in index order."""
 
     def __init__(self, tau_chunks: Callable[[], Iterator[torch.Tensor]], numel: int, density: float) -> None:
-        self.k = int(density * numel)
+        self.k = max(1, int(density * numel)) if density > 0 and numel else 0  # density > 0 keeps one
         self.all = self.k >= numel
         self.none = self.k <= 0
         self.bits, self.equal_left = 0, 0

@@ -449,7 +449,7 @@ def _resolve(method: str, key: str, layers: P.Layers | None, weights: Any, param
 
 def params_of(step: MergeStep, plan: MergePlan, raw: Mapping[str, Any]) -> Params:
     """The `Params` one step is computed with."""
-    normalize = raw.get("normalize", plan.method in ("linear", "ties", "dare_ties"))
+    normalize = raw.get("normalize", plan.method in ("linear", "ties"))
     return Params(weights=list(step.params.get("weights", [])), density=list(step.params.get("density", [])),
                   t=step.params.get("t", 0.5), lambda_=step.params.get("lambda_", 1.0),
                   normalize=bool(normalize), consensus=raw.get("consensus", "sum"),
