@@ -94,12 +94,12 @@ def combine(method: str, xs: Sequence[torch.Tensor], base: torch.Tensor | None, 
 def _linear(xs: list[torch.Tensor], _base: Any, p: Params, out: torch.Tensor, *, acc: torch.dtype,
             key: str, chunk: int) -> None:
     total = sum(p.weights)
-    scale = 1.0 / total if p.normalize and total != 0 else 1.0
+    divisor = total if p.normalize and total != 0 else 1.0
     for sl in _spans(out.numel(), chunk):
-        y = torch.zeros(sl.stop - sl.start, dtype=acc)
-        for x, w in zip(xs, p.weights):
+        y = xs[0][sl].to(acc) * p.weights[0]
+        for x, w in zip(xs[1:], p.weights[1:]):
             y.add_(x[sl].to(acc), alpha=w)
-        out[sl] = y.mul_(scale)
+        out[sl] = y.div_(divisor)
 
 
 def _task_sum(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, *, acc: torch.dtype,
@@ -142,13 +142,13 @@ def _threshold(abs_chunks: Callable[[], Iterator[torch.Tensor]], k: int) -> tupl
     """
     hist = torch.zeros(1 << 16, dtype=torch.int64)
     for a in abs_chunks():
-        hist += torch.bincount((a.view(torch.int32) >> 16).to(torch.int64), minlength=1 << 16)
+        hist += torch.bincount(a.view(torch.int32) >> 16, minlength=1 << 16)
     hi, above = _bin_of(hist, k)
     hist2 = torch.zeros(1 << 16, dtype=torch.int64)
     for a in abs_chunks():
         bits = a.view(torch.int32)
         sel = bits[(bits >> 16) == hi]
-        hist2 += torch.bincount((sel & 0xFFFF).to(torch.int64), minlength=1 << 16)
+        hist2 += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
     lo, above2 = _bin_of(hist2, k - above)
     return (hi << 16) | lo, k - above - above2
 
