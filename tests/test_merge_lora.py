@@ -49,6 +49,20 @@ def test_merge_lora_equals_peft_merge_and_unload(tmp_path, rslora):
     assert not torch.equal(got["q.weight"], base.q.weight)
 
 
+def test_merge_lora_with_rank_and_alpha_patterns(tmp_path):
+    torch.manual_seed(6)
+    base = Net()
+    ws.save(base.state_dict(), tmp_path / "base.safetensors")
+    want = _adapter(tmp_path, base, "ad", r=4, lora_alpha=8, target_modules=["q", "out"],
+                    rank_pattern={"q": 2}, alpha_pattern={"out": 3})
+    report = ws.merge_lora(tmp_path / "base.safetensors", tmp_path / "ad", tmp_path / "m.safetensors")
+    assert report.modules["q.weight"] == {"rank": 2, "scale": 4.0}
+    assert report.modules["out.weight"] == {"rank": 4, "scale": 0.75}
+    got = ws.open(tmp_path / "m.safetensors").load()
+    for k in want:
+        assert float((got[k] - want[k]).abs().max()) <= 1e-6, k
+
+
 def test_merge_lora_with_prefixed_base_keys_and_a_scale(tmp_path):
     torch.manual_seed(1)
     base = Net()

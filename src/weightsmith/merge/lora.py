@@ -248,7 +248,11 @@ def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, 
     entries = [(k, src.specs[k][0], _out_dtype(k)) for k in src.specs if k not in aliases]
     inputs = [p for p in (src.path, weights_path) if p is not None]
     stream = Stream(entries, produce, release, aliases, {"format": "pt"}, None, inputs)
-    where, fmt, files = write(stream, out, max_shard_size=max_shard_size)
+    try:
+        where, fmt, files = write(stream, out, max_shard_size=max_shard_size)
+    finally:
+        src.close()
+        lora.close()
     return LoraReport(where, fmt, files, {m.target: {"rank": m.rank, "scale": m.scale} for m in modules},
                       len(src.specs), notes=[f"{len(replaced)} tensor(s) replaced by the adapter's own copy"]
                       if replaced else [])

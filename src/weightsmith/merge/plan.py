@@ -53,6 +53,7 @@ class Input:
     release: Callable[[str], None] = lambda _k: None
     ties: list[tuple[str, ...]] = field(default_factory=list)
     path: Path | None = None
+    close: Callable[[], None] = lambda: None  # set when the input was opened here from a path
 
 
 def open_input(source: Any, *, trust: bool = False) -> Input:
@@ -61,11 +62,13 @@ def open_input(source: Any, *, trust: bool = False) -> Input:
 
     if isinstance(source, Input):
         return source
-    if isinstance(source, (str, Path)):
+    opened = isinstance(source, (str, Path))
+    if opened:
         source = open_checkpoint(source, trust=trust)
     if isinstance(source, Checkpoint):
         specs = {k: (tuple(i.shape), i.dtype) for k, i in source.items()}
-        return Input(str(source.path), specs, source.tensor, source.release, source.ties, Path(source.path))
+        return Input(str(source.path), specs, source.tensor, source.release, source.ties, Path(source.path),
+                     source.close if opened else (lambda: None))
     if hasattr(source, "state_dict") and callable(source.state_dict):
         name, state = f"<{type(source).__name__}>", source.state_dict()
     elif isinstance(source, Mapping):
@@ -244,7 +247,9 @@ def merge_plan(sources: Sequence[Any], *, method: str, base: Any = None, weights
     >>> print(ws.merge_plan(["a.safetensors", "b.safetensors"], method="ties",      # doctest: +SKIP
     ...                     base="base.safetensors", density=0.5))
     """
-    p, _ = build(sources, method=method, base=base, weights=weights, dtype=dtype, trust=trust, **params)
+    p, inputs = build(sources, method=method, base=base, weights=weights, dtype=dtype, trust=trust, **params)
+    for i in inputs:
+        i.close()
     return p
 
 

@@ -86,12 +86,18 @@ def merge(sources: Sequence[Any], out: Any, *, method: str = "linear", base: Any
     """
     plan, inputs = build(sources, method=method, base=base, weights=weights, dtype=dtype, trust=trust, **params)
     if plan.problems:
+        for i in inputs:
+            i.close()
         raise PlanError(f"the merge plan has {len(plan.problems)} problem(s); nothing was read:\n  "
                         + "\n  ".join(plan.problems[:20]), problems=plan.problems)
     job = _Job(plan, inputs, params)
     stream = Stream([(st.key, st.shape, st.dtype) for st in job.stored], job.tensor, job.release, job.ties,
                     job.metadata(), progress, [i.path for i in inputs if i.path is not None])
-    where, fmt, files = write(stream, out, max_shard_size=max_shard_size)
+    try:
+        where, fmt, files = write(stream, out, max_shard_size=max_shard_size)
+    finally:
+        for i in inputs:
+            i.close()
     return MergeReport(where, fmt, files, len(plan.steps), stream.total, plan.method, list(plan.sources),
                        plan.counts(), dict(job.ties), list(plan.notes))
 
