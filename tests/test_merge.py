@@ -250,3 +250,22 @@ def test_progress_reaches_the_total(wrapped, tmp_path):
     seen = []
     ws.merge(wrapped, tmp_path / "o.safetensors", progress=lambda d, t, k: seen.append((d, t)))
     assert seen[-1][0] == seen[-1][1] > 0
+
+
+def test_a_bert_classifier_checkpoint_merges_with_the_bare_encoder(minilm_dir, tmp_path):
+    """mergekit refuses BERT (no architecture definition) and `bert.` prefixes; no rule is needed here."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    encoder = minilm_dir / "model.safetensors"
+    torch.manual_seed(0)
+    clf = BertForSequenceClassification(BertConfig.from_pretrained(minilm_dir, num_labels=2))
+    tuned = {k: v for k, v in clf.state_dict().items() if not k.startswith("classifier.")}
+    assert any(k.startswith("bert.") for k in tuned)
+    plan = ws.merge_plan([encoder, tuned], method="linear", weights=[0.75, 0.25])
+    assert plan.problems == [] and plan.prefixes[1] == "strip 'bert.'"
+    model = BertForSequenceClassification(BertConfig.from_pretrained(minilm_dir, num_labels=2)).bert
+    ws.merge([encoder, tuned], model, weights=[0.75, 0.25])
+    base = ws.open(encoder)
+    want = 0.75 * base.tensor("encoder.layer.3.output.dense.weight") + 0.25 * tuned[
+        "bert.encoder.layer.3.output.dense.weight"]
+    torch.testing.assert_close(model.encoder.layer[3].output.dense.weight, want)

@@ -386,6 +386,11 @@ def _merge_steps(method: str, everything: list[Input], maps: list[dict[str, str]
             steps.append(MergeStep(name, shape, _out(ref_dtype, out_dtype), "tied", tied_to=ref_ties[name],
                                    note=f"tied to {ref_ties[name]} (merged once)"))
             continue
+        if not _is_float(ref_dtype):  # copied from #0 whatever the others hold (they may lack it)
+            steps.append(MergeStep(name, shape, ref_dtype, "copy", ((0, ref_key),),
+                                   note=f"{ref_dtype}: copied from #0, not averaged"))
+            copied += 1
+            continue
         reads = []
         bad = False
         for i, src in enumerate(everything):
@@ -404,11 +409,6 @@ def _merge_steps(method: str, everything: list[Input], maps: list[dict[str, str]
                                 f"{everything[0].name} (a floating and a non-floating tensor cannot be merged)")
                 bad = True
             reads.append((i, key))
-        if not _is_float(ref_dtype):
-            steps.append(MergeStep(name, shape, ref_dtype, "copy", ((0, ref_key),),
-                                   note=f"{ref_dtype}: copied from #0, not averaged"))
-            copied += 1
-            continue
         if method == "passthrough":
             steps.append(MergeStep(name, shape, _out(ref_dtype, out_dtype), "layer", ((0, ref_key),)))
             continue
