@@ -202,6 +202,6 @@ def test_model_stock_interpolates_by_the_angle():
 def test_bfloat16_inputs_accumulate_in_float32():
     _, xs = _models(3)
     xs = [x.bfloat16() for x in xs]
-    got = _merge(xs, "linear", dtype="float32")  # the float32 mean of the bf16 values, not a bf16 sum
-    want = sum(x.float() for x in xs) / 3
+    got = _merge(xs, "linear", weights=[0.3, 0.3, 0.4], dtype="float32")  # float32 products and sums
+    want = (0.3 * xs[0].float() + 0.3 * xs[1].float() + 0.4 * xs[2].float()) / 1.0
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -46,7 +46,7 @@ import torch
 
 __all__ = ["METHODS", "NEEDS_BASE", "Params", "combine", "dare_seed", "CHUNK"]
 
-CHUNK = 1 << 20  # elements per chunk: 4 MB of float32 per buffer
+CHUNK = 1 << 18  # elements per chunk: 1 MB of float32 per buffer, so a chunk's work stays in cache
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "model_stock",
            "passthrough")
 NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock")
@@ -95,11 +95,16 @@ def _linear(xs: list[torch.Tensor], _base: Any, p: Params, out: torch.Tensor, *,
             key: str, chunk: int) -> None:
     total = sum(p.weights)
     divisor = total if p.normalize and total != 0 else 1.0
+    direct = out.dtype == acc  # accumulate in the output itself: no temporary, no copy
     for sl in _spans(out.numel(), chunk):
-        y = xs[0][sl].to(acc) * p.weights[0]
+        first = xs[0][sl].to(acc)  # a no-op for float32 input; bf16 must not be multiplied in bf16
+        y = torch.mul(first, p.weights[0], out=out[sl]) if direct else first * p.weights[0]
         for x, w in zip(xs[1:], p.weights[1:]):
-            y.add_(x[sl].to(acc), alpha=w)
-        out[sl] = y.div_(divisor)
+            y.add_(x[sl], alpha=w) if x.dtype == acc else y.add_(x[sl].to(acc), alpha=w)
+        if divisor != 1.0:
+            y.div_(divisor)
+        if not direct:
+            out[sl] = y
 
 
 def _task_sum(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, *, acc: torch.dtype,
