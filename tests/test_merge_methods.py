@@ -85,6 +85,12 @@ def test_task_arithmetic_adds_weighted_task_vectors_to_the_base():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_task_arithmetic_normalized_divides_by_the_weights():
+    base, xs = _models(2)
+    got = _merge(xs, "task_arithmetic", base=base, weights=[0.5, 1.5], normalize=True)
+    torch.testing.assert_close(got, base + (0.5 * (xs[0] - base) + 1.5 * (xs[1] - base)) / 2.0, rtol=0, atol=1e-5)
+
+
 def test_ties_sign_election_by_hand():
     base = torch.zeros(3)
     xs = [torch.tensor([3.0, -1.0, 2.0]), torch.tensor([-1.0, -1.0, 0.5]), torch.tensor([-1.0, 2.0, -4.0])]

@@ -11,7 +11,7 @@ Formulas (τᵢ = θᵢ − θ_base, wᵢ the weights, λ = ``lambda_``):
 
 =================  ===============================================================================
 ``linear``         Σ wᵢθᵢ / Σ wᵢ (``normalize=False``: Σ wᵢθᵢ)
-``task_arithmetic`` θ_base + λ Σ wᵢτᵢ
+``task_arithmetic`` θ_base + λ Σ wᵢτᵢ (``normalize=True``: divided by Σ wᵢ)
 ``ties``           trim each τᵢ to its ``density`` fraction of largest magnitudes; elect a sign
                    per element, sign(Σ wᵢτᵢ) (``consensus="sum"``) or sign(Σ sign(wᵢτᵢ))
                    (``"count"``), zero electing +; θ_base + λ Σ wᵢτᵢ[agrees] / Σ wᵢ[agrees]
@@ -110,6 +110,8 @@ def _linear(xs: list[torch.Tensor], _base: Any, p: Params, out: torch.Tensor, *,
 def _task_sum(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, *, acc: torch.dtype,
               key: str, chunk: int, drop: bool = False) -> None:
     gens = _generators(p, key, len(xs)) if drop else None
+    total = sum(p.weights)
+    scale = p.lambda_ / total if p.normalize and abs(total) >= 1e-8 else p.lambda_
     for sl in _spans(out.numel(), chunk):
         b = base[sl].to(acc)
         y = torch.zeros_like(b)
@@ -118,7 +120,7 @@ def _task_sum(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.
             if gens is not None:
                 tau = _dropped(tau, gens[i], p.density[i], p.rescale)
             y.add_(tau, alpha=w)
-        out[sl] = torch.add(b, y, alpha=p.lambda_)  # b may be the input's own memory
+        out[sl] = torch.add(b, y, alpha=scale)  # b may be the input's own memory
 
 
 def _dare_linear(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, **kw: Any) -> None:
@@ -130,32 +132,38 @@ def _generators(p: Params, key: str, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(dare_seed(p.seed, key, i)) for i in range(n)]
 
 
+def _drop_mask(n: int, gen: torch.Generator, density: float) -> torch.Tensor:
+    return torch.rand(n, generator=gen) < density
+
+
 def _dropped(tau: torch.Tensor, gen: torch.Generator, density: float, rescale: bool) -> torch.Tensor:
-    keep = torch.rand(tau.numel(), generator=gen) < density
-    tau = tau * keep
+    tau.mul_(_drop_mask(tau.numel(), gen, density))  # tau is a fresh difference: ours to change
     if rescale and 0 < density < 1:
         tau.div_(density)
     return tau
 
 
 # -- TIES: trim, elect, disjoint mean ---------------------------------------------------------
-def _threshold(abs_chunks: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[int, int]:
-    """The k-th largest magnitude, as float32 bits, and how many elements equal to it are kept.
+_BINS = 1 << 16
+
+
+def _threshold(abs_chunks: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[float, int, int]:
+    """The k-th largest magnitude, how many elements equal to it are kept, and how many there are.
 
     An exact radix selection over the bit patterns of non-negative float32 values (ordered as
     the integers they read as), in two passes of 16 bits each: no sort, no copy of the tensor.
     """
-    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    hist = torch.zeros(_BINS, dtype=torch.int64)
     for a in abs_chunks():
-        hist += torch.bincount(a.view(torch.int32) >> 16, minlength=1 << 16)
+        hist += torch.bincount(a.view(torch.int32) >> 16, minlength=_BINS)
     hi, above = _bin_of(hist, k)
-    hist2 = torch.zeros(1 << 16, dtype=torch.int64)
-    for a in abs_chunks():
-        bits = a.view(torch.int32)
-        sel = bits[(bits >> 16) == hi]
-        hist2 += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
-    lo, above2 = _bin_of(hist2, k - above)
-    return (hi << 16) | lo, k - above - above2
+    hist2 = torch.zeros(_BINS + 2, dtype=torch.int64)
+    for a in abs_chunks():  # low 16 bits of the elements in bin hi; the rest land in the end bins
+        rel = a.view(torch.int32) - (hi << 16)
+        hist2 += torch.bincount(rel.clamp_(-1, _BINS).add_(1), minlength=_BINS + 2)
+    lo, above2 = _bin_of(hist2[1:-1], k - above)
+    value = float(torch.tensor((hi << 16) | lo, dtype=torch.int32).view(torch.float32))
+    return value, k - above - above2, int(hist2[1 + lo])
 
 
 def _bin_of(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -167,33 +175,41 @@ def _bin_of(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 class _Trim:
-    """The elements of one task vector that trimming keeps, chunk by chunk in index order."""
+    """Trimming of one task vector to its ``k`` largest magnitudes, chunk by chunk in index order."""
 
     def __init__(self, tau_chunks: Callable[[], Iterator[torch.Tensor]], numel: int, density: float) -> None:
         self.k = max(1, int(density * numel)) if density > 0 and numel else 0  # density > 0 keeps one
         self.all = self.k >= numel
         self.none = self.k <= 0
-        self.bits, self.equal_left = 0, 0
+        self.value, self.equal_left, self.equal = 0.0, 0, 0
         if not (self.all or self.none):
-            self.bits, self.equal_left = _threshold(lambda: (t.float().abs() for t in tau_chunks()), self.k)
+            self.value, self.equal_left, self.equal = _threshold(lambda: (t.abs() for t in tau_chunks()), self.k)
 
-    def mask(self, tau: torch.Tensor) -> torch.Tensor | None:
+    def apply_(self, tau: torch.Tensor) -> torch.Tensor:
+        """Zero, in place, the entries of ``tau`` (a float32 chunk) that trimming drops."""
         if self.all:
-            return None
+            return tau
         if self.none:
-            return torch.zeros(tau.shape, dtype=torch.bool)
-        bits = tau.float().abs().view(torch.int32)
-        keep = bits > self.bits
-        equal = bits == self.bits
-        if self.equal_left > 0 and bool(equal.any()):
+            return tau.zero_()
+        a = tau.abs()
+        if self.equal_left == self.equal:  # every element equal to the threshold is kept
+            return tau.mul_(a >= self.value)
+        keep = a > self.value
+        if self.equal_left > 0:  # ties at the threshold: the first ones in index order
+            equal = a == self.value
             rank = equal.cumsum(0)
             keep |= equal & (rank <= self.equal_left)
             self.equal_left -= min(int(rank[-1]), self.equal_left)
-        return keep
+        return tau.mul_(keep)
 
 
 def _elect(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, *, acc: torch.dtype,
            key: str, chunk: int, sparsify: str) -> None:
+    """Sign election and disjoint mean over sparsified, weighted task vectors.
+
+    With E the elected sign (±1), an entry agrees when d·E > 0; Σ of the agreeing d is
+    E · Σ max(d·E, 0), so no stacked copy of the inputs is needed.
+    """
     numel = out.numel()
     trims: list[_Trim | None] = [None] * len(xs)
     gens = None
@@ -201,7 +217,7 @@ def _elect(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Ten
         for i, x in enumerate(xs):
             def taus(x: torch.Tensor = x) -> Iterator[torch.Tensor]:
                 for sl in _spans(numel, chunk):
-                    yield x[sl].to(acc) - base[sl].to(acc)
+                    yield (x[sl].to(acc) - base[sl].to(acc)).float()
             trims[i] = _Trim(taus, numel, p.density[i])
     else:
         gens = _generators(p, key, len(xs))
@@ -212,23 +228,25 @@ def _elect(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Ten
             tau = x[sl].to(acc) - b
             trim = trims[i]
             if trim is not None:
-                m = trim.mask(tau)
-                if m is not None:
-                    tau = tau * m
+                trim.apply_(tau)
             elif gens is not None:
-                tau = _dropped(tau, gens[i], p.density[i], p.rescale)
-            deltas.append(tau.mul_(w))
-        stack = torch.stack(deltas)
-        votes = stack.sign().sum(0) if p.consensus == "count" else stack.sum(0)
-        elected = torch.where(votes >= 0, 1.0, -1.0).to(acc)
-        agree = stack.sign() == elected
-        merged = (stack * agree).sum(0)
-        if p.normalize:
-            weights = torch.tensor(p.weights, dtype=acc).unsqueeze(1)
-            divisor = (weights * agree).sum(0)
-            divisor[divisor == 0] = 1
-            merged.div_(divisor)
-        out[sl] = torch.add(b, merged, alpha=p.lambda_)
+                _dropped(tau, gens[i], p.density[i], p.rescale)
+            deltas.append(tau.mul_(w) if w != 1 else tau)
+        votes = deltas[0].sign() if p.consensus == "count" else deltas[0].clone()
+        for d in deltas[1:]:
+            votes.add_(d.sign() if p.consensus == "count" else d)
+        sign = (votes >= 0).to(acc).mul_(2).sub_(1)  # ±1; a tie elects +
+        merged = torch.zeros_like(b)
+        divisor = torch.zeros_like(b) if p.normalize else None
+        for d, w in zip(deltas, p.weights):
+            agreeing = d.mul_(sign).clamp_(min=0)  # |d| where d agrees with the sign, else 0
+            merged.add_(agreeing)
+            if divisor is not None:
+                divisor.add_(agreeing.sign_(), alpha=w)
+        merged.mul_(sign)
+        if divisor is not None:
+            merged.div_(divisor.add_(divisor == 0))  # where nothing agrees, merged is 0: divide by 1
+        out[sl] = merged.mul_(p.lambda_).add_(b) if p.lambda_ != 1 else merged.add_(b)
 
 
 def _ties(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, **kw: Any) -> None:

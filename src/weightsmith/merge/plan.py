@@ -28,7 +28,7 @@ _TRAINING_WRAPPERS = ("module.", "_orig_mod.", "_forward_module.")
 
 # parameter -> the methods that take it (``weights`` and ``layers`` are handled apart)
 _TAKES: dict[str, tuple[str, ...]] = {
-    "normalize": ("linear", "ties", "dare_ties"),
+    "normalize": ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"),
     "density": ("ties", "dare_linear", "dare_ties"),
     "densities": ("ties", "dare_linear", "dare_ties"),
     "lambda_": ("task_arithmetic", "ties", "dare_linear", "dare_ties"),
