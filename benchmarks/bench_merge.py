@@ -37,6 +37,10 @@ resource.setrlimit(resource.RLIMIT_AS, (10 * 2**30, 10 * 2**30))
 import torch
 import safetensors.torch
 import weightsmith as ws
+import importlib
+for name in ("weightsmith.merge.run", "weightsmith.merge.lora", "weightsmith.checkpoint", "weightsmith.io.safetensors",
+             "weightsmith.io.atomic", "weightsmith.load"):
+    importlib.import_module(name)  # imports are not the merge's memory
 
 def status(field):
     for line in open("/proc/self/status"):
