@@ -259,11 +259,11 @@ def test_a_bert_classifier_checkpoint_merges_with_the_bare_encoder(minilm_dir, t
     encoder = minilm_dir / "model.safetensors"
     torch.manual_seed(0)
     clf = BertForSequenceClassification(BertConfig.from_pretrained(minilm_dir, num_labels=2))
-    tuned = {k: v for k, v in clf.state_dict().items() if not k.startswith("classifier.")}
+    tuned = {k: v.clone() for k, v in clf.state_dict().items() if not k.startswith("classifier.")}
     assert any(k.startswith("bert.") for k in tuned)
     plan = ws.merge_plan([encoder, tuned], method="linear", weights=[0.75, 0.25])
     assert plan.problems == [] and plan.prefixes[1] == "strip 'bert.'"
-    model = BertForSequenceClassification(BertConfig.from_pretrained(minilm_dir, num_labels=2)).bert
+    model = clf.bert  # merged into the same architecture, live
     ws.merge([encoder, tuned], model, weights=[0.75, 0.25])
     base = ws.open(encoder)
     want = 0.75 * base.tensor("encoder.layer.3.output.dense.weight") + 0.25 * tuned[
