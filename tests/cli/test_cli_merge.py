@@ -42,6 +42,15 @@ def test_merge_ties_from_arguments(models, tmp_path):
     assert ws.open(out)["layers.0.mlp.weight"].dtype == "bfloat16"
 
 
+def test_an_existing_output_needs_force(models, tmp_path):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep")
+    r = _run("merge", models["a"], models["b"], "-o", out)
+    assert r.exit_code == 2 and "--force" in r.output and out.read_bytes() == b"keep"
+    assert _run("merge", models["a"], models["b"], "-o", out, "--force").exit_code == 0
+    assert out.read_bytes() != b"keep"
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
     out = tmp_path / "out.safetensors"
     r = _run("merge", models["a"], models["b"], "-o", out, "--dry-run")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from pathlib import Path
 from typing import Any
 
 from ._common import EXIT_FINDINGS, abort, emit, progress_bar
@@ -32,6 +33,7 @@ def _weights(text: str) -> list[float]:
               help="A merge.toml, or a mergekit YAML with local model paths.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the plan, or the report).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--trust", is_flag=True, help="Allow torch files whose pickle calls code (files you vouch for).")
 def command(sources: tuple[str, ...], **opts: Any) -> None:
     """Merge SOURCES (or the models of --config) into OUT; --dry-run prints the plan."""
@@ -68,6 +70,8 @@ def _merge(sources: list[str], opts: dict[str, Any]) -> None:
     target = opts["out"] or cfg.out
     if not target:
         abort("give the output with -o OUT (or --dry-run)")
+    if Path(target).exists() and not opts["force"]:
+        abort(f"{target} exists; pass --force to replace it")
     with progress_bar("merging", quiet=opts["as_json"]) as progress:
         report = merge(sources, target, max_shard_size=opts["max_shard_size"], progress=progress, **args, **params)
     emit(report, as_json=opts["as_json"])
