@@ -38,6 +38,7 @@ class Stream:
     progress: Progress | None = None
     inputs: list[Path] = field(default_factory=list)
     done: int = 0  # bytes written so far
+    streaming: bool = False  # set while a writer takes each tensor only until the next is asked for
 
     def nbytes(self, entry: tuple[str, tuple[int, ...], str]) -> int:
         from ..io._dtypes import nbytes_of
@@ -109,7 +110,11 @@ def _write_entries(stream: Stream, f: Any, entries: list[tuple[str, tuple[int, .
             stream.progress(stream.done, stream.total, key)
 
     specs = [(k, torch.empty(shape, dtype=to_torch(dt), device="meta")) for k, shape, dt in entries]
-    write_safetensors(f, specs, meta, progress=step, materialize=materialize)
+    stream.streaming = True  # the writer lets each tensor go before asking for the next
+    try:
+        write_safetensors(f, specs, meta, progress=step, materialize=materialize)
+    finally:
+        stream.streaming = False
     stream.release()
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .._result import Result
+from ..io._base import read_in
 from ..plan import PlanError
 from .methods import combine
 from ._write import Stream, write
@@ -93,6 +94,7 @@ def merge(sources: Sequence[Any], out: Any, *, method: str = "linear", base: Any
     job = _Job(plan, inputs, params)
     stream = Stream([(st.key, st.shape, st.dtype) for st in job.stored], job.tensor, job.release, job.ties,
                     job.metadata(), progress, [i.path for i in inputs if i.path is not None])
+    job.streaming = lambda: stream.streaming
     try:
         where, fmt, files = write(stream, out, max_shard_size=max_shard_size)
     finally:
@@ -111,6 +113,8 @@ class _Job:
         self.by_key = {s.key: s for s in self.stored}
         self.ties = {s.key: s.tied_to for s in plan.steps if s.how == "tied" and s.tied_to is not None}
         self._held: list[tuple[int, str]] = []
+        self.streaming: Callable[[], bool] = lambda: False
+        self._scratch: Any = None  # one output buffer reused while tensors are written one at a time
 
     def tensor(self, key: str) -> Any:
         """The output tensor of ``key``, computed now."""
@@ -119,7 +123,12 @@ class _Job:
         from ..io._dtypes import to_torch
 
         step = self.by_key[key]
-        reads = [self.inputs[i].tensor(k) for i, k in step.reads]
+        reads = []
+        for i, k in step.reads:
+            t = self.inputs[i].tensor(k)
+            if self.inputs[i].path is not None:  # mapped: fault the pages in at once, errors raised here
+                read_in(t, f"{self.inputs[i].name}: {k}")
+            reads.append(t)
         self._held = list(step.reads)
         target = to_torch(step.dtype)
         if step.how in ("copy", "layer"):
@@ -128,9 +137,19 @@ class _Job:
         flat = [r.reshape(-1) for r in reads]
         base = flat[0] if self.plan.base is not None else None
         xs = flat[1:] if base is not None else flat
-        out = torch.empty(int(torch.Size(step.shape).numel()), dtype=target)
+        out = self._output(step.nbytes, target, int(torch.Size(step.shape).numel()))
         combine(self.plan.method, xs, base, params_of(step, self.plan, self.raw), out, key=step.key)
         return out.view(step.shape)
+
+    def _output(self, nbytes: int, dtype: Any, numel: int) -> Any:
+        """A flat output tensor: a view of one reused buffer when the writer takes one tensor at a time."""
+        import torch
+
+        if not self.streaming():
+            return torch.empty(numel, dtype=dtype)
+        if self._scratch is None:
+            self._scratch = torch.empty(max(s.nbytes for s in self.stored), dtype=torch.uint8)
+        return self._scratch[:nbytes].view(dtype)
 
     def release(self) -> None:
         """Drop the input pages the last tensor read."""
