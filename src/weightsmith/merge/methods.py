@@ -147,7 +147,29 @@ def _dropped(tau: torch.Tensor, gen: torch.Generator, density: float, rescale: b
 _BINS = 1 << 16
 
 
-def _threshold(abs_chunks: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[float, int, int]:
+class _Work:
+    """Chunk-sized buffers reused for every chunk of one tensor: no allocation inside the loop
+    (freed and re-made buffers of mixed sizes otherwise grow the heap well past their sum)."""
+
+    def __init__(self, chunk: int, acc: torch.dtype, n: int) -> None:
+        self.taus = [torch.empty(chunk, dtype=acc) for _ in range(n)]
+        self.a = torch.empty(chunk, dtype=torch.float32)      # magnitudes
+        self.bits = torch.empty(chunk, dtype=torch.int32)
+        self.mask = torch.empty(chunk, dtype=torch.bool)
+        self.b = torch.empty(chunk, dtype=acc)
+        self.votes = torch.empty(chunk, dtype=acc)
+        self.sign = torch.empty(chunk, dtype=acc)
+        self.merged = torch.empty(chunk, dtype=acc)
+        self.divisor = torch.empty(chunk, dtype=acc)
+
+
+def _magnitudes(tau: torch.Tensor, work: _Work) -> torch.Tensor:
+    """|tau| as float32 in the work buffer (a float64 chunk is rounded after the subtraction)."""
+    a = work.a[:tau.numel()]
+    return torch.abs(tau, out=a) if tau.dtype == torch.float32 else a.copy_(tau.abs())
+
+
+def _threshold(abs_chunks: Callable[[], Iterator[torch.Tensor]], k: int, work: _Work) -> tuple[float, int, int]:
     """The k-th largest magnitude, how many elements equal to it are kept, and how many there are.
 
     An exact radix selection over the bit patterns of non-negative float32 values (ordered as
@@ -155,11 +177,12 @@ def _threshold(abs_chunks: Callable[[], Iterator[torch.Tensor]], k: int) -> tupl
     """
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for a in abs_chunks():
-        hist += torch.bincount(a.view(torch.int32) >> 16, minlength=_BINS)
+        bits = torch.bitwise_right_shift(a.view(torch.int32), 16, out=work.bits[:a.numel()])
+        hist += torch.bincount(bits, minlength=_BINS)
     hi, above = _bin_of(hist, k)
     hist2 = torch.zeros(_BINS + 2, dtype=torch.int64)
     for a in abs_chunks():  # low 16 bits of the elements in bin hi; the rest land in the end bins
-        rel = a.view(torch.int32) - (hi << 16)
+        rel = torch.sub(a.view(torch.int32), hi << 16, out=work.bits[:a.numel()])
         hist2 += torch.bincount(rel.clamp_(-1, _BINS).add_(1), minlength=_BINS + 2)
     lo, above2 = _bin_of(hist2[1:-1], k - above)
     value = float(torch.tensor((hi << 16) | lo, dtype=torch.int32).view(torch.float32))
@@ -177,24 +200,27 @@ def _bin_of(hist: torch.Tensor, k: int) -> tuple[int, int]:
 class _Trim:
     """Trimming of one task vector to its ``k`` largest magnitudes, chunk by chunk in index order."""
 
-    def __init__(self, tau_chunks: Callable[[], Iterator[torch.Tensor]], numel: int, density: float) -> None:
+    def __init__(self, tau_chunks: Callable[[], Iterator[torch.Tensor]], numel: int, density: float,
+                 work: _Work) -> None:
         self.k = max(1, int(density * numel)) if density > 0 and numel else 0  # density > 0 keeps one
         self.all = self.k >= numel
         self.none = self.k <= 0
         self.value, self.equal_left, self.equal = 0.0, 0, 0
         if not (self.all or self.none):
-            self.value, self.equal_left, self.equal = _threshold(lambda: (t.abs() for t in tau_chunks()), self.k)
+            self.value, self.equal_left, self.equal = _threshold(
+                lambda: (_magnitudes(t, work) for t in tau_chunks()), self.k, work)
 
-    def apply_(self, tau: torch.Tensor) -> torch.Tensor:
-        """Zero, in place, the entries of ``tau`` (a float32 chunk) that trimming drops."""
+    def apply_(self, tau: torch.Tensor, work: _Work) -> torch.Tensor:
+        """Zero, in place, the entries of ``tau`` that trimming drops."""
         if self.all:
             return tau
         if self.none:
             return tau.zero_()
-        a = tau.abs()
+        a = _magnitudes(tau, work)
+        keep = work.mask[:tau.numel()]
         if self.equal_left == self.equal:  # every element equal to the threshold is kept
-            return tau.mul_(a >= self.value)
-        keep = a > self.value
+            return tau.mul_(torch.ge(a, self.value, out=keep))
+        torch.gt(a, self.value, out=keep)
         if self.equal_left > 0:  # ties at the threshold: the first ones in index order
             equal = a == self.value
             rank = equal.cumsum(0)
@@ -211,42 +237,60 @@ def _elect(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Ten
     E · Σ max(d·E, 0), so no stacked copy of the inputs is needed.
     """
     numel = out.numel()
+    chunk = min(chunk, CHUNK // 2)  # ten buffers a chunk long: 20 MB of them in all
+    work = _Work(min(chunk, max(numel, 1)), acc, len(xs))
+
+    def base_chunk(sl: slice) -> torch.Tensor:
+        return base[sl] if base.dtype == acc else work.b[:sl.stop - sl.start].copy_(base[sl])
+
+    def task_vector(i: int, sl: slice, b: torch.Tensor) -> torch.Tensor:
+        return work.taus[i][:sl.stop - sl.start].copy_(xs[i][sl]).sub_(b)
+
     trims: list[_Trim | None] = [None] * len(xs)
     gens = None
     if sparsify == "magnitude":
-        for i, x in enumerate(xs):
-            def taus(x: torch.Tensor = x) -> Iterator[torch.Tensor]:
+        for i in range(len(xs)):
+            def taus(i: int = i) -> Iterator[torch.Tensor]:
                 for sl in _spans(numel, chunk):
-                    yield (x[sl].to(acc) - base[sl].to(acc)).float()
-            trims[i] = _Trim(taus, numel, p.density[i])
+                    yield task_vector(i, sl, base_chunk(sl))
+            trims[i] = _Trim(taus, numel, p.density[i], work)
     else:
         gens = _generators(p, key, len(xs))
     for sl in _spans(numel, chunk):
-        b = base[sl].to(acc)
+        n = sl.stop - sl.start
+        b = base_chunk(sl)
         deltas = []
-        for i, (x, w) in enumerate(zip(xs, p.weights)):
-            tau = x[sl].to(acc) - b
+        for i, w in enumerate(p.weights):
+            tau = task_vector(i, sl, b)
             trim = trims[i]
             if trim is not None:
-                trim.apply_(tau)
+                trim.apply_(tau, work)
             elif gens is not None:
                 _dropped(tau, gens[i], p.density[i], p.rescale)
             deltas.append(tau.mul_(w) if w != 1 else tau)
-        votes = deltas[0].sign() if p.consensus == "count" else deltas[0].clone()
-        for d in deltas[1:]:
-            votes.add_(d.sign() if p.consensus == "count" else d)
-        sign = (votes >= 0).to(acc).mul_(2).sub_(1)  # ±1; a tie elects +
-        merged = torch.zeros_like(b)
-        divisor = torch.zeros_like(b) if p.normalize else None
+        votes = work.votes[:n]
+        if p.consensus == "count":
+            torch.sign(deltas[0], out=votes)
+            for d in deltas[1:]:
+                votes.add_(torch.sign(d, out=work.sign[:n]))
+        else:
+            votes.copy_(deltas[0])
+            for d in deltas[1:]:
+                votes.add_(d)
+        sign = work.sign[:n].copy_(torch.ge(votes, 0, out=work.mask[:n])).mul_(2).sub_(1)  # ±1; a tie elects +
+        merged = work.merged[:n].zero_()
+        divisor = work.divisor[:n].zero_() if p.normalize else None
         for d, w in zip(deltas, p.weights):
             agreeing = d.mul_(sign).clamp_(min=0)  # |d| where d agrees with the sign, else 0
             merged.add_(agreeing)
             if divisor is not None:
                 divisor.add_(agreeing.sign_(), alpha=w)
         merged.mul_(sign)
-        if divisor is not None:
-            merged.div_(divisor.add_(divisor == 0))  # where nothing agrees, merged is 0: divide by 1
-        out[sl] = merged.mul_(p.lambda_).add_(b) if p.lambda_ != 1 else merged.add_(b)
+        if divisor is not None:  # where nothing agrees, merged is 0: divide by 1
+            merged.div_(divisor.add_(torch.eq(divisor, 0, out=work.mask[:n])))
+        if p.lambda_ != 1:
+            merged.mul_(p.lambda_)
+        out[sl] = merged.add_(b)
 
 
 def _ties(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Tensor, **kw: Any) -> None:
