@@ -88,6 +88,13 @@ _LAZY: dict[str, str] = {
     "convert": "convert",
     "ConvertReport": "convert",
     "report": "report",
+    "merge": "merge",
+    "merge_plan": "merge",
+    "MergePlan": "merge",
+    "MergeReport": "merge",
+    "merge_lora": "merge",
+    "extract_lora": "merge",
+    "LoraReport": "merge",
     # scale out
     "save_dcp": "distributed",
     "load_sharded_": "distributed",

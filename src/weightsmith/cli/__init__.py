@@ -20,6 +20,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "warmstart": ("warmstart", "Write a checkpoint shaped for a target model, warm-started from a source."),
     "diff": ("diff", "Compare two checkpoints: keys, shapes, and how much each tensor moved."),
     "convert": ("convert", "Convert a checkpoint to safetensors, sharded safetensors or a torch file."),
+    "merge": ("merge", "Merge checkpoints: soups, task arithmetic, TIES, DARE, SLERP, layer stacking."),
     "report": ("report", "Write a self-contained HTML health report of a checkpoint."),
     "demo": ("demo", "Run the built-in example end to end."),
 }

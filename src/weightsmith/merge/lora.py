@@ -1,0 +1,364 @@
+"""LoRA adapters: fold a PEFT adapter into its base, or take one out of a fine-tune.
+
+A PEFT LoRA adapter folder holds ``adapter_config.json`` (``r``, ``lora_alpha``,
+``use_rslora``, ``fan_in_fan_out``, ``rank_pattern``, ``alpha_pattern``) and
+``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (r × in) and
+``...lora_B.weight`` (out × r); embeddings use ``lora_embedding_A`` (r × num) and
+``lora_embedding_B`` (dim × r). Merging adds, to each module's weight,
+
+    ΔW = s · (B @ A),  s = lora_alpha / r  (lora_alpha / √r with use_rslora),
+
+transposed for embeddings and for layers stored in × out (transformers' ``Conv1D``): peft
+decides that per layer by type; here a non-square weight's shape decides, a live base model's
+layer types decide, and a square weight in a file follows ``fan_in_fan_out``. Module names are aligned to the
+base's keys as `weightsmith.plan` aligns a source to a target (a ``bert.`` or wrapper prefix on
+either side needs no rule).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .._result import Result
+from ..errors import CheckpointError, UsageError
+from ..keymap import align_prefixes
+from ..plan import PlanError
+from ._write import Stream, write
+from .plan import Input, open_input
+
+__all__ = ["merge_lora", "extract_lora", "LoraReport"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraReport(Result):
+    """What `merge_lora` or `extract_lora` wrote.
+
+    Attributes:
+        path: the output; ``format`` as written (``safetensors``, ``sharded``, ``torch``,
+            ``model``, or ``peft`` for an adapter folder).
+        modules: the modules merged or extracted, each with its rank and scale.
+        tensors: output keys; ``error``: for extraction, the largest relative Frobenius error
+            ‖ΔW − B A‖ / ‖ΔW‖ over the modules (what the rank leaves out).
+        notes: what was not captured or kept as it was.
+    """
+
+    SCHEMA: ClassVar[str] = "weightsmith.lora/1"
+    path: str
+    format: str
+    files: list[str]
+    modules: dict[str, dict[str, Any]]
+    tensors: int
+    error: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def _rich_(self) -> str:
+        what = f"{len(self.modules)} LoRA module(s)"
+        text = f"wrote {self.format} {self.path}: {what}, {self.tensors} tensors"
+        if self.error is not None:
+            text += f"; largest relative error of the rank {self.error:.3g}"
+        return "\n".join([text, *(f"note: {n}" for n in self.notes)])
+
+
+# -- merge -------------------------------------------------------------------------------------
+@dataclass
+class _Module:
+    target: str          # the base key of the weight
+    a: str               # adapter keys
+    b: str
+    scale: float
+    rank: int
+    transpose: bool
+
+
+def _read_adapter(adapter: Any) -> tuple[dict[str, Any], Input, Path]:
+    folder = Path(adapter)
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME}; give a PEFT LoRA adapter folder (save_pretrained)")
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: cannot be read as JSON ({e})") from e
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise UsageError(f"{folder}: peft_type is {config.get('peft_type')!r}; only LoRA adapters can be merged")
+    weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no {' or '.join(WEIGHTS_NAMES)}")
+    return config, open_input(weights), weights
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's rule: a pattern applies to a module whose name ends with it (at a dot)."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _plan_lora(base: Input, config: dict[str, Any], adapter: Input, scale: float, problems: list[str],
+               layouts: dict[str, bool]) -> tuple[list[_Module], dict[str, str]]:
+    """The modules to merge, and plain adapter keys (trained biases, saved modules) -> base key."""
+    if config.get("use_dora"):
+        problems.append("the adapter uses DoRA (use_dora), which merge_lora does not implement")
+    pairs: dict[str, dict[str, str]] = {}
+    plain: dict[str, str] = {}
+    for key in adapter.specs:
+        name = key.removeprefix(_PEFT_PREFIX)
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?",
+                         name)
+        if m is None:
+            plain[key] = name.replace(".modules_to_save", "")
+            continue
+        module = m.group(1) or m.group(3)
+        part = m.group(2) or m.group(4)
+        pairs.setdefault(module, {})[part] = key
+    base_keys = list(base.specs)
+    wanted = [f"{mod}.weight" for mod in pairs] + list(plain.values())
+    prefix = align_prefixes(wanted, base_keys)
+    modules: list[_Module] = []
+    r_default = int(config.get("r", 8))
+    alpha_default = float(config.get("lora_alpha", r_default))
+    for module, parts in sorted(pairs.items()):
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a = parts.get("lora_embedding_A" if embedding else "lora_A")
+        b = parts.get("lora_embedding_B" if embedding else "lora_B")
+        if a is None or b is None:
+            problems.append(f"{module}: the adapter holds only one of its two LoRA matrices")
+            continue
+        target = prefix(f"{module}.weight")
+        if target not in base.specs:
+            problems.append(f"{module}: no weight {target!r} in the base")
+            continue
+        rank = int(_pattern_value(config.get("rank_pattern"), module, r_default))
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha_default))
+        a_shape, b_shape = adapter.specs[a][0], adapter.specs[b][0]
+        w_shape = base.specs[target][0]
+        transpose = embedding or bool(config.get("fan_in_fan_out"))
+        want = (b_shape[0], a_shape[-1]) if len(a_shape) == 2 and len(b_shape) == 2 else None
+        if want is None or a_shape[0] != rank or b_shape[1] != rank:
+            problems.append(f"{module}: LoRA shapes A {list(a_shape)}, B {list(b_shape)} do not match rank {rank} "
+                            "(2-D Linear/Embedding/Conv1D LoRA only)")
+            continue
+        # peft decides the layout per layer by its type (Conv1D stores in × out) and may rewrite
+        # the config's fan_in_fan_out: a non-square weight's shape says which layout it has, a
+        # live base model says it by type, a square one on a file follows the config
+        if not embedding and target in layouts:
+            transpose = layouts[target]
+        elif not embedding and want[0] != want[1]:
+            transpose = want[::-1] == tuple(w_shape)
+        if (want[::-1] if transpose else want) != tuple(w_shape):
+            problems.append(f"{module}: B @ A is {list(want)}, the base weight {target} is {list(w_shape)}")
+            continue
+        s = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        modules.append(_Module(target, a, b, s * scale, rank, transpose))
+    replaced: dict[str, str] = {}
+    for key, name in plain.items():
+        target = prefix(name)
+        if target not in base.specs:
+            problems.append(f"{key}: the adapter holds it, the base has no {target!r}")
+        elif adapter.specs[key][0] != base.specs[target][0]:
+            problems.append(f"{key}: shape {list(adapter.specs[key][0])}, the base's {target} "
+                            f"{list(base.specs[target][0])}")
+        else:
+            replaced[target] = key
+    return modules, replaced
+
+
+def _layouts(model: Any) -> dict[str, bool]:
+    """For a live model: weight key -> whether it is stored in × out (transformers' Conv1D)."""
+    if not hasattr(model, "named_modules"):
+        return {}
+    out = {}
+    for name, mod in model.named_modules():
+        if getattr(mod, "weight", None) is not None and getattr(mod.weight, "dim", lambda: 0)() == 2:
+            out[f"{name}.weight" if name else "weight"] = type(mod).__name__ == "Conv1D"
+    return out
+
+
+def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, dtype: Any = None,
+               max_shard_size: int | str | None = None, trust: bool = False) -> LoraReport:
+    """Fold a PEFT LoRA adapter into its base model's weights: W' = W + scale · s · B @ A.
+
+    The same result as peft's ``merge_and_unload()``, without building the model: the base is
+    read tensor by tensor from its memory-mapped file and written atomically (or loaded all or
+    nothing into an ``nn.Module`` given as ``out``). The product is computed in float32.
+
+    Args:
+        base: the base model: a path, a `Checkpoint`, a state dict or a model.
+        adapter: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+        out: a path or an ``nn.Module``, as for `merge`.
+        scale: an extra factor on every module's update (1: as trained).
+        dtype: the output dtype of floating tensors (default: the base's).
+        max_shard_size, trust: as for `merge`.
+
+    Raises:
+        PlanError: the adapter does not fit the base (every problem listed); nothing was written.
+
+    >>> import weightsmith as ws                                                  # doctest: +SKIP
+    >>> ws.merge_lora("base.safetensors", "my-adapter/", "merged.safetensors")   # doctest: +SKIP
+    """
+    from ..io._dtypes import to_torch
+    from .plan import _dtype_name, _is_float
+
+    src = open_input(base, trust=trust)
+    config, lora, weights_path = _read_adapter(adapter)
+    problems: list[str] = []
+    modules, replaced = _plan_lora(src, config, lora, scale, problems, _layouts(base))
+    if problems:
+        raise PlanError(f"the adapter {adapter} does not fit the base {src.name}:\n  " + "\n  ".join(problems),
+                        problems=problems)
+    out_dtype = _dtype_name(dtype)
+    by_target = {m.target: m for m in modules}
+    aliases = {k: g[0] for g in src.ties for k in g[1:]}
+    held: list[tuple[Input, str]] = []
+
+    def produce(key: str) -> Any:
+        t = src.tensor(key)
+        held.append((src, key))
+        target = to_torch(_out_dtype(key))
+        if key in replaced:
+            t = lora.tensor(replaced[key])
+        m = by_target.get(key)
+        if m is None:
+            return t.to(target) if t.dtype != target else t
+        a = lora.tensor(m.a).float()
+        b = lora.tensor(m.b).float()
+        delta = b @ a
+        if m.transpose:
+            delta = delta.T
+        return (t.float() + m.scale * delta).to(target)
+
+    def release() -> None:
+        for inp, key in held:
+            inp.release(key)
+        held.clear()
+
+    def _out_dtype(key: str) -> str:
+        dt = src.specs[key][1]
+        return out_dtype if out_dtype is not None and _is_float(dt) else dt
+
+    entries = [(k, src.specs[k][0], _out_dtype(k)) for k in src.specs if k not in aliases]
+    inputs = [p for p in (src.path, weights_path) if p is not None]
+    stream = Stream(entries, produce, release, aliases, {"format": "pt"}, None, inputs)
+    try:
+        where, fmt, files = write(stream, out, max_shard_size=max_shard_size)
+    finally:
+        src.close()
+        lora.close()
+    return LoraReport(where, fmt, files, {m.target: {"rank": m.rank, "scale": m.scale} for m in modules},
+                      len(src.specs), notes=[f"{len(replaced)} tensor(s) replaced by the adapter's own copy"]
+                      if replaced else [])
+
+
+# -- extract -----------------------------------------------------------------------------------
+def extract_lora(base: Any, tuned: Any, out: str | Path, *, rank: int, target: Any = None,
+                 embeddings: Any = None, transposed: Any = None, trust: bool = False) -> LoraReport:
+    """Write a PEFT LoRA adapter folder approximating ``tuned − base`` at ``rank``.
+
+    For each 2-D floating weight that differs, the truncated SVD of the difference,
+    ΔW ≈ U_r S_r V_rᵀ, is split as B = U_r √S_r, A = √S_r V_rᵀ (``lora_alpha = r``, so the
+    scale is 1): the best rank-r approximation (Eckart–Young). peft loads the folder with
+    ``PeftModel.from_pretrained(base_model, out)``.
+
+    Args:
+        base, tuned: the models (paths, checkpoints, state dicts or models); keys are aligned.
+        out: the adapter folder, written atomically (config last).
+        rank: the LoRA rank (smaller for a module whose weight is smaller).
+        target: a selector of the weight keys to extract (default: every 2-D floating
+            ``*.weight`` that differs, embeddings excluded unless named by ``embeddings``).
+        embeddings: a selector of embedding weights (stored as ``lora_embedding_A/B``, which
+            peft expects for ``nn.Embedding`` modules).
+        transposed: a selector of weights stored in × out (transformers' ``Conv1D``, as in GPT-2),
+            whose update peft applies transposed. When ``base`` is a live model its layer types
+            say this, and these two selectors are not needed for Conv1D layers.
+
+    Returns:
+        a `LoraReport`; ``error`` is the largest relative error left by the rank, and
+        ``notes`` name the tensors that differ but are not in the adapter (biases, norms).
+    """
+    import torch
+
+    from ..selectors import compile_selector
+
+    if not isinstance(rank, int) or rank < 1:
+        raise UsageError(f"rank must be a positive integer, got {rank!r}")
+    b_in, t_in = open_input(base, trust=trust), open_input(tuned, trust=trust)
+    prefix = align_prefixes(list(t_in.specs), list(b_in.specs))
+    mapping = {prefix(k): k for k in t_in.specs}
+    pick = compile_selector(target) if target is not None else None
+    emb = compile_selector(embeddings) if embeddings is not None else None
+    flip = compile_selector(transposed) if transposed is not None else None
+    layouts = _layouts(base)
+    tensors: dict[str, Any] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    left_out: list[str] = []
+    problems = [f"{k}: in the base, not in the tuned model" for k in b_in.specs if k not in mapping]
+    worst = 0.0
+    for key, (shape, dtype) in b_in.specs.items():
+        tk = mapping.get(key)
+        if tk is None or not dtype.startswith(("float", "bfloat")):
+            continue
+        if t_in.specs[tk][0] != shape:
+            problems.append(f"{key}: shape {list(shape)} in the base, {list(t_in.specs[tk][0])} tuned")
+            continue
+        is_emb = emb is not None and emb(key)
+        wanted = (pick(key) if pick is not None else key.endswith(".weight") and len(shape) == 2
+                  and "embed" not in key.rsplit(".", 2)[0].rsplit(".", 1)[-1]) or is_emb
+        w0, w1 = b_in.tensor(key), t_in.tensor(tk)
+        delta = w1.float() - w0.float()
+        b_in.release(key)
+        t_in.release(tk)
+        if not bool(delta.any()):
+            continue
+        if not wanted or len(shape) != 2:
+            left_out.append(key)
+            continue
+        if is_emb or layouts.get(key) or (flip is not None and flip(key)):
+            delta = delta.T  # peft applies (B @ A)ᵀ to embeddings and Conv1D weights
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        root = s[:r].sqrt()
+        b_mat = (u[:, :r] * root).contiguous()
+        a_mat = (root[:, None] * vh[:r]).contiguous()
+        worst = max(worst, float(s[r:].norm() / s.norm()) if s.norm() > 0 else 0.0)
+        module = key.removesuffix(".weight")
+        if is_emb:
+            tensors[f"{_PEFT_PREFIX}{module}.lora_embedding_A"] = a_mat
+            tensors[f"{_PEFT_PREFIX}{module}.lora_embedding_B"] = b_mat
+        else:
+            tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a_mat
+            tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = b_mat
+        modules[module] = {"rank": r, "scale": 1.0}
+    if problems:
+        raise PlanError(f"{t_in.name} does not fit {b_in.name}:\n  " + "\n  ".join(problems[:20]), problems=problems)
+    if not modules:
+        raise UsageError(f"no 2-D weight differs between {b_in.name} and {t_in.name}: nothing to extract")
+    ranks = {m: v["rank"] for m, v in modules.items()}
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(modules),
+              "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+              "alpha_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+              "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0,
+              "inference_mode": True, "base_model_name_or_path": str(b_in.path) if b_in.path else None,
+              "task_type": None, "modules_to_save": None, "init_lora_weights": True}
+    folder = Path(out)
+    from ..io.atomic import atomic_folder
+    from ..io.safetensors import write_safetensors
+
+    with atomic_folder(folder) as stage:
+        with open(stage / WEIGHTS_NAMES[0], "wb") as f:
+            write_safetensors(f, list(tensors.items()), {"format": "pt"})
+        (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    notes = []
+    if left_out:
+        notes.append(f"{len(left_out)} tensor(s) differ but are not in the adapter (not 2-D weights, or not "
+                     f"selected), e.g. {', '.join(left_out[:3])}")
+    return LoraReport(str(folder), "peft", [str(folder / WEIGHTS_NAMES[0]), str(folder / CONFIG_NAME)], modules,
+                      len(tensors), error=worst, notes=notes)
