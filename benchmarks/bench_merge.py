@@ -38,7 +38,7 @@ import torch
 import safetensors.torch
 import weightsmith as ws
 import importlib
-for name in ("weightsmith.merge.run", "weightsmith.merge.lora", "weightsmith.checkpoint", "weightsmith.io.safetensors",
+for name in ("weightsmith.merging.run", "weightsmith.merging.lora", "weightsmith.checkpoint", "weightsmith.io.safetensors",
              "weightsmith.io.atomic", "weightsmith.load"):
     importlib.import_module(name)  # imports are not the merge's memory
 

@@ -177,7 +177,7 @@ def test_passthrough_slice_past_the_last_layer_is_a_problem():
 
 
 def test_failed_merge_leaves_output_and_inputs_as_they_were(wrapped, tmp_path, monkeypatch):
-    run = importlib.import_module("weightsmith.merge.run")  # weightsmith.merge is the function
+    run = importlib.import_module("weightsmith.merging.run")
 
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"previous")
@@ -266,3 +266,19 @@ def test_a_bert_classifier_checkpoint_merges_with_the_bare_encoder(minilm_dir, t
     key = "encoder.layer.3.output.dense.weight"
     torch.testing.assert_close(got.tensor(key), base.tensor(key) + 0.0025)
     assert torch.equal(got.tensor("embeddings.position_ids"), base.tensor("embeddings.position_ids"))
+
+
+def test_merged_files_are_what_other_tools_expect_and_a_model_folder_keeps_its_files(wrapped, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "soup.safetensors"
+    ws.merge(wrapped, out)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["format"] == "pt"  # transformers 4.x refuses a file without it
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    ws.merge(wrapped, folder, max_shard_size=200)
+    assert (folder / "config.json").read_text() == "{}" and (folder / "tokenizer.json").exists()
+    assert (folder / "model.safetensors.index.json").exists()

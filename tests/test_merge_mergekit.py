@@ -94,7 +94,7 @@ def test_same_tensors_as_mergekit(llamas, tmp_path, method):
     subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(tmp_path / "mk")],
                    env=env, capture_output=True, timeout=600)  # it may fail on tokenizers after writing
     theirs = ws.open(tmp_path / "mk" / "model.safetensors").load()
-    from weightsmith.merge.config import read_config
+    from weightsmith.merging.config import read_config
 
     cfg = read_config(config)
     ws.merge(cfg.sources, tmp_path / "ws.safetensors", method=cfg.method, base=cfg.base, weights=cfg.weights,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import weightsmith as ws
-from weightsmith.merge.methods import Params, combine, dare_seed
+from weightsmith.merging.methods import Params, combine, dare_seed
 
 
 def _models(n, shape=(6, 5), seed=0):

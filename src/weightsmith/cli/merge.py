@@ -46,9 +46,9 @@ def command(sources: tuple[str, ...], **opts: Any) -> None:
 
 
 def _merge(sources: list[str], opts: dict[str, Any]) -> None:
-    from ..merge.config import MergeConfig, read_config
-    from ..merge.plan import merge_plan
-    from ..merge.run import merge
+    from ..merging.config import MergeConfig, read_config
+    from ..merging.plan import merge_plan
+    from ..merging.run import merge
 
     cfg = read_config(opts["config"]) if opts["config"] else MergeConfig(sources=[], method="linear")
     sources = sources or cfg.sources

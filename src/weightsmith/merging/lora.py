@@ -349,12 +349,14 @@ def extract_lora(base: Any, tuned: Any, out: str | Path, *, rank: int, target: A
               "inference_mode": True, "base_model_name_or_path": str(b_in.path) if b_in.path else None,
               "task_type": None, "modules_to_save": None, "init_lora_weights": True}
     folder = Path(out)
-    from ..io.atomic import atomic_folder
-    from ..io.safetensors import write_safetensors
+    from ..io.atomic import atomic_folder, new_file
+    from ..io.writers import Entries, write_safetensors
+    from ..io.writers.safetensors import file_metadata
 
-    with atomic_folder(folder) as stage:
-        with open(stage / WEIGHTS_NAMES[0], "wb") as f:
-            write_safetensors(f, list(tensors.items()), {"format": "pt"})
+    ours = {WEIGHTS_NAMES[0], CONFIG_NAME}
+    with atomic_folder(folder, keep=lambda name: name not in ours) as stage:  # a README beside them stays
+        with new_file(stage / WEIGHTS_NAMES[0]) as f:
+            write_safetensors(f, Entries(list(tensors.items())), file_metadata({}, {}))
         (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     notes = []
     if left_out:

@@ -7,7 +7,6 @@ output tensor is alive at a time for safetensors output.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,10 +74,9 @@ def write(stream: Stream, out: Any, *, max_shard_size: int | str | None = None) 
 
         save(_state(stream), path, format="torch")
         return str(path), "torch", [str(path)]
-    from ..io.atomic import atomic_file
+    from ..io.writers import write_safetensors_file
 
-    with atomic_file(path) as f:
-        _write_entries(stream, f, stream.entries)
+    _streamed(stream, lambda entries: write_safetensors_file(path, entries, stream.metadata))
     return str(path), "safetensors", [str(path)]
 
 
@@ -87,62 +85,41 @@ def _same_place(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _write_entries(stream: Stream, f: Any, entries: list[tuple[str, tuple[int, ...], str]]) -> None:
+def _streamed(stream: Stream, write: Callable[[Any], list[Path]]) -> list[Path]:
+    """Run a writer of `io.writers` over ``stream``: each tensor computed when its turn comes."""
     import torch
 
     from ..io._dtypes import to_torch
-    from ..io.safetensors import TIES_KEY, write_safetensors
+    from ..io.writers import Entries
 
-    sizes = {e[0]: stream.nbytes(e) for e in entries}
-    keys = set(sizes)
-    meta = dict(stream.metadata)
-    ties = {a: s for a, s in stream.ties.items() if s in keys}
-    if ties:
-        meta[TIES_KEY] = json.dumps(ties, separators=(",", ":"))
+    sizes = {e[0]: stream.nbytes(e) for e in stream.entries}
 
     def materialize(key: str, _spec: Any) -> Any:
         stream.release()
         return stream.produce(key)
 
-    def step(_d: int, _t: int, key: str) -> None:
+    def written(key: str) -> None:
         stream.done += sizes[key]
         if stream.progress is not None:
             stream.progress(stream.done, stream.total, key)
 
-    specs = [(k, torch.empty(shape, dtype=to_torch(dt), device="meta")) for k, shape, dt in entries]
+    specs = [(k, torch.empty(shape, dtype=to_torch(dt), device="meta")) for k, shape, dt in stream.entries]
     stream.streaming = True  # the writer lets each tensor go before asking for the next
     try:
-        write_safetensors(f, specs, meta, progress=step, materialize=materialize)
+        files = write(Entries(specs, dict(stream.ties), materialize=materialize, written=written))
     finally:
         stream.streaming = False
     stream.release()
+    return files
 
 
 def _write_sharded(stream: Stream, folder: Path, max_shard_size: int | str) -> list[str]:
-    from ..io.atomic import atomic_folder
-    from ..io.sharded import INDEX_NAMES
+    from ..io.writers import write_sharded_folder
     from ..save import parse_size
 
     limit = parse_size(max_shard_size)
-    shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
-    size = 0
-    for e in stream.entries:
-        n = stream.nbytes(e)
-        if shards[-1] and size + n > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += n
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {e[0]: names[i] for i, shard in enumerate(shards) for e in shard}
-    weight_map.update({a: weight_map[t] for a, t in stream.ties.items()})
-    with atomic_folder(folder) as stage:
-        for name, shard in zip(names, shards):
-            with open(stage / name, "wb") as f:
-                _write_entries(stream, f, shard)
-        index = {"metadata": {"total_size": stream.total}, "weight_map": weight_map}
-        (stage / INDEX_NAMES[0]).write_text(json.dumps(index, indent=2, sort_keys=True))
-    return [str(folder / n) for n in names] + [str(folder / INDEX_NAMES[0])]
+    files = _streamed(stream, lambda entries: write_sharded_folder(folder, entries, stream.metadata, limit=limit))
+    return [str(f) for f in files]
 
 
 def _state(stream: Stream) -> dict[str, Any]:

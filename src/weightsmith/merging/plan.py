@@ -226,7 +226,7 @@ def merge_plan(sources: Sequence[Any], *, method: str, base: Any = None, weights
         sources: the models to merge: paths (anything `weightsmith.open` reads), `Checkpoint`
             objects, state dicts or models.
         method: one of ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
-            ``slerp``, ``model_stock``, ``passthrough`` (formulas in `weightsmith.merge.methods`).
+            ``slerp``, ``model_stock``, ``passthrough`` (formulas in `weightsmith.merging.methods`).
         base: the model the task vectors are taken from (needed by task vector methods and
             ``model_stock``; for ``slerp`` the t=0 end).
         weights: one per input (not the base); each a number or a per-key spec (see below).

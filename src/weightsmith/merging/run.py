@@ -1,7 +1,7 @@
 """`merge`: compute a `MergePlan` one output tensor at a time and write it atomically.
 
 Inputs are memory-mapped; each output tensor is computed chunk by chunk (see
-`weightsmith.merge.methods`), written, and the input pages it read are released before the
+`weightsmith.merging.methods`), written, and the input pages it read are released before the
 next, so peak memory stays near (inputs + 1) × the largest tensor. A plan with problems stops
 before any tensor is read; a failure while merging leaves the output path as it was.
 """
