@@ -224,3 +224,18 @@ def test_convert_to_a_dcp_folder(tmp_path, tied_mlp):
         assert torch.equal(target[k], v.to(torch.bfloat16)), k
     with pytest.raises(UsageError, match="verify is not available for DCP"):
         weightsmith.convert(tmp_path / "a.safetensors", tmp_path / "ckpt2", format="dcp", verify=True)
+
+
+def test_convert_renames_keys_from_python_as_the_cli_does(tmp_path):
+    ws = weightsmith
+    src = tmp_path / "ddp.safetensors"
+    ws.save({"module.encoder.layer.0.w": torch.ones(2), "module.encoder.layer.1.w": torch.zeros(2),
+             "module.head.w": torch.full((1,), 3.0)}, src)
+    out = tmp_path / "plain.safetensors"
+    ws.convert(src, out, strip_prefix="module.", rename={"encoder.layer.{i}": "blocks.{i}"})
+    got = ws.open(out).load()
+    assert sorted(got) == ["blocks.0.w", "blocks.1.w", "head.w"]
+    assert torch.equal(got["blocks.0.w"], torch.ones(2)) and torch.equal(got["head.w"], torch.full((1,), 3.0))
+    with pytest.raises(ws.UsageError, match="'missing.' matched no key"):
+        ws.convert(src, tmp_path / "x.safetensors", strip_prefix=["module.", "missing."])
+    assert not (tmp_path / "x.safetensors").exists()

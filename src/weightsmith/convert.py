@@ -9,7 +9,7 @@ The output appears complete or not at all, and ``verify=True`` checks it before 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +91,9 @@ def convert(
     progress: Progress | None = None,
     root: str | None = None,
     trust: bool = False,
+    strip_prefix: str | Sequence[str] = (),
+    rename: Mapping[str, str] | Sequence[str] = (),
+    rules: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """Rewrite a checkpoint as safetensors (one file or sharded) or as a torch file, atomically.
 
@@ -120,6 +123,12 @@ def convert(
             the source, bit for bit (after the same cast).
         progress: called as ``progress(done_bytes, total_bytes, key)``.
         root, trust: passed to `weightsmith.open` when ``src`` is a path.
+        strip_prefix: drop this prefix (or each of these) from the keys that have it (``"module."``).
+        rename: renames applied after the prefixes, each a glob with ``{captures}``, as a mapping
+            ``{"encoder.layer.{i}": "blocks.{i}"}`` or strings ``"SRC=DST"``; the first that fits a key
+            renames it. ``select`` then picks among the new names.
+        rules: a rename-rule file (.toml or .json), as `weightsmith.plan` takes it. A prefix, rename or
+            rule that matches no key, or two keys landing on one name, is a `UsageError` naming each.
 
     Returns:
         a `ConvertReport`.
@@ -139,6 +148,13 @@ def convert(
         problems.append("verify is not available for DCP output; compare afterwards with weightsmith.diff")
     ckpt, owned = _source(src, root, trust, problems)
     try:
+        if strip_prefix or rename or rules:
+            from .renaming import key_map, renamed
+
+            prefixes = (strip_prefix,) if isinstance(strip_prefix, str) else tuple(strip_prefix)
+            renames = [f"{a}={b}" for a, b in rename.items()] if isinstance(rename, Mapping) else list(rename)
+            ckpt = renamed(ckpt, key_map(list(ckpt), prefixes=prefixes, renames=renames,
+                                         rules=os.fspath(rules) if rules is not None else None))
         keys = list(ckpt) if select is None else select_names(ckpt, select)
         stored, ties = _dedupe(ckpt, keys)
         out_dtype = {k: _cast_to(ckpt[k].dtype, target) for k in stored}

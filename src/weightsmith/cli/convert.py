@@ -43,21 +43,15 @@ def command(ctx: click.Context, src: str, dst: Path, dtype: str | None, max_shar
     opened = None
     try:
         source: object = src
-        if root or prefixes or renames or rules:
+        if root:  # opened here to say when --root has no effect
             from ..checkpoint import open as open_checkpoint
-            from ._rename import key_map, renamed
 
-            opened = open_checkpoint(src, root=root, trust=trust)
+            source = opened = open_checkpoint(src, root=root, trust=trust)
             note_ignored_root(opened, root)
-            if prefixes or renames or rules:  # --filter then picks among the new names
-                source = renamed(opened, key_map(list(opened), prefixes=prefixes, renames=renames, rules=rules))
-            else:
-                opened.close()
-                opened = None
         with progress_bar("converting", quiet=quiet or as_json) as progress:
             report = convert(source, dst, dtype=dtype, max_shard_size=max_shard_size,
                              select=list(patterns) or None, format=fmt, verify=verify, progress=progress,
-                             root=root, trust=trust)
+                             root=root, trust=trust, strip_prefix=prefixes, rename=renames, rules=rules)
     except WeightsmithError as e:
         if (ctx.obj or {}).get("debug"):
             raise
