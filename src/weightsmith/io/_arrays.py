@@ -1,0 +1,87 @@
+"""Numpy views of the tensors in mapped checkpoint files, so that read commands need no torch.
+
+A view is made only where the file holds a tensor's bytes as one row-major run (safetensors
+always; torch zip storages when the tensor is a plain slice of one); elsewhere `MappedArrays.get`
+answers ``None`` and the caller reads a torch tensor instead. Values numpy has no dtype for are
+handed out as their stored bits (bfloat16 as uint16, float8 and packed float4 as uint8), to be
+widened by `weightsmith._measure.widen`.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._base import check_bytes, map_file, release_pages
+
+__all__ = ["MappedArrays", "STORED"]
+
+# torch dtype name -> the numpy dtype of its stored elements
+STORED: dict[str, Any] = {
+    "bool": np.bool_, "uint8": np.uint8, "int8": np.int8, "int16": np.int16, "uint16": np.uint16,
+    "int32": np.int32, "uint32": np.uint32, "int64": np.int64, "uint64": np.uint64,
+    "float16": np.float16, "float32": np.float32, "float64": np.float64,
+    "complex64": np.complex64, "complex128": np.complex128,
+    "bfloat16": np.uint16, "float8_e5m2": np.uint8, "float8_e4m3fn": np.uint8, "float8_e4m3fnuz": np.uint8,
+    "float8_e5m2fnuz": np.uint8, "float8_e8m0fnu": np.uint8, "float4_e2m1fn_x2": np.uint8,
+}
+
+
+class MappedArrays:
+    """Read-only numpy arrays over the files of an opened checkpoint, one map per file."""
+
+    def __init__(self, checkpoint: Any) -> None:
+        self._reader = getattr(checkpoint, "reader", checkpoint)
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def _locate(self, key: str) -> tuple[Any, tuple[int, int]] | None:
+        reader = self._reader
+        infos = getattr(reader, "infos", None)
+        info = infos.get(key) if isinstance(infos, Mapping) else None
+        if info is None or info.dtype not in STORED:
+            return None
+        shards = getattr(reader, "shards", None)
+        if isinstance(shards, Mapping):
+            reader = shards.get(info.file)
+        span = getattr(reader, "data_span", None)
+        found = span(key) if callable(span) else None
+        return None if found is None else (reader, found)
+
+    def get(self, key: str) -> np.ndarray | None:
+        """``key``'s values as an array of its stored elements, in its shape; ``None`` where the
+        file does not hold them as one run (read those with torch).
+
+        Raises:
+            CorruptCheckpointError: the file was cut or rewritten since it was opened.
+        """
+        located = self._locate(key)
+        if located is None:
+            return None
+        reader, (offset, nbytes) = located
+        info = self._reader.infos[key]
+        dtype = np.dtype(STORED[info.dtype])
+        if nbytes != info.numel * dtype.itemsize:
+            return None
+        buf = self._maps.get(str(reader.path))
+        if buf is None:
+            buf = self._maps[str(reader.path)] = map_file(reader.path)
+        check_bytes(buf, reader.path, reader.stamp, key, offset, offset + nbytes)
+        flat = np.frombuffer(buf, dtype=dtype, count=info.numel, offset=offset) if nbytes else np.empty(0, dtype)
+        flat.flags.writeable = False
+        return flat.reshape(info.shape)
+
+    def release(self, key: str) -> None:
+        """Drop the mapped pages of ``key``'s data from memory."""
+        located = self._locate(key)
+        if located is not None:
+            reader, (offset, nbytes) = located
+            buf = self._maps.get(str(reader.path))
+            if buf is not None:
+                release_pages(buf, offset, nbytes)
+
+    def close(self) -> None:
+        """Let go of the maps; arrays already handed out keep theirs alive."""
+        self._maps = {}
