@@ -114,12 +114,12 @@ class Moments:
         self.lo, self.hi = min(self.lo, c.lo), max(self.hi, c.hi)
 
 
-_tables: dict[str, np.ndarray] = {}
+_tables: dict[tuple[str, Any], np.ndarray] = {}
 
 
-def _table(dtype: str) -> np.ndarray:
-    """Float32 values of every byte of a one-byte kind (two values a byte for packed float4)."""
-    table = _tables.get(dtype)
+def _table(dtype: str, work: Any) -> np.ndarray:
+    """Values of every byte of a one-byte kind (two values a byte for packed float4) in ``work``."""
+    table = _tables.get((dtype, work))
     if table is None:
         import ml_dtypes
 
@@ -129,28 +129,33 @@ def _table(dtype: str) -> np.ndarray:
             table = np.stack([nibble[codes & 15], nibble[codes >> 4]], axis=1)
         else:
             table = codes.view(getattr(ml_dtypes, dtype)).astype(np.float32)
-        _tables[dtype] = table
+        table = _tables[(dtype, work)] = table.astype(work)
     return table
 
 
-def widen(piece: np.ndarray, dtype: str, out: Any) -> np.ndarray:
+def widen(piece: np.ndarray, dtype: str, out: Any, *, work: Any = None) -> np.ndarray:
     """A 1-D piece of stored ``dtype`` values as its working dtype: the piece itself when it
     already is, else a conversion into ``out(n)`` (a function giving a buffer of ``n`` elements).
 
     ``piece`` holds the stored elements: uint16 bits for bfloat16, bytes for float8 and float4,
-    real and imaginary parts for complex kinds.
+    real and imaginary parts for complex kinds. ``work`` overrides the working dtype (float64
+    when the other side of a comparison needs it).
     """
-    work = work_dtype(dtype)
+    work = np.dtype(work or work_dtype(dtype))
     if piece.dtype == work:
         return piece
-    if dtype == "bfloat16":  # bfloat16 is the top half of a float32
+    if dtype == "bfloat16" and work == np.float32:  # bfloat16 is the top half of a float32
         buf = out(piece.size)
         wide = buf.view(np.uint32)
         np.copyto(wide, piece.view(np.uint16))
         np.left_shift(wide, 16, out=wide)
         return buf
+    if dtype == "bfloat16":  # to float64, through float32
+        buf = out(piece.size)
+        np.copyto(buf, np.left_shift(piece.view(np.uint16).astype(np.uint32), 16).view(np.float32))
+        return buf
     if dtype in _BYTE_KINDS or dtype == _PACKED4:
-        table = _table(dtype)
+        table = _table(dtype, work)
         n = element_count(dtype, piece.size)
         buf = out(n)
         np.take(table, piece.view(np.uint8), axis=0, out=buf.reshape(piece.size, *table.shape[1:]))
