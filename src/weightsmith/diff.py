@@ -384,6 +384,8 @@ def _open_sides(a: Any, b: Any, problems: list[str]) -> tuple[_Side, _Side]:
         text = "; ".join([*problems, *map(str, errors)])
         if problems:
             raise UsageError(f"cannot diff: {text}")
+        if not problems and len({(type(e), str(e)) for e in errors}) == 1:  # one file, given twice
+            raise errors[0]
         kind = CheckpointNotFoundError if all(isinstance(e, CheckpointNotFoundError) for e in errors) \
             else CheckpointError
         raise kind(text) from errors[0]

@@ -1,8 +1,8 @@
 """Numpy views of the tensors in mapped checkpoint files, so that read commands need no torch.
 
-A view is made only where the file holds a tensor's bytes as one row-major run (safetensors
-always; torch zip storages when the tensor is a plain slice of one); elsewhere `MappedArrays.get`
-answers ``None`` and the caller reads a torch tensor instead. Values numpy has no dtype for are
+A view is made where the file holds a tensor's bytes uncompressed (safetensors; torch zip
+storages, in any strided layout); elsewhere (trusted or legacy torch files, DCP folders)
+`MappedArrays.get` answers ``None`` and the caller reads a torch tensor instead. Values numpy has no dtype for are
 handed out as their stored bits (bfloat16 as uint16, float8 and packed float4 as uint8), to be
 widened by `weightsmith._measure.widen`.
 """
@@ -46,13 +46,17 @@ class MappedArrays:
         shards = getattr(reader, "shards", None)
         if isinstance(shards, Mapping):
             reader = shards.get(info.file)
+        layout = getattr(reader, "data_layout", None)
+        if callable(layout):  # a strided view of a storage (torch zip files)
+            found = layout(key)
+            return None if found is None else (reader, found)
         span = getattr(reader, "data_span", None)
         found = span(key) if callable(span) else None
-        return None if found is None else (reader, found)
+        return None if found is None else (reader, (*found, 0, tuple(info.shape), None))
 
     def get(self, key: str) -> np.ndarray | None:
         """``key``'s values as an array of its stored elements, in its shape; ``None`` where the
-        file does not hold them as one run (read those with torch).
+        file cannot be viewed without torch (read those with torch).
 
         Raises:
             CorruptCheckpointError: the file was cut or rewritten since it was opened.
@@ -60,24 +64,31 @@ class MappedArrays:
         located = self._locate(key)
         if located is None:
             return None
-        reader, (offset, nbytes) = located
+        reader, (offset, nbytes, first, shape, strides) = located
         info = self._reader.infos[key]
         dtype = np.dtype(STORED[info.dtype])
-        if nbytes != info.numel * dtype.itemsize:
-            return None
+        numel = info.numel
+        if numel == 0:
+            return np.empty(shape, dtype)
+        count = nbytes // dtype.itemsize
+        if strides is None:
+            strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+        last = first + sum((n - 1) * s for n, s in zip(shape, strides))
+        if first < 0 or min(strides, default=0) < 0 or last >= count:
+            return None  # outside its storage: the torch reader says what is wrong
         buf = self._maps.get(str(reader.path))
         if buf is None:
             buf = self._maps[str(reader.path)] = map_file(reader.path)
         check_bytes(buf, reader.path, reader.stamp, key, offset, offset + nbytes)
-        flat = np.frombuffer(buf, dtype=dtype, count=info.numel, offset=offset) if nbytes else np.empty(0, dtype)
-        flat.flags.writeable = False
-        return flat.reshape(info.shape)
+        base = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)[first:]
+        return np.lib.stride_tricks.as_strided(base, shape, tuple(s * dtype.itemsize for s in strides),
+                                               writeable=False)
 
     def release(self, key: str) -> None:
         """Drop the mapped pages of ``key``'s data from memory."""
         located = self._locate(key)
         if located is not None:
-            reader, (offset, nbytes) = located
+            reader, (offset, nbytes, *_) = located
             buf = self._maps.get(str(reader.path))
             if buf is not None:
                 release_pages(buf, offset, nbytes)
