@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Chunk", "Part", "Scratch", "Moments", "WIDE", "work_dtype", "widen", "moments", "compare",
+__all__ = ["Chunk", "Part", "Scratch", "Moments", "WIDE", "work_dtype", "widen", "moments", "compare", "combine",
            "pieces", "pair_pieces", "element_count"]
 
 # dtype names whose values need float64 to keep their digits; everything narrower fits float32
@@ -236,6 +236,13 @@ def compare(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scratch: Scr
                 np.add(tol, atol, out=tol)
                 changed = int(np.count_nonzero(np.greater(absd, tol, out=flags)))
         return Part(dd, aa, bb, ab, max_abs, changed, 0, 0, True)
+
+
+def combine(parts: list[Part]) -> Part:
+    """The contribution of several pairs of chunks, as one."""
+    return Part(math.fsum(p.dd for p in parts), math.fsum(p.aa for p in parts), math.fsum(p.bb for p in parts),
+                math.fsum(p.ab for p in parts), max(p.max_abs for p in parts), sum(p.changed for p in parts),
+                sum(p.nan_a for p in parts), sum(p.nan_b for p in parts), any(p.differs for p in parts))
 
 
 def _compare_nonfinite(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> Part:
