@@ -140,5 +140,5 @@ def test_read_commands_on_files_never_import_torch(tmp_path, name):
     a = _write(_state(0), tmp_path / name)
     b = _write(_state(1), tmp_path / f"b{a.suffix}")
     for args in (["check", str(a)], ["check", "--verify", str(a)], ["diff", str(a), str(b)],
-                 ["inspect", str(a)]):
+                 ["inspect", str(a)], ["report", str(a), "-o", str(tmp_path / "r.html"), "--compare", str(b)]):
         assert "torch" not in _imported(args), args

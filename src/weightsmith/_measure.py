@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = ["Chunk", "Part", "Scratch", "Moments", "WIDE", "work_dtype", "widen", "moments", "compare", "combine",
-           "pieces", "pair_pieces", "element_count"]
+           "pieces", "pair_pieces", "element_count",
+           "from_torch", "comparable", "real_parts"]
 
 # dtype names whose values need float64 to keep their digits; everything narrower fits float32
 WIDE = frozenset({"float64", "int64", "int32", "uint32", "uint64", "complex128"})
@@ -314,3 +315,62 @@ def pair_pieces(a: np.ndarray, b: np.ndarray, step: int) -> Iterator[tuple[np.nd
     rows = max(1, step // row)
     for i in range(0, a.shape[0], rows):
         yield a[i:i + rows].reshape(-1), b[i:i + rows].reshape(-1)
+
+
+# stored as bits numpy has no dtype for: read as raw bits, widened by `widen`
+_BITS_AS = {"bfloat16": "int16", "float8_e5m2": "uint8", "float8_e4m3fn": "uint8", "float8_e4m3fnuz": "uint8",
+            "float8_e5m2fnuz": "uint8", "float8_e8m0fnu": "uint8", "float4_e2m1fn_x2": "uint8"}
+# dtypes numpy holds as they are
+_NUMPY = frozenset({"bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16",
+                    "float32", "float64", "complex64", "complex128"})
+
+
+def from_torch(t: Any) -> tuple[np.ndarray | None, str]:
+    """A torch tensor's stored elements as a numpy array (a view on the CPU; ``None`` for a dtype
+    that cannot be measured), and its dtype name. Quantized tensors are dequantized, lazy
+    conjugates and negations resolved, tensors elsewhere copied to the CPU."""
+    import torch
+
+    t = t.detach()
+    if t.is_quantized:
+        t = t.dequantize()
+    t = t.resolve_conj().resolve_neg()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    name = str(t.dtype).removeprefix("torch.")
+    if name in _BITS_AS:
+        return t.view(getattr(torch, _BITS_AS[name])).numpy(), name
+    return (t.numpy(), name) if name in _NUMPY else (None, name)
+
+
+def comparable(xa: np.ndarray | None, da: str, xb: np.ndarray | None, db: str
+               ) -> tuple[tuple[Any, str], tuple[Any, str]]:
+    """Two arrays of stored elements made real-valued (complex as real and imaginary parts in a
+    trailing dimension; a real side compared with a complex one becomes complex first)."""
+    if xa is None or xb is None:
+        return (None, da), (None, db)
+    complex_a, complex_b = xa.dtype.kind == "c", xb.dtype.kind == "c"
+    if complex_a != complex_b:
+        common = xa.dtype if complex_a else xb.dtype
+        xa, xb = (x if x.dtype.kind == "c" else _widened(x, d).astype(common) for x, d in ((xa, da), (xb, db)))
+    if xa.dtype.kind == "c":
+        (xa, da), (xb, db) = _as_real(xa), _as_real(xb)
+    return (xa, da), (xb, db)
+
+
+def real_parts(x: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+    """``x`` real-valued: complex as real and imaginary parts, others as they are."""
+    return _as_real(x) if x.dtype.kind == "c" else (x, dtype)
+
+
+def _widened(x: np.ndarray, dtype: str) -> np.ndarray:
+    flat = np.ascontiguousarray(x).reshape(-1)
+    out = widen(flat, dtype, lambda n: np.empty(n, work_dtype(dtype)))
+    return out.reshape(x.shape) if dtype != _PACKED4 else out.reshape(*x.shape[:-1], -1)
+
+
+def _as_real(x: np.ndarray) -> tuple[np.ndarray, str]:
+    real = x.real.dtype
+    parts = np.stack([x.real, x.imag], axis=-1) if not x.flags.c_contiguous else \
+        x.reshape(-1).view(real).reshape(*x.shape, 2)
+    return parts, real.name

@@ -709,59 +709,10 @@ def _unreadable(t: Any) -> str:
     return ""
 
 
-# stored as bytes numpy has no dtype for: read as raw bits, widened by `_measure.widen`
-_BITS_AS = {"bfloat16": "int16", "float8_e5m2": "uint8", "float8_e4m3fn": "uint8", "float8_e4m3fnuz": "uint8",
-            "float8_e5m2fnuz": "uint8", "float8_e8m0fnu": "uint8", "float4_e2m1fn_x2": "uint8"}
-
-
-def _stored(t: Any) -> tuple[np.ndarray | None, str]:
-    """A tensor's stored elements as a numpy array (``None``: a dtype that cannot be compared),
-    and its dtype name."""
-    if isinstance(t, _Stored):
-        return t.array, t.dtype
-    import torch
-
-    t = t.detach()
-    if t.is_quantized:
-        t = t.dequantize()
-    t = t.resolve_conj().resolve_neg()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    name = _dtype_name(t.dtype)
-    if name in _BITS_AS:
-        return t.view(getattr(torch, _BITS_AS[name])).numpy(), name
-    from .io._arrays import STORED
-
-    return (t.numpy(), name) if name in STORED else (None, name)
-
-
 def _comparable(ta: Any, tb: Any) -> tuple[tuple[Any, str], tuple[Any, str]]:
-    """Both tensors' stored elements, real-valued (complex as real and imaginary parts)."""
-    (xa, da), (xb, db) = _stored(ta), _stored(tb)
-    if xa is None or xb is None:
-        return (None, da), (None, db)
-    complex_a, complex_b = xa.dtype.kind == "c", xb.dtype.kind == "c"
-    if complex_a != complex_b:  # a real tensor compared with a complex one
-        common = xa.dtype if complex_a else xb.dtype
-        xa, xb = (x if x.dtype.kind == "c" else _widened(x, d).astype(common)
-                  for x, d in ((xa, da), (xb, db)))
-    if xa.dtype.kind == "c":
-        (xa, da), (xb, db) = _as_real(xa), _as_real(xb)
-    return (xa, da), (xb, db)
-
-
-def _widened(x: np.ndarray, dtype: str) -> np.ndarray:
-    flat = np.ascontiguousarray(x).reshape(-1)
-    out = _measure.widen(flat, dtype, lambda n: np.empty(n, _measure.work_dtype(dtype)))
-    return out.reshape(x.shape) if dtype != "float4_e2m1fn_x2" else out.reshape(*x.shape[:-1], -1)
-
-
-def _as_real(x: np.ndarray) -> tuple[np.ndarray, str]:
-    """A complex array as its real and imaginary parts, in a trailing dimension of 2."""
-    real = x.real.dtype
-    parts = np.stack([x.real, x.imag], axis=-1) if not x.flags.c_contiguous else \
-        x.reshape(-1).view(real).reshape(*x.shape, 2)
-    return parts, real.name
+    """Both tensors' stored elements as numpy arrays, real-valued, with their dtype names."""
+    (xa, da), (xb, db) = (_measure.from_torch(t) if not isinstance(t, _Stored) else t for t in (ta, tb))
+    return _measure.comparable(xa, da, xb, db)
 
 
 class _Pool:
