@@ -139,8 +139,9 @@ def stats(
     """Measure every tensor of a model, state dict or checkpoint in one chunked pass each.
 
     Parameters and buffers of a model are both measured; a tied tensor is measured once,
-    under its first name (the other names go to ``aliases``). Checkpoint tensors are loaded
-    one at a time with ``.tensor(key)`` and released once measured. For a model sharded across
+    under its first name (the other names go to ``aliases``). Checkpoint tensors are read one
+    at a time, as numpy views of the mapped file where the format allows (torch is then never
+    imported), else with ``.tensor(key)``. For a model sharded across
     ranks (``DTensor`` parameters, FSDP2) every rank calls it: each measures its own shards and
     the ranks combine their moments, so every rank gets the whole tensors' statistics.
 
@@ -151,8 +152,8 @@ def stats(
         chunk_bytes: size of one chunk in its working dtype (float32, or float64 for 64-bit
             types). Extra memory is about ``(workers / 4 + 1) × chunk_bytes`` for dense
             float32 tensors, and at most ``(3.5 × workers + 1) × chunk_bytes``.
-        workers: threads measuring CPU chunks at once; default ``torch.get_num_threads()``,
-            at most 8.
+        workers: threads measuring CPU chunks at once; default ``torch.get_num_threads()``
+            (the CPU count when torch is not imported), at most 8.
         progress: called as ``progress(done_bytes, total_bytes, key)`` after each chunk.
 
     Returns:
