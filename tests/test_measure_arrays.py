@@ -98,6 +98,21 @@ def test_blocks_and_pieces_add_up_to_the_whole(tmp_path, monkeypatch):
             assert math.isclose(getattr(x, field), getattr(y, field), rel_tol=1e-6), (x.key, field)
 
 
+def test_stats_in_blocks_equal_the_whole(tmp_path, monkeypatch):
+    path = _write(_state(0), tmp_path / "a.safetensors")
+    whole = stats(path)
+    monkeypatch.setattr(sys.modules["weightsmith._measure"], "BLOCK_ELEMENTS", 7)
+    blocks = stats(path)
+    for a, b in zip(blocks, whole):
+        assert (a.key, a.nan_count, a.inf_count, a.min, a.max, a.zero_fraction) == (
+            b.key, b.nan_count, b.inf_count, b.min, b.max, b.zero_fraction)
+        for field in ("mean", "std", "l2"):
+            assert math.isclose(getattr(a, field), getattr(b, field), rel_tol=1e-6, abs_tol=1e-12) or (
+                math.isnan(getattr(a, field)) and math.isnan(getattr(b, field))), (a.key, field)
+    assert blocks["const"].std == 0.0 and blocks["shifted"].std == pytest.approx(
+        float(_state(0)["shifted"].double().std(correction=0)), rel=1e-4)
+
+
 def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
     save_file(state, str(path)) if path.suffix == ".safetensors" else torch.save(state, path)
     return path

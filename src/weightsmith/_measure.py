@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = ["Chunk", "Part", "Scratch", "Moments", "WIDE", "work_dtype", "widen", "moments", "compare", "combine",
-           "pieces", "pair_pieces", "element_count",
+           "pieces", "pair_pieces", "element_count", "BLOCK_ELEMENTS",
            "from_torch", "comparable", "real_parts"]
 
 # dtype names whose values need float64 to keep their digits; everything narrower fits float32
@@ -166,10 +166,33 @@ def widen(piece: np.ndarray, dtype: str, out: Any, *, work: Any = None) -> np.nd
     return buf
 
 
-def moments(a: np.ndarray, scratch: Scratch) -> Chunk:
-    """The contribution of one 1-D chunk of float32 or float64 values."""
+# Elements per block: a float32 block and its temporaries stay in a core's own (L2) cache
+# between the few passes made over it, which nearly halves the time of a pass over memory
+BLOCK_ELEMENTS = 64 * 1024
+
+
+def moments(a: np.ndarray, scratch: Scratch, *, dtype: str | None = None) -> Chunk:
+    """The contribution of one 1-D chunk: float32 or float64 values, or (given ``dtype``) stored
+    elements of that dtype, widened block by block."""
+    step = BLOCK_ELEMENTS // 2 if dtype == _PACKED4 else BLOCK_ELEMENTS
+    if dtype is not None:
+        work = work_dtype(dtype)
+        blocks = (widen(a[i:i + step], dtype, lambda n: scratch.get("upcast", n, work))
+                  for i in range(0, a.size, step))
+    else:
+        blocks = (a[i:i + step] for i in range(0, a.size, step))
+    if a.size <= step:
+        return _moments(next(iter(blocks)), scratch)
+    total = Moments()
+    for block in blocks:
+        total.add(_moments(block, scratch))
+    return Chunk(total.n, total.mean, total.m2, total.lo, total.hi, total.zeros, total.nans, total.infs)
+
+
+def _moments(a: np.ndarray, scratch: Scratch) -> Chunk:
     m = a.size
-    s = float(np.dot(a, scratch.ones(m, a.dtype)))  # BLAS: the fastest exact-enough sum
+    with np.errstate(all="ignore"):  # Inf - Inf or an overflow: found just below
+        s = float(np.dot(a, scratch.ones(m, a.dtype)))  # BLAS: the fastest exact-enough sum
     if not math.isfinite(s):  # a NaN or Inf always makes the sum non-finite: find them now
         return _moments_nonfinite(a)
     lo, hi = float(np.minimum.reduce(a)), float(np.maximum.reduce(a))

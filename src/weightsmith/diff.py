@@ -52,7 +52,7 @@ Progress = Callable[[int, int, str], None]
 CHUNK_ELEMENTS = 1024 * 1024
 # Elements per block within a piece: three blocks of float32 (both sides and their difference)
 # fit a core's L2 cache, so only the first pass over a block reads memory
-BLOCK_ELEMENTS = 64 * 1024
+BLOCK_ELEMENTS = _measure.BLOCK_ELEMENTS
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 

@@ -517,8 +517,7 @@ class _Runner:
 def _measure_chunk(piece: Any, scratch: _Scratch, dtype: str = "") -> tuple[int, _Chunk]:
     """``(bytes read, contribution)`` of one 1-D piece (numpy stored elements, or torch)."""
     if isinstance(piece, np.ndarray):
-        wide = _measure.widen(piece, dtype, lambda n: scratch.get("upcast", n, _measure.work_dtype(dtype)))
-        return piece.nbytes, _measure.moments(wide, scratch)
+        return piece.nbytes, _measure.moments(piece, scratch, dtype=dtype)
     nbytes = piece.numel() * piece.element_size()
     if piece.device.type == "cpu":
         return nbytes, _numpy_chunk(_as_numpy(piece, scratch), scratch)
