@@ -249,6 +249,8 @@ def compare(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scratch: Scr
         max_abs = max(float(np.maximum.reduce(d)), -float(np.minimum.reduce(d)))
         if max_abs <= atol:
             changed = 0
+        elif atol == 0.0 and rtol == 0.0:  # exact: every nonzero difference is a change
+            changed = int(np.count_nonzero(np.not_equal(d, 0, out=scratch.get("flags", m, np.bool_))))
         else:
             absd = np.abs(d, out=d)
             flags = scratch.get("flags", m, np.bool_)
