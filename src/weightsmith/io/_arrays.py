@@ -1,10 +1,11 @@
 """Numpy views of the tensors in mapped checkpoint files, so that read commands need no torch.
 
-A view is made where the file holds a tensor's bytes uncompressed (safetensors; torch zip
-storages, in any strided layout); elsewhere (trusted or legacy torch files, DCP folders)
-`MappedArrays.get` answers ``None`` and the caller reads a torch tensor instead. Values numpy has no dtype for are
-handed out as their stored bits (bfloat16 as uint16, float8 and packed float4 as uint8), to be
-widened by `weightsmith._measure.widen`.
+A view is made where the file holds a tensor's bytes uncompressed: safetensors files and
+folders of them, and torch files (zip or legacy) in any strided layout. Elsewhere (files opened
+with ``trust=True``, DCP folders, tensors without data) `MappedArrays.get` answers ``None`` and
+the caller reads a torch tensor instead. Values numpy has no dtype for are handed out as their
+stored bits (bfloat16 as uint16, float8 and packed float4 as uint8), to be widened by
+`weightsmith._measure.widen`.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ _MADV_POPULATE_READ = 22  # Linux >= 5.14
 def _populate(buf: mmap.mmap, path: Any, key: str, offset: int, nbytes: int) -> None:
     """Map in a tensor's pages in one call: faster than a fault per page, and a disk error is
     an exception here rather than a SIGBUS mid-read. Older kernels skip it."""
+    if not hasattr(buf, "madvise"):  # Windows
+        return
     start = offset // mmap.PAGESIZE * mmap.PAGESIZE
     try:
         buf.madvise(_MADV_POPULATE_READ, start, offset + nbytes - start)
