@@ -9,6 +9,7 @@ Claims: `check` <= 0.35 s whole process; neither command imports torch.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -55,7 +56,7 @@ def main() -> None:
                       (("check", ["check", str(path)]), ("diff", ["diff", str(path), str(path)]))}
     rows = [("process", "median s")] + [(name, f"{m[name]:.3f}") for name in runs]
     print(f"{path.name} ({size / 1e6:.0f} MB); median of {args.repeat} interleaved whole-process "
-          "runs, page cache warm")
+          f"runs, page cache warm; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(table(rows))
     print(f"check {m['check']:.3f} s (claim <= 0.35 s), {m['check, torch imported first'] / m['check']:.1f}x faster "
           f"than with torch; diff {m['diff, torch imported first'] / m['diff (file against itself)']:.1f}x; "
