@@ -133,7 +133,8 @@ def main() -> None:
         rows.append((name, f"{m[name]:.3f}", f"{nbytes / m[name] / 1e9:.2f}", f"{base / m[name]:.2f}x",
                      f"{peaks[how] / MB:.0f} MB" if how else "-"))
     print(f"two {args.size_gb} GB float32 checkpoints, {args.tensors} tensors each, every tensor changed; "
-          f"median of {args.repeat} interleaved runs, page cache warm")
+          f"median of {args.repeat} interleaved runs, page cache warm; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
     print(table(rows))
     print(f"largest pair: {2 * largest / MB:.0f} MB; diff's peak RSS above it: "
           f"{(peaks['diff'] - 2 * largest) / MB:.0f} MB (claim <= 64 MB); "

@@ -3,7 +3,8 @@
 Keys are paired the way warm-starting pairs them: wrapper prefixes aligned (``module.``,
 ``_orig_mod.``...), then one-to-one rename rules. Tensor pairs are streamed: one pair is read
 at a time, in cache-sized chunks measured by a few threads (float32 BLAS sums for data of 32
-bits or fewer, float64 for wider), the chunks' sums accumulated in float64. Pages of a
+bits or fewer, float64 for wider), the chunks' sums accumulated in float64 (the kernel is `weightsmith._measure`). Files are read as
+numpy arrays over the mapped file, so comparing two files never imports torch. Pages of a
 checkpoint opened from a path are released once its pair is done, so comparing two 2 GB files
 needs memory for about one pair.
 
@@ -20,31 +21,38 @@ import dataclasses
 import json
 import math
 import os
-import threading
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
-import torch
-from torch import nn
 
+from . import _measure
+from ._measure import Part as _Part
 from ._result import Result
-from .errors import CheckpointError, CheckpointNotFoundError, UsageError, WeightsmithError
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UsageError, WeightsmithError
 from .keymap import align_prefixes, as_rules
 from .listing import block_name, fold_name
 from .selectors import Selector, select as select_names
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["diff", "Diff", "TensorDiff", "SpecChange", "Rollup", "block_name", "CHUNK_ELEMENTS"]
 
 Progress = Callable[[int, int, str], None]
 
-# Elements per piece and side: 1 MiB of float32, so a piece and its temporaries stay in cache
-# between the handful of passes made over them.
-CHUNK_ELEMENTS = 256 * 1024
+# Elements per piece and side handed to a worker thread: 4 MiB of float32, few enough hand-offs
+# that threads cost little.
+CHUNK_ELEMENTS = 1024 * 1024
+# Elements per block within a piece: three blocks of float32 (both sides and their difference)
+# fit a core's L2 cache, so only the first pass over a block reads memory
+BLOCK_ELEMENTS = _measure.BLOCK_ELEMENTS
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -357,7 +365,7 @@ class _Side:
     name: str
     specs: dict[str, tuple[tuple[int, ...], str, int]]  # key -> (shape, dtype, nbytes)
     storage: dict[str, Any]  # key -> identity of its data, equal for tied keys (None: unknown)
-    get: Callable[[str], torch.Tensor]
+    get: Callable[[str], Any]  # a torch tensor, or a `_Stored` array
     release: Callable[[str], None] = lambda _key: None
     checksums: dict[str, str] = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
@@ -379,6 +387,8 @@ def _open_sides(a: Any, b: Any, problems: list[str]) -> tuple[_Side, _Side]:
         text = "; ".join([*problems, *map(str, errors)])
         if problems:
             raise UsageError(f"cannot diff: {text}")
+        if not problems and len({(type(e), str(e)) for e in errors}) == 1:  # one file, given twice
+            raise errors[0]
         kind = CheckpointNotFoundError if all(isinstance(e, CheckpointNotFoundError) for e in errors) \
             else CheckpointError
         raise kind(text) from errors[0]
@@ -393,11 +403,12 @@ def _side(obj: Any, label: str) -> _Side:
         return _checkpoint_side(ckpt, owned=True)
     if isinstance(obj, Checkpoint):
         return _checkpoint_side(obj, owned=False)
-    if isinstance(obj, nn.Module):
+    torch = sys.modules.get("torch")  # no torch object exists before torch is imported
+    if torch is not None and isinstance(obj, torch.nn.Module):
         return _tensor_side(obj.state_dict(keep_vars=False), f"<{type(obj).__name__}>")
     if isinstance(obj, Mapping):
         bad = [f"{k!r} is {type(v).__name__}" for k, v in obj.items()
-               if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+               if not isinstance(k, str) or torch is None or not isinstance(v, torch.Tensor)]
         if bad:
             raise UsageError(f"{label}: every entry of a state dict must map a string to a tensor; "
                              + "; ".join(bad[:10]))
@@ -406,13 +417,36 @@ def _side(obj: Any, label: str) -> _Side:
                      "a state dict or a model")
 
 
+class _Stored(NamedTuple):
+    """A checkpoint tensor read as a numpy array of its stored elements (no torch)."""
+
+    array: np.ndarray
+    dtype: str  # the torch dtype name
+
+
 def _checkpoint_side(ckpt: Any, *, owned: bool) -> _Side:
+    from .io._arrays import MappedArrays
+
     reader = ckpt.reader
     specs = {k: (tuple(i.shape), i.dtype, i.nbytes) for k, i in ckpt.items()}
     storage = {k: (id(reader), i.storage or k) for k, i in ckpt.items()}
-    return _Side(str(ckpt.path), specs, storage, ckpt.tensor,
-                 release=ckpt.release if owned else (lambda _key: None),
-                 checksums=_checksums(reader), close=ckpt.close if owned else (lambda: None))
+    arrays = MappedArrays(ckpt)
+
+    def get(key: str) -> Any:
+        array = arrays.get(key)
+        return ckpt.tensor(key) if array is None else _Stored(array, specs[key][1])
+
+    def release(key: str) -> None:
+        arrays.release(key)
+        ckpt.release(key)
+
+    def close() -> None:
+        arrays.close()
+        if owned:
+            ckpt.close()
+
+    return _Side(str(ckpt.path), specs, storage, get, release=release if owned else (lambda _key: None),
+                 checksums=_checksums(reader), close=close)
 
 
 def _checksums(reader: Any) -> dict[str, str]:
@@ -426,6 +460,10 @@ def _checksums(reader: Any) -> dict[str, str]:
             crcs = json.loads(r.metadata.get(CHECKSUMS_KEY) or "{}")
         except ValueError:
             continue  # unreadable checksums only cost the shortcut
+        except RecursionError as e:  # the parser recurses per level: no checksum list nests
+            raise CorruptCheckpointError(
+                f"{r.path}: metadata {CHECKSUMS_KEY!r} is nested too deeply to be a checksum list; "
+                "rewrite the file without it (weightsmith convert)") from e
         if not isinstance(crcs, dict):
             continue
         out.update({k: v for k, v in crcs.items() if isinstance(v, str)})
@@ -441,6 +479,8 @@ def _tensor_side(state: Mapping[str, torch.Tensor], name: str) -> _Side:
 
 
 def _memory_id(t: torch.Tensor) -> Any:
+    import torch
+
     if t.device.type == "meta" or t.numel() == 0 or t.layout != torch.strided:
         return None
     try:
@@ -623,15 +663,15 @@ def _measure_pair(side_a: _Side, side_b: _Side, ka: str, kb: str, atol: float, r
         why = _unreadable(ta) or _unreadable(tb)
         if why:
             return why
-        xa, xb = _comparable(ta, tb)
-        if xa is None:
-            return f"cannot compare {ta.dtype} with {tb.dtype}"
-        work = np.float64 if xa.dtype in _WIDE or xb.dtype in _WIDE else np.float32
+        (xa, da), (xb, db) = _comparable(ta, tb)
+        if xa is None or xb is None:
+            return f"cannot compare torch.{da} with torch.{db}"
+        work = np.float64 if da in _measure.WIDE or db in _measure.WIDE else np.float32
         sums = [0.0, 0.0, 0.0, 0.0]
         max_abs, changed, nan_a, nan_b, differs = 0.0, 0, 0, 0, False
         done = 0
-        for part, nbytes in pool.map(_pieces(xa, xb, CHUNK_ELEMENTS),
-                                     lambda pa, pb: _measure_piece(pa, pb, work, atol, rtol)):
+        for part, nbytes in pool.map(_measure.pair_pieces(xa, xb, CHUNK_ELEMENTS),
+                                     lambda pa, pb: _measure_piece(pa, pb, da, db, work, atol, rtol, pool.scratch)):
             sums = [s + p for s, p in zip(sums, part[:4])]
             max_abs = max(max_abs, part.max_abs)
             changed += part.changed
@@ -657,7 +697,11 @@ def _measure_pair(side_a: _Side, side_b: _Side, ka: str, kb: str, atol: float, r
                       l2_a=math.sqrt(aa), l2_diff=math.sqrt(dd))
 
 
-def _unreadable(t: torch.Tensor) -> str:
+def _unreadable(t: Any) -> str:
+    if isinstance(t, _Stored):
+        return ""
+    import torch
+
     if t.device.type == "meta":
         return "stored without data (a meta tensor)"
     if t.layout != torch.strided:
@@ -665,49 +709,10 @@ def _unreadable(t: torch.Tensor) -> str:
     return ""
 
 
-def _comparable(ta: torch.Tensor, tb: torch.Tensor) -> tuple[Any, Any]:
-    """Both tensors as real-valued tensors of one shape (complex as real and imaginary parts)."""
-    ta, tb = (t.detach().dequantize() if t.is_quantized else t.detach() for t in (ta, tb))
-    if ta.is_complex() != tb.is_complex():  # a real tensor compared with a complex one
-        common = ta.dtype if ta.is_complex() else tb.dtype
-        ta, tb = ta.to(common), tb.to(common)
-    if ta.is_complex():
-        ta, tb = torch.view_as_real(ta.resolve_conj()), torch.view_as_real(tb.resolve_conj())
-    ta, tb = ta.resolve_neg(), tb.resolve_neg()
-    if ta.dtype in _UNSUPPORTED or tb.dtype in _UNSUPPORTED:
-        return None, None
-    return ta, tb
-
-
-# values beyond float32's 24-bit mantissa keep their digits only in float64
-_WIDE = {torch.float64, torch.int64, torch.int32, torch.uint32, torch.uint64}
-_NUMPY = {torch.float16, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
-          torch.float32, torch.float64}
-_UNSUPPORTED = {getattr(torch, n) for n in ("float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4",
-                                             "bits4x2", "uint1", "int1") if hasattr(torch, n)}
-
-
-def _pieces(a: torch.Tensor, b: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Matching 1-D pieces of ``a`` and ``b`` of at most ``step`` elements: views where both are
-    contiguous, else copies of a few rows (never of a whole tensor)."""
-    if a.dim() == 0:
-        yield a.reshape(1), b.reshape(1)
-        return
-    if a.numel() == 0:
-        return
-    if a.is_contiguous() and b.is_contiguous():
-        fa, fb = a.view(-1), b.view(-1)
-        for i in range(0, fa.numel(), step):
-            yield fa[i:i + step], fb[i:i + step]
-        return
-    row = a[0].numel()
-    if row > step:
-        for i in range(a.shape[0]):
-            yield from _pieces(a[i], b[i], step)
-        return
-    rows = max(1, step // row)
-    for i in range(0, a.shape[0], rows):
-        yield a[i:i + rows].reshape(-1), b[i:i + rows].reshape(-1)
+def _comparable(ta: Any, tb: Any) -> tuple[tuple[Any, str], tuple[Any, str]]:
+    """Both tensors' stored elements as numpy arrays, real-valued, with their dtype names."""
+    (xa, da), (xb, db) = (_measure.from_torch(t) if not isinstance(t, _Stored) else t for t in (ta, tb))
+    return _measure.comparable(xa, da, xb, db)
 
 
 class _Pool:
@@ -717,6 +722,7 @@ class _Pool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.executor: ThreadPoolExecutor | None = None
+        self.scratch = _measure.Scratch()
 
     def __enter__(self) -> _Pool:
         if self.workers > 1:
@@ -726,13 +732,13 @@ class _Pool:
     def __exit__(self, *exc: object) -> None:
         if self.executor is not None:
             self.executor.shutdown(cancel_futures=True)
-        _local.__dict__.pop("buffers", None)  # this thread's scratch, when it measured pieces itself
+        self.scratch = _measure.Scratch()  # let the buffers go
 
-    def map(self, pieces: Iterator[tuple[torch.Tensor, torch.Tensor]],
-            fn: Callable[[torch.Tensor, torch.Tensor], _Part]) -> Iterator[tuple[_Part, int]]:
+    def map(self, pieces: Iterator[tuple[np.ndarray, np.ndarray]],
+            fn: Callable[[np.ndarray, np.ndarray], _Part]) -> Iterator[tuple[_Part, int]]:
         pending: deque[tuple[Future[_Part], int]] = deque()
         for pa, pb in pieces:
-            nbytes = pa.numel() * pa.element_size() + pb.numel() * pb.element_size()
+            nbytes = pa.nbytes + pb.nbytes
             if self.executor is None:
                 yield fn(pa, pb), nbytes
                 continue
@@ -745,81 +751,13 @@ class _Pool:
             yield future.result(), n
 
 
-_local = threading.local()
-
-
-def _buffer(name: str, n: int, dtype: Any) -> np.ndarray:
-    """A per-thread scratch array of ``n`` elements, reused from piece to piece."""
-    buffers = _local.__dict__.setdefault("buffers", {})
-    buf = buffers.get((name, dtype))
-    if buf is None or len(buf) < n:
-        buf = buffers[(name, dtype)] = np.empty(max(n, CHUNK_ELEMENTS), dtype)
-    return buf[:n]
-
-
-def _as_numpy(piece: torch.Tensor, work: Any, name: str) -> np.ndarray:
-    """A 1-D piece as a numpy array of the working dtype: a view when it is one, else a copy."""
-    if piece.device.type != "cpu":
-        piece = piece.cpu()
-    if piece.dtype == (torch.float32 if work == np.float32 else torch.float64):
-        return piece.numpy()
-    buf = _buffer(name, piece.numel(), work)
-    if piece.dtype == torch.bfloat16 and work == np.float32:  # bfloat16 is the top half of a float32
-        wide = buf.view(np.uint32)
-        np.copyto(wide, piece.view(torch.int16).numpy().view(np.uint16))
-        np.left_shift(wide, 16, out=wide)
-    elif piece.dtype in _NUMPY:
-        np.copyto(buf, piece.numpy(), casting="unsafe")
-    else:  # float8 and the other kinds numpy lacks
-        torch.from_numpy(buf).copy_(piece)
-    return buf
-
-
-def _measure_piece(pa: torch.Tensor, pb: torch.Tensor, work: Any, atol: float, rtol: float) -> _Part:
-    a, b = _as_numpy(pa, work, "a"), _as_numpy(pb, work, "b")
-    with np.errstate(all="ignore"):  # Inf - Inf, overflow: handled below, not worth a warning
-        return _measure_arrays(a, b, work, atol, rtol)
-
-
-def _measure_arrays(a: np.ndarray, b: np.ndarray, work: Any, atol: float, rtol: float) -> _Part:
-    m = a.size
-    d = np.subtract(a, b, out=_buffer("d", m, work))
-    # BLAS dot products: the fastest sums; a NaN or Inf anywhere (or an overflow) makes one of
-    # them non-finite, and only then is the piece taken apart element by element
-    dd, aa, bb = float(np.dot(d, d)), float(np.dot(a, a)), float(np.dot(b, b))
-    if not (math.isfinite(dd) and math.isfinite(aa) and math.isfinite(bb)):
-        return _measure_nonfinite(a, b, atol, rtol)
-    ab = float(np.dot(a, b))
-    absd = np.abs(d, out=d)
-    max_abs = float(np.maximum.reduce(absd))
-    if max_abs == 0.0:
-        return _Part(0.0, aa, bb, ab, 0.0, 0, 0, 0, False)
-    if dd == 0.0:  # differences so small that their squares underflowed the working dtype
-        dd = float(np.dot(absd.astype(np.float64), absd.astype(np.float64)))
-    flags = _buffer("flags", m, np.bool_)
-    if max_abs <= atol:
-        changed = 0
-    elif rtol == 0.0:
-        changed = int(np.count_nonzero(np.greater(absd, atol, out=flags)))
-    else:
-        tol = np.abs(a, out=_buffer("tol", m, work))
-        np.multiply(tol, rtol, out=tol)
-        np.add(tol, atol, out=tol)
-        changed = int(np.count_nonzero(np.greater(absd, tol, out=flags)))
-    return _Part(dd, aa, bb, ab, max_abs, changed, 0, 0, True)
-
-
-def _measure_nonfinite(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> _Part:
-    """The slow path, in float64: NaN and Inf counted apart from the finite elements."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    nan_a, nan_b = np.isnan(a), np.isnan(b)
-    both = np.isfinite(a) & np.isfinite(b)
-    with np.errstate(invalid="ignore"):
-        same = (nan_a & nan_b) | (a == b)  # NaN on both sides, or the same infinity
-    odd = int(np.count_nonzero(~both & ~same))
-    fa, fb = a[both], b[both]
-    absd = np.abs(fa - fb)
-    max_abs = float(absd.max()) if absd.size else 0.0
-    changed = odd + int(np.count_nonzero(absd > atol + rtol * np.abs(fa)))
-    return _Part(float(absd @ absd), float(fa @ fa), float(fb @ fb), float(fa @ fb), max_abs, changed,
-                 int(np.count_nonzero(nan_a)), int(np.count_nonzero(nan_b)), odd > 0 or max_abs > 0)
+def _measure_piece(pa: np.ndarray, pb: np.ndarray, da: str, db: str, work: Any, atol: float, rtol: float,
+                   scratch: _measure.Scratch) -> _Part:
+    """One pair of stored pieces, widened to ``work``, compared in blocks that stay in a
+    core's own cache between the passes over them."""
+    parts = []
+    for i in range(0, pa.size, BLOCK_ELEMENTS):
+        a = _measure.widen(pa[i:i + BLOCK_ELEMENTS], da, lambda n: scratch.get("a", n, work), work=work)
+        b = _measure.widen(pb[i:i + BLOCK_ELEMENTS], db, lambda n: scratch.get("b", n, work), work=work)
+        parts.append(_measure.compare(a, b, atol, rtol, scratch))
+    return _measure.combine(parts) if len(parts) != 1 else parts[0]

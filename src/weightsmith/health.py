@@ -6,14 +6,15 @@ import dataclasses
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import UsageError
 from ._result import Result
 from .selectors import Selector
 from .stats import CHUNK_BYTES, Progress, StatsReport, TensorStats, stats
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["Finding", "HealthReport", "check", "CHECKS", "ERRORS", "MAX_ABS"]
 

@@ -1,9 +1,9 @@
 """`report`: one self-contained HTML page describing a checkpoint, for people to read.
 
-The checkpoint is streamed tensor by tensor: each tensor is loaded once (memory-mapped where the
-format allows), measured by `stats`, judged by `check`, histogrammed in chunks with
-``torch.histc`` when it is one of those shown, and compared with the reference checkpoint when
-one is given. Only small results are kept, so a report on a model larger than memory is fine.
+The checkpoint is streamed tensor by tensor: each tensor is read once (a numpy view of the
+mapped file where the format allows, so a report on a file never imports torch), measured by
+`stats`, judged by `check`, histogrammed in chunks when it is one of those shown, and compared
+with the reference checkpoint when one is given. Only small results are kept, so a report on a model larger than memory is fine.
 
 The page embeds plotly.js once and loads nothing else: it opens offline, and its content
 security policy forbids any network request. The data behind the plots is embedded too, as JSON
@@ -24,8 +24,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
+import numpy as np
 
+from . import _measure as kernel
 from ._report_assets import _CSP, _DRILL_SCRIPT, _ERROR_COLLECTOR, _FONT, _MONO, _SORT_SCRIPT, _STYLE
 from ._result import to_plain
 from .errors import UsageError, WeightsmithError
@@ -33,7 +34,6 @@ from .health import Finding, HealthReport, check
 from .listing import Listing, block_name, fold_name, human_bytes, list_checkpoint
 from .selectors import Selector, select as select_names
 from .stats import CHUNK_BYTES, StatsReport, TensorStats, stats
-from .summary import _is_checkpoint
 
 __all__ = ["report", "BINS", "MAX_HISTOGRAMS", "SCHEMA"]
 
@@ -41,9 +41,8 @@ BINS = 60
 MAX_HISTOGRAMS = 48  # 48 small plots open in a second; the table lists every tensor anyway
 SCHEMA = "weightsmith.report/1"  # of the JSON embedded in the page
 
-HIST_CHUNK = 2**22  # elements per torch.histc call: extra memory stays bounded on huge tensors
+HIST_CHUNK = 2**22  # elements per histogram call: extra memory stays bounded on huge tensors
 DIFF_CHUNK = 2**20  # elements per float64 difference
-_WIDE = {torch.float64, torch.int64, torch.int32}  # values float32 cannot hold exactly
 _SEVERE = ("nan", "inf", "exploding")  # drawn in red; all_zero and constant in amber
 _FLOATING = ("float", "bfloat", "complex")  # dtype names of the tensors the heatmap shows
 
@@ -145,6 +144,11 @@ def _plotly() -> SimpleNamespace:
     return SimpleNamespace(go=go, io=pio)
 
 
+def _is_checkpoint(target: Any) -> bool:
+    """Whether ``target`` looks like an opened checkpoint: tensor infos by key, and ``.tensor``."""
+    return callable(getattr(target, "tensor", None)) and hasattr(target, "keys") and hasattr(target, "path")
+
+
 @contextmanager
 def _opened(target: Any) -> Iterator[Any]:
     """An opened checkpoint for a path (closed afterwards), or the given one as is."""
@@ -227,10 +231,11 @@ def _measure(ckpt: Any, reference: Any, *, select: Selector | None, bins: int,
     measured = StatsReport(str(ckpt.path), [], aliases=dict(aliases))
     histograms: dict[str, _Histogram] = {}
     flagged = 0  # histograms given for a finding rather than for size
+    here, there = _Values(ckpt), _Values(reference)
     for key in keys:
-        t = ckpt.tensor(key)
+        t = here.get(key)
         if key not in aliases:
-            one = stats({key: t}, workers=None if ckpt[key].nbytes > 2 * CHUNK_BYTES else 1,
+            one = stats(_OneKey(ckpt, key), workers=None if ckpt[key].nbytes > 2 * CHUNK_BYTES else 1,
                         progress=lambda n, _total, k: report_progress(n, k))
             done += ckpt[key].nbytes
             report_progress(0, key)
@@ -246,12 +251,14 @@ def _measure(ckpt: Any, reference: Any, *, select: Selector | None, bins: int,
                     if histogram is not None:
                         histograms[key] = histogram
         if comparison is not None and key in common:
-            change = _change(key, t, reference.tensor(key), comparison)
+            change = _change(key, t, there.get(key), comparison)
             if change is not None:
                 comparison.changes.append(change)
             done += reference[key].nbytes
             report_progress(0, key)
         del t  # release the mapping before the next tensor
+    here.close()
+    there.close()
     order = sorted((s.key for s in measured.tensors), key=_natural)
     return _Page(listing, measured, check(measured), histograms, largest, max_histograms,
                  comparison, order)
@@ -292,52 +299,92 @@ def _pair(ckpt: Any, reference: Any, keys: list[str],
     return comparison, common
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a 1-D real tensor (complex as real and imaginary parts); a view where possible."""
-    t = t.detach()
-    if t.is_quantized:
-        t = t.dequantize()
-    if t.is_complex():
-        t = torch.view_as_real(t.resolve_conj())
-    return t.resolve_neg().reshape(-1)
+class _OneKey:
+    """One key of an opened checkpoint, as a checkpoint: what `stats` measures it through."""
+
+    def __init__(self, ckpt: Any, key: str) -> None:
+        self.reader, self.path, self._ckpt, self._key = ckpt.reader, ckpt.path, ckpt, key
+
+    def keys(self) -> list[str]:
+        return [self._key]
+
+    def __getitem__(self, key: str) -> Any:
+        return self._ckpt[key]
+
+    def tensor(self, key: str) -> Any:
+        return self._ckpt.tensor(key)
 
 
-def _histogram(t: torch.Tensor, s: TensorStats, bins: int) -> _Histogram | None:
+class _Values:
+    """A checkpoint's tensors as numpy arrays of their stored elements with their dtype names:
+    views of the mapped file where it allows, else read by torch (``None``: no data)."""
+
+    def __init__(self, ckpt: Any) -> None:
+        from .io._arrays import MappedArrays
+
+        self.ckpt = ckpt
+        self.arrays = None if ckpt is None else MappedArrays(ckpt)
+
+    def get(self, key: str) -> tuple[np.ndarray | None, str]:
+        array = self.arrays.get(key) if self.arrays is not None else None
+        if array is not None:
+            return array, self.ckpt[key].dtype
+        t = self.ckpt.tensor(key)
+        if t.device.type == "meta":
+            return None, "meta"
+        return kernel.from_torch(t)
+
+    def close(self) -> None:
+        if self.arrays is not None:
+            self.arrays.close()
+
+
+def _flat(values: tuple[np.ndarray | None, str]) -> tuple[np.ndarray, str]:
+    """Stored elements as a 1-D real array (complex as real and imaginary parts)."""
+    x, dtype = kernel.real_parts(*values)  # type: ignore[arg-type]  # callers pass data
+    return x.reshape(-1), dtype
+
+
+def _histogram(values: tuple[np.ndarray | None, str], s: TensorStats, bins: int) -> _Histogram | None:
     """Histogram of the finite values, in chunks; ``None`` when there is none."""
     lo, hi = s.min, s.max
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    if not (math.isfinite(lo) and math.isfinite(hi)) or values[0] is None:
         return None
     if lo == hi:  # a constant: one bar in the middle of a unit-wide range
         pad = max(abs(lo) * 0.05, 0.5)
         lo, hi = lo - pad, hi + pad
-    flat = _flat(t)
-    work = torch.float64 if flat.dtype in _WIDE else torch.float32
-    counts = torch.zeros(bins, dtype=torch.float64)
-    for i in range(0, flat.numel(), HIST_CHUNK):
-        chunk = flat[i:i + HIST_CHUNK].to(work)
+    flat, dtype = _flat(values)
+    counts = np.zeros(bins, dtype=np.int64)
+    step = HIST_CHUNK // 2 if dtype == "float4_e2m1fn_x2" else HIST_CHUNK
+    for i in range(0, flat.size, step):
+        chunk = kernel.widen(flat[i:i + step], dtype, lambda n: np.empty(n, kernel.work_dtype(dtype)))
         if not s.finite:
-            chunk = chunk[torch.isfinite(chunk)]
-        counts += torch.histc(chunk, bins=bins, min=lo, max=hi)
-    return _Histogram(lo, hi, [int(c) for c in counts.tolist()])
+            chunk = chunk[np.isfinite(chunk)]
+        counts += np.histogram(chunk, bins=bins, range=(lo, hi))[0]
+    return _Histogram(lo, hi, [int(c) for c in counts])
 
 
-def _change(key: str, here: torch.Tensor, there: torch.Tensor,
+def _change(key: str, here: tuple[np.ndarray | None, str], there: tuple[np.ndarray | None, str],
             comparison: _Comparison) -> _Change | None:
     """``‖here − there‖ / ‖there‖`` and the largest ``|here − there|``, in float64 chunks."""
-    if here.is_meta or there.is_meta:
+    if here[0] is None or there[0] is None:
         comparison.not_compared[key] = "no data (a meta tensor)"
         return None
-    a, b = _flat(here), _flat(there)
-    diff2 = ref2 = 0.0
-    peaks = [torch.zeros((), dtype=torch.float64)]
-    for i in range(0, a.numel(), DIFF_CHUNK):
-        x, y = a[i:i + DIFF_CHUNK].double(), b[i:i + DIFF_CHUNK].double()
-        d = x - y  # never in place: x may be the memory-mapped tensor itself
-        diff2 += float(torch.dot(d, d))
-        ref2 += float(torch.dot(y, y))
-        peaks.append(d.abs().max())
+    (a, da), (b, db) = kernel.comparable(*here, *there)
+    if a is None or b is None:
+        comparison.not_compared[key] = f"dtype {da} or {db} cannot be compared"
+        return None
+    diff2 = ref2 = peak = 0.0
+    for pa, pb in kernel.pair_pieces(a, b, DIFF_CHUNK):
+        x = kernel.widen(pa, da, lambda n: np.empty(n, np.float64), work=np.float64)
+        y = kernel.widen(pb, db, lambda n: np.empty(n, np.float64), work=np.float64)
+        d = x - y  # never in place: x may be the mapped array itself
+        diff2 += float(np.dot(d, d))
+        ref2 += float(np.dot(y, y))
+        if d.size:
+            peak = max(peak, float(np.max(np.abs(d))))
     diff_l2, ref_l2 = math.sqrt(diff2), math.sqrt(ref2)
-    return _Change(key, _ratio(diff_l2, ref_l2), float(torch.stack(peaks).max()), diff_l2, ref_l2)
+    return _Change(key, _ratio(diff_l2, ref_l2), peak, diff_l2, ref_l2)
 
 
 def _ratio(diff: float, ref: float) -> float:

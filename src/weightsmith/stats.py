@@ -1,5 +1,8 @@
 """Per-tensor statistics in one chunked pass: mean, std, range, norm, zeros, NaN and Inf counts.
 
+Checkpoint files are read as numpy arrays over the mapped file (see `weightsmith.io._arrays`),
+so measuring a file never imports torch; the numeric kernel is `weightsmith._measure`.
+
 Each tensor is read once, in chunks of a flattened view on its own device, so a huge tensor
 never doubles memory; a checkpoint is streamed tensor by tensor. Moments are combined across
 chunks in float64 (Chan et al.'s parallel update); where a chunk's mean dominates its spread,
@@ -14,23 +17,27 @@ multi-threaded torch reductions each wait for their slowest thread.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import threading
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
-import torch
-from torch import nn
 
+from . import _measure
+from ._measure import Chunk as _Chunk, Scratch
 from .errors import UsageError
 from ._result import Result
 from .selectors import Selector, select as select_names
-from .summary import _dtype_name, _is_checkpoint, _is_dtensor, _module_tensors, _storage_key
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["TensorStats", "StatsReport", "stats", "CHUNK_BYTES", "MAX_WORKERS"]
 
@@ -132,8 +139,9 @@ def stats(
     """Measure every tensor of a model, state dict or checkpoint in one chunked pass each.
 
     Parameters and buffers of a model are both measured; a tied tensor is measured once,
-    under its first name (the other names go to ``aliases``). Checkpoint tensors are loaded
-    one at a time with ``.tensor(key)`` and released once measured. For a model sharded across
+    under its first name (the other names go to ``aliases``). Checkpoint tensors are read one
+    at a time, as numpy views of the mapped file where the format allows (torch is then never
+    imported), else with ``.tensor(key)``. For a model sharded across
     ranks (``DTensor`` parameters, FSDP2) every rank calls it: each measures its own shards and
     the ranks combine their moments, so every rank gets the whole tensors' statistics.
 
@@ -144,8 +152,8 @@ def stats(
         chunk_bytes: size of one chunk in its working dtype (float32, or float64 for 64-bit
             types). Extra memory is about ``(workers / 4 + 1) × chunk_bytes`` for dense
             float32 tensors, and at most ``(3.5 × workers + 1) × chunk_bytes``.
-        workers: threads measuring CPU chunks at once; default ``torch.get_num_threads()``,
-            at most 8.
+        workers: threads measuring CPU chunks at once; default ``torch.get_num_threads()``
+            (the CPU count when torch is not imported), at most 8.
         progress: called as ``progress(done_bytes, total_bytes, key)`` after each chunk.
 
     Returns:
@@ -167,7 +175,7 @@ def stats(
         problems.append(f"chunk_bytes must be an integer >= 64, got {chunk_bytes!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         problems.append(f"workers must be a positive integer, got {workers!r}")
-    if isinstance(target, torch.Tensor) and select is not None:
+    if _is_tensor(target) and select is not None:
         problems.append("select= needs named tensors; a single tensor has no names")
     if progress is not None and not callable(progress):
         problems.append(f"progress must be callable, got {type(progress).__name__}")
@@ -181,10 +189,11 @@ def stats(
             total += nbytes
             seen.add(key)
     report = StatsReport(source, [])
-    workers = workers or min(torch.get_num_threads(), MAX_WORKERS)
+    torch = sys.modules.get("torch")  # set when the target holds torch tensors
+    workers = workers or min(torch.get_num_threads() if torch else os.cpu_count() or 1, MAX_WORKERS)
     done = 0
     sharded: list[tuple[int, _Tensor]] = []
-    with torch.no_grad(), _Runner(workers, chunk_bytes) as run:
+    with torch.no_grad() if torch else contextlib.nullcontext(), _Runner(workers, chunk_bytes) as run:
         for tensor, nbytes in run(_load(items, report)):
             if nbytes is None:  # the tensor's last chunk is in
                 if tensor.sharded:
@@ -222,45 +231,72 @@ def _combine_ranks(report: StatsReport, sharded: list[tuple[int, _Tensor]]) -> N
 
 # ---------------------------------------------------------------- what to measure
 
-_Item = tuple[str, Any, Callable[[], torch.Tensor], int]  # name, tie key or None, load, nbytes
+_Item = tuple[str, Any, Callable[[], Any], int]  # name, tie key or None, load, nbytes
+
+
+def _is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch: none exists before it is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _is_module(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.nn.Module)
+
+
+def _is_checkpoint(target: Any) -> bool:
+    """Whether ``target`` looks like an opened checkpoint: tensor infos by key, and ``.tensor``."""
+    return (callable(getattr(target, "tensor", None)) and hasattr(target, "keys")
+            and not _is_tensor(target) and not _is_module(target))
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
     """``(source, items)``: what to measure, in order, each loadable on its own."""
-    if isinstance(target, torch.Tensor):
+    if _is_tensor(target):
         return "tensor", [("", None, _const(target), _nbytes(target))]
     if isinstance(target, (str, os.PathLike)):
         from .checkpoint import open as open_checkpoint
 
         target = open_checkpoint(target)
     wanted = None if selector is None else set(select_names(target, selector, buffers=True))
-    if isinstance(target, nn.Module):
+    if _is_module(target):
+        from .summary import _module_tensors, _storage_key
+
         items = [(full, _storage_key(t), _const(t), _nbytes(t))
                  for full, *_, t, _is_param in _module_tensors(target)
                  if wanted is None or full in wanted]
         return type(target).__name__, items
     if _is_checkpoint(target):
+        from .io._arrays import MappedArrays
+
+        arrays = MappedArrays(target)
         items = []
         for name in target.keys():
             if wanted is None or name in wanted:
                 info = target[name]
                 storage = getattr(info, "storage", None)
                 items.append((name, None if storage is None else ("storage", storage),
-                              _lazy(target, name), int(getattr(info, "nbytes", 0))))
+                              _lazy(target, arrays, name), int(getattr(info, "nbytes", 0))))
         return str(getattr(target, "path", None) or type(target).__name__), items
     if isinstance(target, Mapping):
-        bad = [f"{k!r} is {type(v).__name__}" for k, v in target.items()
-               if not isinstance(v, torch.Tensor)]
+        bad = [f"{k!r} is {type(v).__name__}" for k, v in target.items() if not _is_tensor(v)]
         if bad:
             raise UsageError("stats() needs every value of a mapping to be a tensor; "
                             + "; ".join(bad[:10]))
+        from .summary import _storage_key
+
         return "state dict", [(k, _storage_key(v), _const(v), _nbytes(v))
                               for k, v in target.items() if wanted is None or k in wanted]
     raise UsageError(f"stats() takes an nn.Module, a mapping of tensors, a checkpoint or a tensor, "
                     f"not {type(target).__name__}")
 
 
-def _load(items: list[_Item], report: StatsReport) -> Iterator[tuple[str, torch.Tensor]]:
+def _load(items: list[_Item], report: StatsReport) -> Iterator[tuple[str, Any]]:
     """The tensors to measure, loaded one at a time; ties and unreadable ones go to ``report``."""
     first: dict[Any, str] = {}
     for name, key, load, _ in items:
@@ -281,8 +317,22 @@ def _const(t: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: t
 
 
-def _lazy(ckpt: Any, name: str) -> Callable[[], torch.Tensor]:
-    return lambda: ckpt.tensor(name)
+class _Stored(NamedTuple):
+    """A checkpoint tensor read as a numpy array of its stored elements (no torch)."""
+
+    array: np.ndarray
+    dtype: str  # the torch dtype name
+    shape: tuple[int, ...]
+
+
+def _lazy(ckpt: Any, arrays: Any, name: str) -> Callable[[], Any]:
+    def load() -> Any:
+        array = arrays.get(name)
+        if array is None:  # not one mapped run: torch reads it
+            return ckpt.tensor(name)
+        info = ckpt[name]
+        return _Stored(array, info.dtype, tuple(info.shape))
+    return load
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -294,7 +344,11 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _unreadable(t: torch.Tensor) -> str:
+def _unreadable(t: Any) -> str:
+    if isinstance(t, _Stored):
+        return _unsupported_name(t.dtype)
+    from torch import nn
+
     if nn.parameter.is_lazy(t):
         return "uninitialized lazy parameter"
     if t.device.type == "meta":
@@ -310,47 +364,51 @@ def _unreadable(t: torch.Tensor) -> str:
 
 
 def _unsupported(t: torch.Tensor) -> str:
-    if t.dtype in _UNSUPPORTED:
-        return f"dtype {_dtype_name(t.dtype)} cannot be converted for measuring"
+    return _unsupported_name(_dtype_name(t.dtype))
+
+
+def _unsupported_name(dtype: str) -> str:
+    if dtype in _UNSUPPORTED:
+        return f"dtype {dtype} cannot be converted for measuring"
     return ""
 
 
-_UNSUPPORTED = {getattr(torch, n) for n in ("float4_e2m1fn_x2", "bits8", "bits16", "bits1x8",
-                                             "bits2x4", "bits4x2", "uint1", "int1")
-                if hasattr(torch, n)}
+_UNSUPPORTED = {"float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2", "uint1", "int1"}
 
 
 # ---------------------------------------------------------------- the one pass
 
 
-class _Chunk(NamedTuple):
-    """What one chunk contributes: moments of its finite values, and counts."""
+def _is_dtensor(t: Any) -> bool:
+    from .summary import _is_dtensor as is_dtensor
 
-    n: int  # finite values
-    mean: float
-    m2: float  # sum of squared deviations from `mean`
-    lo: float
-    hi: float
-    zeros: int
-    nans: int = 0
-    infs: int = 0
+    return is_dtensor(t)
 
-
-# Above this share of the sum of squares, the squared mean would cost more than one bit of the
-# variance (error grows as 1 / (1 - share)), so the chunk is shifted before squaring.
-_CANCELLATION = 0.5
 
 # 64-bit values need float64 to keep their digits; everything narrower fits float32
-_WIDE = {torch.float64, torch.int64, torch.int32, torch.uint32, torch.uint64}
+_WIDE = _measure.WIDE
 # dtypes numpy reads directly (others are converted by torch, or by a bit shift for bfloat16)
-_NUMPY = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
-          torch.int64, torch.uint8, torch.bool}
+_NUMPY = {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
 
 
 class _Tensor:
     """One tensor being measured: its chunks' contributions folded in with Chan's update."""
 
-    def __init__(self, name: str, t: torch.Tensor) -> None:
+    def __init__(self, name: str, t: Any) -> None:
+        self.moments = _measure.Moments()
+        if isinstance(t, _Stored):  # numpy: the stored elements of a checkpoint tensor
+            self.name, self.shape, self.dtype = name, t.shape, t.dtype
+            self.numel, self.nbytes, self.sharded = t.array.size, t.array.nbytes, False
+            data = t.array
+            if data.dtype.kind == "c":  # real and imaginary parts
+                data = data.view(data.real.dtype) if data.ndim and data.flags.c_contiguous else \
+                    np.stack([data.real, data.imag], axis=-1)
+            self.data: Any = data
+            self.elements = data.size
+            self.work: Any = _measure.work_dtype(self.dtype)
+            return
+        import torch
+
         self.name, self.numel, self.shape = name, t.numel(), tuple(t.shape)
         self.dtype, self.nbytes = _dtype_name(t.dtype), _nbytes(t)
         self.sharded = _is_dtensor(t) and t.to_local().numel() != t.numel()  # type: ignore[attr-defined]
@@ -362,48 +420,37 @@ class _Tensor:
         if t.is_complex():  # a lazily conjugated view is copied: its stored values differ
             t = torch.view_as_real(t.resolve_conj())
         self.data = t.resolve_neg()
-        self.work = torch.float64 if self.data.dtype in _WIDE else torch.float32
-        self.n, self.mean, self.m2, self.lo, self.hi = 0, 0.0, 0.0, math.inf, -math.inf
-        self.zeros = self.nans = self.infs = 0
+        self.work = np.float64 if _dtype_name(self.data.dtype) in _WIDE else np.float32
         self.elements = self.data.numel()
 
     def partial(self) -> tuple[_Chunk, int]:
         """This rank's moments and element count, to combine with the other ranks'."""
-        return _Chunk(self.n, self.mean, self.m2, self.lo, self.hi, self.zeros, self.nans, self.infs), self.elements
+        m = self.moments
+        return _Chunk(m.n, m.mean, m.m2, m.lo, m.hi, m.zeros, m.nans, m.infs), self.elements
 
     def combine(self, partials: list[tuple[_Chunk, int]]) -> None:
         """Become the whole tensor's statistics from every rank's `partial`, in rank order."""
-        self.n, self.mean, self.m2, self.lo, self.hi = 0, 0.0, 0.0, math.inf, -math.inf
-        self.zeros = self.nans = self.infs = 0
+        self.moments = _measure.Moments()
         for chunk, _ in partials:
             self.add(_Chunk(*chunk))
         self.elements = sum(elements for _, elements in partials)
 
     def add(self, c: _Chunk) -> None:
-        self.zeros += c.zeros
-        self.nans += c.nans
-        self.infs += c.infs
-        if c.n == 0:
-            return
-        total = self.n + c.n
-        delta = c.mean - self.mean
-        self.mean += delta * c.n / total
-        self.m2 += c.m2 + delta * delta * self.n * c.n / total
-        self.n = total
-        self.lo, self.hi = min(self.lo, c.lo), max(self.hi, c.hi)
+        self.moments.add(c)
 
     def result(self) -> TensorStats:
-        n, nan = self.n, math.nan
-        lo, hi = (self.lo, self.hi) if n else (nan, nan)
+        m, nan = self.moments, math.nan
+        n = m.n
+        lo, hi = (m.lo, m.hi) if n else (nan, nan)
         elements = self.elements
         return TensorStats(
             self.name, self.dtype, self.shape, self.numel,
-            mean=self.mean if n else nan,
-            std=math.sqrt(self.m2 / n) if n else nan,
+            mean=m.mean if n else nan,
+            std=math.sqrt(m.m2 / n) if n else nan,
             min=lo, max=hi, absmax=max(abs(lo), abs(hi)),
-            l2=math.sqrt(self.m2 + n * self.mean * self.mean) if n else nan,
-            zero_fraction=self.zeros / elements if elements else nan,
-            nan_count=self.nans, inf_count=self.infs)
+            l2=math.sqrt(m.m2 + n * m.mean * m.mean) if n else nan,
+            zero_fraction=m.zeros / elements if elements else nan,
+            nan_count=m.nans, inf_count=m.infs)
 
 
 class _Runner:
@@ -429,30 +476,32 @@ class _Runner:
             self.pool.shutdown(cancel_futures=True)
         self.scratch = _Scratch()  # let the buffers go
 
-    def __call__(self, tensors: Iterable[tuple[str, torch.Tensor]]
-                 ) -> Iterator[tuple[_Tensor, int | None]]:
+    def __call__(self, tensors: Iterable[tuple[str, Any]]) -> Iterator[tuple[_Tensor, int | None]]:
         pending: deque[tuple[_Tensor, Future[tuple[int, _Chunk]] | None]] = deque()
         for tensor, piece in self._chunks(tensors):
-            pending.append((tensor, None if piece is None else self._submit(piece)))
+            pending.append((tensor, None if piece is None else self._submit(tensor, piece)))
             while pending and (len(pending) > 2 * self.workers or pending[0][1] is None):
                 yield self._finish(*pending.popleft())
         while pending:
             yield self._finish(*pending.popleft())
 
-    def _chunks(self, tensors: Iterable[tuple[str, torch.Tensor]]
-                ) -> Iterator[tuple[_Tensor, torch.Tensor | None]]:
+    def _chunks(self, tensors: Iterable[tuple[str, Any]]) -> Iterator[tuple[_Tensor, Any]]:
         for name, t in tensors:
             tensor = _Tensor(name, t)
-            step = max(1, self.chunk_bytes // (8 if tensor.work == torch.float64 else 4))
-            for piece in _pieces(tensor.data, step):
-                yield tensor, piece
+            step = max(1, self.chunk_bytes // (8 if tensor.work == np.float64 else 4))
+            if isinstance(tensor.data, np.ndarray):
+                if tensor.dtype == "float4_e2m1fn_x2":
+                    step = max(1, step // 2)  # two values a byte
+                yield from ((tensor, piece) for piece in _measure.pieces(tensor.data, step))
+            else:
+                yield from ((tensor, piece) for piece in _pieces(tensor.data, step))
             yield tensor, None
 
-    def _submit(self, piece: torch.Tensor) -> Future[tuple[int, _Chunk]]:
+    def _submit(self, tensor: _Tensor, piece: Any) -> Future[tuple[int, _Chunk]]:
         if self.pool is not None:
-            return self.pool.submit(_measure_chunk, piece, self.scratch)
+            return self.pool.submit(_measure_chunk, piece, self.scratch, tensor.dtype)
         done: Future[tuple[int, _Chunk]] = Future()
-        done.set_result(_measure_chunk(piece, self.scratch))
+        done.set_result(_measure_chunk(piece, self.scratch, tensor.dtype))
         return done
 
     @staticmethod
@@ -465,99 +514,60 @@ class _Runner:
         return tensor, nbytes
 
 
-def _measure_chunk(piece: torch.Tensor, scratch: _Scratch) -> tuple[int, _Chunk]:
-    """``(bytes read, contribution)`` of one 1-D piece."""
+def _measure_chunk(piece: Any, scratch: _Scratch, dtype: str = "") -> tuple[int, _Chunk]:
+    """``(bytes read, contribution)`` of one 1-D piece (numpy stored elements, or torch)."""
+    if isinstance(piece, np.ndarray):
+        return piece.nbytes, _measure.moments(piece, scratch, dtype=dtype)
     nbytes = piece.numel() * piece.element_size()
     if piece.device.type == "cpu":
         return nbytes, _numpy_chunk(_as_numpy(piece, scratch), scratch)
     return nbytes, _torch_chunk(piece, scratch)
 
 
-class _Scratch:
-    """Buffers reused from chunk to chunk: one set per worker thread, plus shared ones."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._ones: dict[Any, np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    def ones(self, n: int, dtype: Any) -> np.ndarray:
-        """A read-only vector of ``n`` ones, shared by the threads."""
-        with self._lock:
-            ones = self._ones.get(dtype)
-            if ones is None or len(ones) < n:
-                ones = self._ones[dtype] = np.ones(n, dtype)
-                ones.flags.writeable = False
-        return ones[:n]
+class _Scratch(Scratch):
+    """`Scratch` buffers, and torch ones for chunks off the CPU."""
 
     def get(self, name: str, n: int, dtype: Any, device: Any = None) -> Any:
         """A numpy buffer (or a torch one, given a device) of ``n`` elements."""
-        buffers = self._local.__dict__.setdefault("buffers", {})
+        if device is None:
+            return super().get(name, n, dtype)
+        import torch
+
+        buffers = self._local.__dict__.setdefault("devices", {})
         key = (name, dtype, device)
         buf = buffers.get(key)
         if buf is None or len(buf) < n:
-            buf = (np.empty(n, dtype) if device is None
-                   else torch.empty(n, dtype=dtype, device=device))
-            buffers[key] = buf
+            buf = buffers[key] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n]
 
 
 def _as_numpy(piece: torch.Tensor, scratch: _Scratch) -> np.ndarray:
     """The piece as a float32 or float64 numpy array: a view when it is one, else a conversion."""
-    if piece.dtype in (torch.float32, torch.float64):
+    import torch
+
+    name = _dtype_name(piece.dtype)
+    if name in ("float32", "float64"):
         return piece.numpy()
     m = piece.numel()
-    buf = scratch.get("upcast", m, np.float64 if piece.dtype in _WIDE else np.float32)
-    if piece.dtype == torch.bfloat16:  # bfloat16 is the top half of a float32
-        wide = buf.view(np.uint32)
-        np.copyto(wide, piece.view(torch.int16).numpy().view(np.uint16))
-        np.left_shift(wide, 16, out=wide)
-    elif piece.dtype in _NUMPY:
+    buf = scratch.get("upcast", m, np.float64 if name in _WIDE else np.float32)
+    if name == "bfloat16":  # bfloat16 is the top half of a float32
+        return _measure.widen(piece.view(torch.int16).numpy(), name, lambda n: buf)
+    elif name in _NUMPY:
         np.copyto(buf, piece.numpy(), casting="unsafe")
     else:  # float8 and other kinds numpy lacks
         torch.from_numpy(buf).copy_(piece)
     return buf
 
 
-def _numpy_chunk(a: np.ndarray, scratch: _Scratch) -> _Chunk:
-    m = a.size
-    s = float(np.dot(a, scratch.ones(m, a.dtype)))  # BLAS: the fastest exact-enough sum
-    if not math.isfinite(s):  # a NaN or Inf always makes the sum non-finite: find them now
-        return _numpy_nonfinite(a, scratch)
-    lo, hi = float(np.minimum.reduce(a)), float(np.maximum.reduce(a))
-    if lo == hi:  # constant: exact, so a constant tensor gets a std of exactly 0
-        return _Chunk(m, lo, 0.0, lo, hi, m if lo == 0 else 0)
-    mean, ss = s / m, float(np.dot(a, a))
-    if m * mean * mean > _CANCELLATION * ss:
-        # the mean dominates: squares about zero would cancel away the spread, so take them
-        # about the chunk's mean (as rounded to the work dtype) instead
-        k = float(a.dtype.type(mean))
-        d = np.subtract(a, a.dtype.type(k), out=scratch.get("shifted", m, a.dtype))
-        ss, mean_k = float(np.dot(d, d)), mean - k
-    else:
-        mean_k = mean
-    zeros = 0
-    if lo <= 0.0 <= hi:
-        hits = np.equal(a, 0, out=scratch.get("flags", m, np.bool_))
-        zeros = int(np.count_nonzero(hits))
-    return _Chunk(m, mean, max(ss - m * mean_k * mean_k, 0.0), lo, hi, zeros)
-
-
-def _numpy_nonfinite(a: np.ndarray, scratch: _Scratch) -> _Chunk:
-    finite = np.isfinite(a)
-    nans = int(np.count_nonzero(np.isnan(a)))
-    f = a[finite].astype(np.float64)
-    zeros = int(np.count_nonzero(f == 0))
-    if not f.size:
-        return _Chunk(0, 0.0, 0.0, math.inf, -math.inf, zeros, nans, a.size - nans)
-    mean = float(f.mean())
-    return _Chunk(f.size, mean, float(np.square(f - mean).sum()), float(f.min()), float(f.max()),
-                  zeros, nans, a.size - f.size - nans)
+def _numpy_chunk(a: np.ndarray, scratch: Scratch) -> _Chunk:
+    return _measure.moments(a, scratch)
 
 
 def _torch_chunk(w: torch.Tensor, scratch: _Scratch) -> _Chunk:
     """The same measurement with torch ops, for tensors off the CPU; one sync per chunk."""
-    work = torch.float64 if w.dtype in _WIDE else torch.float32
+    import torch
+
+    work = torch.float64 if _dtype_name(w.dtype) in _WIDE else torch.float32
     m = w.numel()
     if w.dtype != work:
         w = scratch.get("upcast", m, work, w.device).copy_(w)
@@ -572,7 +582,7 @@ def _torch_chunk(w: torch.Tensor, scratch: _Scratch) -> _Chunk:
     if lo == hi:
         return _Chunk(m, lo, 0.0, lo, hi, zeros)
     mean = s / m
-    if m * mean * mean > _CANCELLATION * ss:
+    if m * mean * mean > _measure.CANCELLATION * ss:
         k = float(np.float32(mean)) if work == torch.float32 else mean
         d = torch.sub(w, k, out=scratch.get("shifted", m, work, w.device))
         ss, mean_k = torch.dot(d, d).item(), mean - k
@@ -582,6 +592,8 @@ def _torch_chunk(w: torch.Tensor, scratch: _Scratch) -> _Chunk:
 
 
 def _torch_nonfinite(finite: torch.Tensor, m: int, nans: int) -> _Chunk:
+    import torch
+
     f = finite.double()
     zeros = int((f == 0).sum())
     if not f.numel():

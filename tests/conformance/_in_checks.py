@@ -23,7 +23,7 @@ import weightsmith as ws
 from weightsmith.cli import cli
 
 __all__ = ["CHECKS", "Case", "Spec", "Corpus", "params", "run", "same_bits", "values", "LEGACY_WRITER",
-           "FLOAT4_DIFF", "versions"]
+           "versions"]
 
 CHECKS = ("read", "inspect", "check", "diff", "convert", "load")
 
@@ -39,7 +39,6 @@ LABELS = {
 
 # reasons of the strict xfails: each names what still has to land
 LEGACY_WRITER = "torch 2.13's legacy torch.save cannot write dtypes that have no typed storage"
-FLOAT4_DIFF = "`diff` cannot compare float4_e2m1fn_x2 values (diff.py)"
 
 # every dtype torch and safetensors share, by torch name
 SHARED_DTYPES = ("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _in_checks import (FLOAT4_DIFF, SHARED_DTYPES, Case, Corpus, Spec, params, run,
+from _in_checks import (SHARED_DTYPES, Case, Corpus, Spec, params, run,
                         same_bits, values, versions)
 from safetensors.torch import load_file, save_file
 
@@ -40,8 +40,7 @@ def _build(dtype_name: str):
 
 
 def _spec(name: str) -> Spec:
-    xfail = {"diff": FLOAT4_DIFF} if name == "float4_e2m1fn_x2" else {}
-    return Spec(name, WRITER, VERSIONS, _build(name), xfail=xfail)
+    return Spec(name, WRITER, VERSIONS, _build(name))
 
 
 SPECS = [_spec(n) for n in SHARED_DTYPES if hasattr(torch, n)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _in_checks import (FLOAT4_DIFF, LEGACY_WRITER, SHARED_DTYPES, V3_DTYPES, Case, Corpus, Spec,
+from _in_checks import (LEGACY_WRITER, SHARED_DTYPES, V3_DTYPES, Case, Corpus, Spec,
                         params, run, values, versions)
 
 VERSIONS = versions("torch")
@@ -34,8 +34,6 @@ def _spec(name: str, zipped: bool) -> Spec:
     xfail: dict[str, str] = {}
     if name in V3_DTYPES and not zipped:
         xfail["*"] = LEGACY_WRITER
-    if name == "float4_e2m1fn_x2":
-        xfail["diff"] = FLOAT4_DIFF
     refused = {"convert": r"safetensors cannot store .*complex128"} if name == "complex128" else {}
     if name == "float4_e2m1fn_x2":  # the file's 0-d value: a safetensors header can only give the pair as a dimension
         refused = {"convert": r"'scalar' is a 0-d torch\.float4_e2m1fn_x2"}

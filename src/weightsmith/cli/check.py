@@ -11,6 +11,7 @@ normal in healthy models (a zero bias), unless named in ``--checks`` or with ``-
 
 from __future__ import annotations
 
+import os
 import json
 
 import click
@@ -40,6 +41,9 @@ def command(ctx: click.Context, path: str, as_json: bool, patterns: tuple[str, .
             max_abs: float | None, checks: str | None, ignored: tuple[str, ...], strict: bool,
             verify: bool, quiet: bool) -> None:
     """Check PATH: pickle globals, tensor health, and with --verify its checksums."""
+    # numpy's BLAS starts a thread per core when imported (tens of ms on a busy machine); the
+    # kernels run their own worker threads, each calling BLAS single-threaded, so one is enough
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import weightsmith
     from ..errors import WeightsmithError
     from ..health import CHECKS, ERRORS, MAX_ABS, check

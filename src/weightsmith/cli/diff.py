@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ._common import EXIT_FINDINGS, EXIT_OK, abort, emit, progress_bar
@@ -27,6 +29,9 @@ __all__ = ["command"]
 def command(ctx: click.Context, a: str, b: str, top: int, atol: float, rtol: float, rules: str | None,
             selected: tuple[str, ...], excluded: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Compare checkpoints A and B; exit 0 when equal within tolerance, 1 when different, 2 on error."""
+    # numpy's BLAS starts a thread per core when imported (tens of ms on a busy machine); the
+    # kernels run their own worker threads, each calling BLAS single-threaded, so one is enough
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..diff import diff
     from ..errors import WeightsmithError
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import click
@@ -31,6 +33,8 @@ def command(ctx: click.Context, path: str, output: str, compare: str | None,
     table, per-tensor histograms, a layer x statistic heatmap and, with --compare, the
     relative change of every layer. The page needs no network to open. Prints the file written."""
     from ..errors import WeightsmithError
+    # numpy's BLAS starts a thread per core when imported; the kernels need one (see cli/check.py)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..report import MAX_HISTOGRAMS, report
 
     if Path(output).exists() and not force:

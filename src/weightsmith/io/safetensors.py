@@ -146,6 +146,11 @@ class SafetensorsReader(Reader):
         flat = tensor_from_buffer(self._map, self._start + begin, info.nbytes, info.dtype)
         return flat.reshape(info.shape)
 
+    def data_span(self, key: str) -> tuple[int, int]:
+        """Where ``key``'s bytes lie in the file, ``(offset, nbytes)``: always one row-major run."""
+        begin, end = self._offsets[self._aliases.get(key, key)]
+        return self._start + begin, end - begin
+
     def release(self, key: str) -> None:
         if self._map is not None:
             key = self._aliases.get(key, key)

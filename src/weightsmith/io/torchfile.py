@@ -421,6 +421,19 @@ class TorchFileReader(Reader):
         start, _ = self._spans[rec.storage.key]
         return start + (_view_elements(rec) + rec.offset) * size, numel * size
 
+    def data_layout(self, key: str) -> tuple[int, int, int, tuple[int, ...], tuple[int, ...]] | None:
+        """``key`` as a strided view of its storage's bytes in the file: ``(storage offset,
+        storage nbytes, first element, shape, strides in elements)``.
+
+        What lets a reader without torch view any layout; ``None`` for trusted files, tensors
+        without data and sub-byte dtypes.
+        """
+        rec = self._records[key]
+        if self._trusted or rec.storage is None or BITS.get(rec.dtype, 0) % 8:
+            return None
+        start, nbytes = self._spans[rec.storage.key]
+        return start, nbytes, _view_elements(rec) + rec.offset, tuple(rec.shape), tuple(rec.stride)
+
     def release(self, key: str) -> None:
         rec = self._records[key]
         if self._trusted or self._map is None or rec.storage is None:
