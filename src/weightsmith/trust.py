@@ -732,7 +732,7 @@ def _recorded(text: str | None) -> dict[str, str] | None:
         return {}
     try:
         crcs = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's depth: damaged, not a crash
         return None
     if not isinstance(crcs, dict) or not all(isinstance(v, str) for v in crcs.values()):
         return None

@@ -134,3 +134,10 @@ def test_damaged_checksum_metadata_is_a_finding_not_a_crash(tmp_path: Path, mlp:
     report = verify(path)
     assert not report.ok
     assert "damaged" in next(iter(report.mismatched.values()))
+
+
+def test_checksum_metadata_nested_past_the_parser_depth_is_reported_damaged_not_a_crash():
+    found = Path(__file__).parents[2] / "fuzz" / "found" / "deep-crc32-metadata.safetensors"
+    report = weightsmith.verify(found)
+    assert not report.ok
+    assert "the checksum metadata itself is damaged" in report.to_json()
