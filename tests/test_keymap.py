@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from weightsmith import Rule, SelectorError, WeightsmithError, load_rules
-from weightsmith.keymap import (
-    PrefixMap,
-    align_prefixes,
-    apply_transform,
-    as_rules,
-    natural_key,
-    parse_transforms,
-)
+from weightsmith.warmstart.keymap import PrefixMap, align_prefixes, as_rules, natural_key
+from weightsmith.warmstart.transforms import apply_transform, parse_transforms
 
 PLAIN = ["0.weight", "0.bias", "2.weight", "2.bias"]
 

@@ -448,7 +448,7 @@ def table(outcomes: list[Outcome]) -> str:
 
 
 def _share(x: float) -> str:
-    from weightsmith.plan import format_share
+    from weightsmith.warmstart.plan import format_share
 
     return format_share(x)
 

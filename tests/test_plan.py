@@ -250,7 +250,7 @@ def test_skip_is_a_decision_a_strict_load_takes_and_the_plan_lists(tmp_path):
                                         (0.99996, "99.996%"),
                                         (0.5, "50%"), (0.00001, "0.001%"), (0.0, "0%"), (0.123, "12%")])
 def test_coverage_never_reads_100_percent_while_keys_are_missing(share, text):
-    from weightsmith.plan import format_share
+    from weightsmith.warmstart.plan import format_share
 
     assert format_share(share) == text
 

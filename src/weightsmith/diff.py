@@ -34,7 +34,7 @@ from torch import nn
 
 from ._result import Result
 from .errors import CheckpointError, CheckpointNotFoundError, UsageError, WeightsmithError
-from .keymap import align_prefixes, as_rules
+from .warmstart.keymap import align_prefixes, as_rules
 from .listing import block_name, fold_name
 from .selectors import Selector, select as select_names
 

@@ -44,8 +44,10 @@ from torch.futures import Future as TorchFuture
 from .errors import CheckpointError, SaveError, UsageError, WeightsmithError
 from .io.dcp import Chunk, DcpReader, copy_chunk, map_chunk, read_object
 from .assign import _uninterrupted, _write_mode
-from .load import LoadReport, _checked, _fill_missing, _report, _value
-from .plan import LoadPlan, PlanError, Source
+from .errors import PlanError
+from .warmstart.execute import LoadReport, checked, fill_missing, report_of, value_of
+from .warmstart.plan import LoadPlan, Source
+from .warmstart.transforms import Cast
 from .save import SaveReport
 
 __all__ = ["save_dcp", "load_sharded_", "is_sharded", "WeightsmithDcpReader"]
@@ -508,8 +510,8 @@ def load_sharded_(model: torch.nn.Module, source: Any, *, plan: LoadPlan | None 
             work.commit(staged)
     finally:
         work.close()
-    _fill_missing(model, work.plan, seed=seed)
-    return _report(work.plan)
+    fill_missing(model, work.plan, seed=seed)
+    return report_of(work.plan)
 
 
 class _Work:
@@ -535,7 +537,7 @@ class _Work:
         self.boxes = {s.target: _box(s.target, self.state[s.target]) for s in self.steps}
         # a step is direct when its source tensor is the target's value as stored (a cast at most)
         self.direct = {s.target for s in self.steps
-                       if len(s.sources) == 1 and all(t.startswith("cast ") for t in s.transforms)}
+                       if len(s.sources) == 1 and all(isinstance(o, Cast) for o in s.ops)}
         self.currents: dict[str, torch.Tensor] = {}
         self.dcp_state: dict[str, torch.Tensor] = {}
         self.into_model: set[str] = set()  # DCP keys planned straight onto their target
@@ -571,7 +573,7 @@ class _Work:
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
         for s in self.steps:
-            if any(t.startswith("adapt:") for t in s.transforms):
+            if s.adapted:
                 current = self.state[s.target]
                 self.currents[s.target] = current.full_tensor() if _is_dtensor(current) else current
         if self.dcp_state:
@@ -618,7 +620,7 @@ class _Work:
                     # a file's tensors never share the model's memory: read in now, copied at commit
                     defer = self.from_file
                 else:
-                    value = _value(s, src, self.currents.get(s.target, target))
+                    value = value_of(s, src, self.currents.get(s.target, target))
                     value = value if box is None else value[box]
                 if defer:
                     read_in(value, f"{src.name}: {s.sources[0]!r}")
@@ -679,7 +681,7 @@ def _prepare(model: torch.nn.Module, source: Any, plan: LoadPlan | None, options
              strict: bool, min_coverage: float, tied: str | Sequence[str] = "error") -> _Work:
     from .checkpoint import Checkpoint
 
-    source, p, src, state = _checked(model, source, plan, options, strict=strict, min_coverage=min_coverage, tied=tied,
+    source, p, src, state = checked(model, source, plan, options, strict=strict, min_coverage=min_coverage, tied=tied,
                                      on_meta="materialize the sharded model (to_empty) before loading into it")
     inits = [s.target for s in p.unsourced if (s.fill or "").startswith("init: ") and _is_dtensor(state[s.target])]
     if inits:
@@ -708,7 +710,7 @@ def _check_sharded_sources(p: LoadPlan, values: Mapping[str, Any], state: Mappin
             value = values[key]
             same = (_is_dtensor(target) and value.device_mesh == target.device_mesh
                     and value.placements == target.placements and value.shape == target.shape)
-            if not same or len(s.sources) > 1 or any(not t.startswith("cast ") for t in s.transforms):
+            if not same or len(s.sources) > 1 or any(not isinstance(o, Cast) for o in s.ops):
                 bad.append(f"{key} -> {s.target}")
     if bad:
         raise UsageError(f"{len(bad)} source DTensor(s) are laid out unlike their targets or need a transform "

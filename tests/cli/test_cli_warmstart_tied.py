@@ -6,7 +6,7 @@ from torch import nn
 
 import weightsmith
 from weightsmith.cli import cli
-from weightsmith.plan import PlanError
+from weightsmith.errors import PlanError
 
 
 def test_warmstart_refuses_a_tie_given_two_values_unless_tied_picks_one(tmp_path):

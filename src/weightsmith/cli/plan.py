@@ -30,8 +30,8 @@ def command(source: str, target: str, rules: str | None, match: str, exact_flag:
             on_mismatch: str, strict: bool, min_coverage: float, allow_unused_rules: bool, as_json: bool) -> None:
     """Print the load plan of SOURCE into TARGET; exit 1 when the load would be refused."""
     from ..checkpoint import open as open_checkpoint
-    from ..load import empty_init
-    from ..plan import plan
+    from ..warmstart.load import empty_init
+    from ..warmstart.plan import plan
     from ._target import is_factory, load_factory
 
     if is_factory(target):

@@ -29,7 +29,7 @@ from ._target import target_options
 def command(source: str, target: str, out: Path, rules: str | None, match: str, exact: bool,
             allow_unused_rules: bool, on_mismatch: str, strict: bool, tied: str, force: bool, as_json: bool) -> None:
     """Warm-start TARGET from SOURCE and write the result to OUT (plus OUT.report.json)."""
-    from ..load import build, transfer
+    from ..warmstart.load import build, transfer
     from ..save import save
     from ._target import is_factory, load_factory
 

@@ -12,27 +12,20 @@ import difflib
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ._result import Result
+from .._result import Result, to_plain
 from .adapt import find_adapter
-from .errors import CheckpointError, CheckpointNotFoundError, WeightsmithError
-from .keymap import Rule, align_prefixes, as_rules, expected_shape, natural_key, parse_transforms
-from .selectors import compile_selector
+from ..errors import CheckpointError, CheckpointNotFoundError, WeightsmithError
+from .keymap import Rule, align_prefixes, as_rules, natural_key
+from .transforms import Adapter, Cast, Op, Transform, expected_shape
+from ..selectors import compile_selector
 
-__all__ = ["plan", "LoadPlan", "Step", "Unused", "Source", "as_source", "PlanError", "format_share"]
+__all__ = ["plan", "LoadPlan", "Step", "Unused", "Source", "as_source", "format_share"]
 
 _POLICIES = ("error", "skip", "adapt")
-
-
-class PlanError(WeightsmithError):
-    """A plan cannot be made or applied: every problem is listed in ``problems``."""
-
-    def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.problems = tuple(problems)
 
 
 @dataclass
@@ -45,7 +38,7 @@ class Step:
     dtype: str
     how: str                         # exact | prefix | rule | structural | tied | missing | skipped
     sources: tuple[str, ...] = ()
-    transforms: tuple[str, ...] = ()  # rule transforms, "adapt:...", "cast a->b"
+    ops: tuple[Op, ...] = ()         # rule transforms, then a shape adapter, then a cast
     index: int = 0                   # which piece of a one-to-many rule
     confidence: float = 1.0
     fill: str | None = None          # missing / skipped keys: "init: ...", "current value", "reset_parameters",
@@ -56,6 +49,31 @@ class Step:
     @property
     def loaded(self) -> bool:
         return self.how not in ("missing", "tied", "skipped")
+
+    @property
+    def transforms(self) -> tuple[str, ...]:
+        """The ops as text: ``"cat(0)"``, ``"adapt:rows (...)"``, ``"cast float32->bfloat16"``."""
+        return tuple(str(o) for o in self.ops)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether a shape adapter makes the value (it may read the target's current value)."""
+        return any(isinstance(o, Adapter) for o in self.ops)
+
+    @property
+    def cast_only(self) -> bool:
+        """Whether the value is one source tensor as it is, at most cast to the target's dtype."""
+        return len(self.sources) == 1 and all(isinstance(o, Cast) for o in self.ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan's serialized form: ops as text, in the place of the ``transforms`` field."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "ops":
+                out["transforms"] = list(self.transforms)
+            else:
+                out[f.name] = to_plain(getattr(self, f.name))
+        return out
 
 
 @dataclass
@@ -174,7 +192,7 @@ class LoadPlan(Result):
         from rich.table import Table
         from rich.text import Text
 
-        from .listing import fold_name
+        from ..listing import fold_name
 
         table = Table(title=f"load plan: {self.source} -> {self.target}", title_justify="left")
         for col in ("target (# = any index)", "how", "source", "transforms / fill"):
@@ -247,7 +265,7 @@ class Source:
 
 def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> Source:
     """A `Source` from a path, a `Checkpoint`, a state dict or a model."""
-    from .checkpoint import Checkpoint, open as open_checkpoint
+    from ..checkpoint import Checkpoint, open as open_checkpoint
 
     if isinstance(source, (str, Path)):
         source = open_checkpoint(source, root=root, trust=trust)
@@ -348,7 +366,7 @@ def _targets(model: Any) -> tuple[dict[str, Any], dict[str, str], set[str], list
 def _mapping_targets(target: Any) -> tuple[dict[str, Any], dict[str, str], set[str], list[list[str]]]:
     import torch
 
-    from .io._dtypes import to_torch
+    from ..io._dtypes import to_torch
 
     state: dict[str, Any] = {}
     for k in target.keys():
@@ -449,8 +467,8 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
         step.kind, step.shape, step.dtype = kinds[t], tshape[t], tdtype[t]
         shapes = [src.specs[k][0] for k in step.sources]
         try:
-            got = expected_shape(shapes, parse_transforms(" | ".join(step.transforms)), index=step.index) \
-                if step.transforms else shapes[0]
+            rule_ops = [o for o in step.ops if isinstance(o, Transform)]
+            got = expected_shape(shapes, rule_ops, index=step.index) if rule_ops else shapes[0]
         except (RuntimeError, IndexError, ValueError, TypeError) as e:
             failed.update(step.sources)
             failed_targets.add(t)
@@ -478,10 +496,10 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
                 failed_targets.add(t)
                 problems.append(desc + " and no shape adapter fits")
                 continue
-            step.transforms = (*step.transforms, str(adapter))
+            step.ops = (*step.ops, adapter)
         sdtype = src.specs[step.sources[0]][1]
         if sdtype != step.dtype:
-            step.transforms = (*step.transforms, f"cast {sdtype}->{step.dtype}")
+            step.ops = (*step.ops, Cast(sdtype, step.dtype))
         steps[t] = step
 
     # 3. structural matching of what is left (match="auto")
@@ -576,10 +594,10 @@ def _structural(model: Any, src: Source, state: Mapping[str, Any], steps: dict[s
                           anchors=anchors, source_ordered=src.ordered, linear=linear)
     for pair in found.pairs:
         t, k = pair.target, pair.source
-        transforms = (str(pair.transform),) if pair.transform is not None else ()
+        ops: tuple[Op, ...] = (pair.transform,) if pair.transform is not None else ()
         if src.specs[k][1] != tdtype[t]:
-            transforms += (f"cast {src.specs[k][1]}->{tdtype[t]}",)
-        steps[t] = Step(t, kinds[t], tshape[t], tdtype[t], "structural", (k,), transforms,
+            ops += (Cast(src.specs[k][1], tdtype[t]),)
+        steps[t] = Step(t, kinds[t], tshape[t], tdtype[t], "structural", (k,), ops,
                         confidence=pair.confidence, note=pair.reason)
         unused.pop(k, None)
     ambiguous += [str(a) for a in found.ambiguous]
@@ -626,16 +644,14 @@ def _apply_rule(rule: Rule, name: str, mapped: Mapping[str, str]) -> list[Step] 
             continue
         if rule.sources[j].startswith("re:"):
             new = rule.rename(name)
-            transforms = tuple(str(t) for t in rule.transforms)
-            return [Step(new, "", (), "", "rule", (mapped[name],), transforms, note=str(rule))] if new else None
+            return [Step(new, "", (), "", "rule", (mapped[name],), rule.transforms, note=str(rule))] if new else None
         caps, suffix = hit
         names = rule.source_names(caps, suffix)
         missing = [n for n in names if n not in mapped]
         if missing:
             return None  # a fused rule needs every piece
         keys = tuple(mapped[n] for n in names)
-        transforms = tuple(str(t) for t in rule.transforms)
-        return [Step(t, "", (), "", "rule", keys, transforms, index=i, note=str(rule))
+        return [Step(t, "", (), "", "rule", keys, rule.transforms, index=i, note=str(rule))
                 for i, t in enumerate(rule.target_names(caps, suffix))]
     return None
 
