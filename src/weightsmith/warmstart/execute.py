@@ -15,7 +15,7 @@ from typing import Any
 
 from .._result import Result
 from ..errors import AssignError, ModelError, PlanError, UsageError, WeightsmithError
-from .plan import LoadPlan, Source, Step, as_source, format_share, plan as make_plan
+from .plan import LoadPlan, PlanOptions, Source, Step, as_source, format_share, make
 from .transforms import apply_ops
 
 __all__ = ["LoadReport", "checked", "check_plan", "resolve", "value_of", "stage", "settle_ties", "tie_picks",
@@ -89,9 +89,9 @@ def resolve(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, A
             raise PlanError(f"the plan was made for another source ({plan.source}, fingerprint "
                             f"{plan.fingerprint}), not {src.name} ({src.fingerprint}); make a new plan")
         return plan, src
-    root, trust = options.pop("root", None), options.pop("trust", False)
-    src = as_source(source, root=root, trust=trust)
-    return make_plan(model, src, **options), src
+    opts = PlanOptions.of(options)
+    src = as_source(source, root=opts.root, trust=opts.trust)
+    return make(model, src, opts), src
 
 
 def value_of(step: Step, src: Source, current: Any) -> Any:

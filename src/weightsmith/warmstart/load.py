@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ModelError, PlanError
 from .execute import (LoadReport, check_plan, fill_missing, load_into, report_of, settle_ties, stage, tie_picks,
                       value_of)
-from .plan import LoadPlan, Step, as_source, plan as make_plan
+from .plan import LoadPlan, PlanOptions, Step, as_source, make
 
 __all__ = ["load_", "build", "transfer", "LoadReport", "empty_init"]
 
@@ -83,12 +83,11 @@ def transfer(source: Any, target: Any, *, strict: bool = False, min_coverage: fl
 
     if plan_options.get("init") is not None:
         raise PlanError("init rules need a model; with a checkpoint target, missing keys keep its values")
+    options = PlanOptions.of(plan_options)
     tgt = open_checkpoint(target) if isinstance(target, (str, Path)) else target
-    options = dict(plan_options)
-    root, trust = options.pop("root", None), options.pop("trust", False)
-    src = as_source(source, root=root, trust=trust)
+    src = as_source(source, root=options.root, trust=options.trust)
     tie_picks(tied)
-    p = make_plan(tgt, src, **options)
+    p = make(tgt, src, options)
     check_plan(p, strict=strict, min_coverage=min_coverage)
     current = tgt.load() if isinstance(tgt, Checkpoint) else dict(tgt)
     out = dict(current)
@@ -175,16 +174,15 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     from ..checkpoint import Checkpoint
 
     tie_picks(tied)
+    options = PlanOptions.of(plan_options, init=init)
 
     with empty_init():
         model = factory()
     if not isinstance(model, nn.Module):
         raise ModelError(f"the factory returned a {type(model).__name__}, not an nn.Module")
     target = torch.device(device)
-    options = dict(plan_options)
-    root, trust = options.pop("root", None), options.pop("trust", False)
-    src = as_source(source, root=root, trust=trust)
-    p = make_plan(model, src, init=init, **options)
+    src = as_source(source, root=options.root, trust=options.trust)
+    p = make(model, src, options)
     check_plan(p, strict=strict, min_coverage=min_coverage)
     state = model.state_dict(keep_vars=True)
     slots = _registrations(model)

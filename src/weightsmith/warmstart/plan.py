@@ -18,12 +18,12 @@ from typing import Any
 
 from .._result import Result, to_plain
 from .adapt import find_adapter
-from ..errors import CheckpointError, CheckpointNotFoundError, WeightsmithError
-from .keymap import Rule, align_prefixes, as_rules, natural_key
+from ..errors import CheckpointError, CheckpointNotFoundError, UsageError, WeightsmithError
+from .keymap import PrefixMap, Rule, align_prefixes, as_rules, natural_key
 from .transforms import Adapter, Cast, Op, Transform, expected_shape
 from ..selectors import compile_selector
 
-__all__ = ["plan", "LoadPlan", "Step", "Unused", "Source", "as_source", "format_share"]
+__all__ = ["plan", "make", "PlanOptions", "LoadPlan", "Step", "Unused", "Source", "as_source", "format_share"]
 
 _POLICIES = ("error", "skip", "adapt")
 
@@ -286,8 +286,8 @@ def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> S
     elif isinstance(source, Mapping):
         state, name = source, "<state dict>"
     else:
-        raise WeightsmithError(f"cannot load from a {type(source).__name__}: give a path, a checkpoint, "
-                               "a state dict or a model")
+        raise UsageError(f"cannot load from a {type(source).__name__}: give a path, a checkpoint, "
+                         "a state dict or a model")
     try:  # one pass over the values: a mapping that reads lazily may fail here
         values = {k: v for k, v in state.items() if hasattr(v, "shape")}
     except (OSError, RuntimeError, ValueError) as e:
@@ -407,30 +407,110 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
     Returns:
         a `LoadPlan`; its ``problems`` list says why it cannot be applied, if it cannot.
     """
-    if match not in ("auto", "exact"):
-        raise WeightsmithError(f"match must be 'exact' (names only) or 'auto' (also structural), got {match!r}")
-    src = source if isinstance(source, Source) else as_source(source, root=root, trust=trust)
-    rules = as_rules(rename)
-    policy = _policy(on_mismatch)
-    state, kinds, non_persistent, tie_groups = _targets(model)
-    tshape = {k: tuple(v.shape) for k, v in state.items()}
-    tdtype = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
-    src_keys = [k for k in src.specs if k not in src.aliases]
-    prefix = align_prefixes(src_keys, state)
-    problems: list[str] = []
-    warnings: list[str] = []
-    unused: dict[str, Unused] = {}
-    claims: dict[str, Step] = {}
+    return make(model, source, PlanOptions(rename=rename, match=match, on_mismatch=on_mismatch, init=init,
+                                           allow_unused_rules=allow_unused_rules, root=root, trust=trust))
 
-    def claim(step: Step) -> None:
-        prev = claims.get(step.target)
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """The choices a plan is made with: the keyword arguments of `plan` (and of `load_`, `build`...)."""
+
+    rename: Any = ()
+    match: str = "exact"
+    on_mismatch: str | Sequence[tuple[Any, str]] = "error"
+    init: Any = None
+    allow_unused_rules: bool = False
+    root: str | None = None
+    trust: bool = False
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any], **more: Any) -> PlanOptions:
+        """Options from keyword arguments passed through a front door; an unknown name is refused."""
+        given = {**options, **more}
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise UsageError(f"unknown plan option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
+        return cls(**given)
+
+
+@dataclass
+class _Targets:
+    """The target's tensors by name, with their kind, shape and dtype, and its ties."""
+
+    state: dict[str, Any]
+    kinds: dict[str, str]
+    non_persistent: set[str]
+    tie_groups: list[list[str]]
+    shape: dict[str, tuple[int, ...]] = field(init=False)
+    dtype: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shape = {k: tuple(v.shape) for k, v in self.state.items()}
+        self.dtype = {k: str(v.dtype).removeprefix("torch.") for k, v in self.state.items()}
+
+
+@dataclass
+class _Draft:
+    """A plan being made: what each phase decided so far."""
+
+    claims: dict[str, Step] = field(default_factory=dict)   # target -> step, by names (phase 1)
+    steps: dict[str, Step] = field(default_factory=dict)    # target -> step that fits (phases 2-4)
+    unused: dict[str, Unused] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    ambiguous: list[str] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)           # sources of claims that became problems: never re-paired
+    failed_targets: set[str] = field(default_factory=set)
+    shadowed: dict[str, Step] = field(default_factory=dict)  # a tied key the source also gave a value
+
+    def claim(self, step: Step) -> None:
+        prev = self.claims.get(step.target)
         if prev is not None:
-            problems.append(f"target {step.target!r} is claimed by {', '.join(prev.sources)} and "
-                            f"{', '.join(step.sources)}; add a rename rule to choose")
+            self.problems.append(f"target {step.target!r} is claimed by {', '.join(prev.sources)} and "
+                                 f"{', '.join(step.sources)}; add a rename rule to choose")
             return
-        claims[step.target] = step
+        self.claims[step.target] = step
 
-    # 1. names: prefixes, then rules (first match wins), else the name itself
+    def fail(self, step: Step, problem: str) -> None:
+        self.failed.update(step.sources)
+        self.failed_targets.add(step.target)
+        self.problems.append(problem)
+
+
+def make(model: Any, source: Any, options: PlanOptions) -> LoadPlan:
+    """`plan` with its options in one object; the phases run in order, each on the draft so far."""
+    if options.match not in ("auto", "exact"):
+        raise UsageError(f"match must be 'exact' (names only) or 'auto' (also structural), got {options.match!r}")
+    src = source if isinstance(source, Source) else as_source(source, root=options.root, trust=options.trust)
+    rules = as_rules(options.rename)
+    policy = _policy(options.on_mismatch)
+    targets = _Targets(*_targets(model))
+    src_keys = [k for k in src.specs if k not in src.aliases]
+    prefix = align_prefixes(src_keys, targets.state)
+    draft = _Draft()
+    _pair_by_name(draft, src_keys, prefix, rules, allow_unused_rules=options.allow_unused_rules)
+    _fit(draft, src, targets, policy)
+    if options.match == "auto":
+        _structural(model, src, targets, draft)
+    _settle_tie_groups(draft, src, targets)
+    ordered, initializers = _complete(draft, model, targets, options.init)
+    _explain_unused(draft, src, src_keys, ordered, prefix, targets.non_persistent)
+    made = LoadPlan(
+        source=src.name, fingerprint=src.fingerprint,
+        target=type(model).__name__ if hasattr(model, "named_modules") else str(getattr(model, "path", "<state dict>")),
+        prefix=prefix.describe(), steps=ordered,
+        unused=sorted(draft.unused.values(), key=lambda u: natural_key(u.key)),
+        ambiguous=draft.ambiguous, problems=draft.problems, warnings=draft.warnings)
+    # the initializers themselves (callables have only a name in the plan's text)
+    made._initializers = {t: how for t, how in initializers.items() if how is not None}
+    made._shadowed = draft.shadowed
+    return made
+
+
+def _pair_by_name(draft: _Draft, src_keys: Sequence[str], prefix: PrefixMap, rules: Sequence[Rule], *,
+                  allow_unused_rules: bool) -> None:
+    """Phase 1, names: wrapper prefixes aligned, then rename rules (first match wins), else the name itself."""
     mapped = {prefix(k): k for k in src_keys}
     grouped: set[str] = set()
     hits: dict[int, int] = {}
@@ -443,105 +523,108 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
                 continue
             hits[i] = hits.get(i, 0) + 1
             for step in hit:
-                claim(step)
+                draft.claim(step)
                 grouped.update(step.sources)
             break
         else:
             how = "exact" if m == k else "prefix"
-            claim(Step(m, "", (), "", how, (k,)))
+            draft.claim(Step(m, "", (), "", how, (k,)))
     for i, rule in enumerate(rules):
         if i not in hits:
             text = _unused_rule(rule, i, list(mapped))
-            (warnings if allow_unused_rules else problems).append(
+            (draft.warnings if allow_unused_rules else draft.problems).append(
                 text + ("" if allow_unused_rules else "; remove it, or pass allow_unused_rules=True"))
 
-    # 2. shapes, dtypes and policies
-    steps: dict[str, Step] = {}
-    failed: set[str] = set()  # sources of claims that became problems: never re-paired
-    failed_targets: set[str] = set()
-    for t, step in claims.items():
-        if t not in state:
+
+def _fit(draft: _Draft, src: Source, targets: _Targets, policy: Callable[[str], str]) -> None:
+    """Phase 2, shapes and dtypes: each claim's value must fit its target, else the policy decides."""
+    for t, step in draft.claims.items():
+        if t not in targets.state:
             for k in step.sources:
-                unused[k] = _no_target(k, t, src.specs[k][0], non_persistent)
+                draft.unused[k] = _no_target(k, t, src.specs[k][0], targets.non_persistent)
             continue
-        step.kind, step.shape, step.dtype = kinds[t], tshape[t], tdtype[t]
+        step.kind, step.shape, step.dtype = targets.kinds[t], targets.shape[t], targets.dtype[t]
         shapes = [src.specs[k][0] for k in step.sources]
         try:
             rule_ops = [o for o in step.ops if isinstance(o, Transform)]
             got = expected_shape(shapes, rule_ops, index=step.index) if rule_ops else shapes[0]
         except (RuntimeError, IndexError, ValueError, TypeError) as e:
-            failed.update(step.sources)
-            failed_targets.add(t)
-            problems.append(f"{t}: transform {', '.join(step.transforms)} fails on source shapes {shapes}: {e}")
+            draft.fail(step, f"{t}: transform {', '.join(step.transforms)} fails on source shapes {shapes}: {e}")
             continue
         if got != step.shape:
             what = policy(t)
             desc = f"{t}: source {', '.join(step.sources)} has shape {list(got)}, the target {list(step.shape)}"
             if what == "error":
-                failed.update(step.sources)
-                failed_targets.add(t)
-                problems.append(desc + " (pass on_mismatch='skip' or 'adapt' for this key)")
+                draft.fail(step, desc + " (pass on_mismatch='skip' or 'adapt' for this key)")
                 continue
             if what == "skip":
                 for k in step.sources:
-                    unused[k] = Unused(k, src.specs[k][0], f"skipped: shape {list(got)} does not fit {t!r} "
-                                       f"{list(step.shape)} (on_mismatch='skip')", expected=True)
+                    draft.unused[k] = Unused(k, src.specs[k][0], f"skipped: shape {list(got)} does not fit {t!r} "
+                                             f"{list(step.shape)} (on_mismatch='skip')", expected=True)
                 step.how = "skipped"
                 step.note = f"source {', '.join(step.sources)} {list(got)} does not fit {list(step.shape)}"
-                steps[t] = step
+                draft.steps[t] = step
                 continue
             adapter = find_adapter(t, got, step.shape)
             if adapter is None:
-                failed.update(step.sources)
-                failed_targets.add(t)
-                problems.append(desc + " and no shape adapter fits")
+                draft.fail(step, desc + " and no shape adapter fits")
                 continue
             step.ops = (*step.ops, adapter)
         sdtype = src.specs[step.sources[0]][1]
         if sdtype != step.dtype:
             step.ops = (*step.ops, Cast(sdtype, step.dtype))
-        steps[t] = step
+        draft.steps[t] = step
 
-    # 3. structural matching of what is left (match="auto")
-    ambiguous: list[str] = []
-    if match == "auto":
-        _structural(model, src, state, steps, unused, failed, tie_groups, kinds, tshape, tdtype, ambiguous)
 
-    # 4. ties, missing keys and unused sources
-    shadowed: dict[str, Step] = {}  # a tied key the source also gave a value: load_ compares the two
-    for group in tie_groups:
+def _settle_tie_groups(draft: _Draft, src: Source, targets: _Targets) -> None:
+    """Phase 4, ties: a tied target takes its group's loaded value; a second value from the source is
+    kept aside (``shadowed``) for `load_` to compare."""
+    steps, kinds, tshape, tdtype = draft.steps, targets.kinds, targets.shape, targets.dtype
+    for group in targets.tie_groups:
         loaded = [n for n in group if n in steps and steps[n].loaded]
         for n in group:
             if n not in steps and loaded:
                 steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
                                 note=f"tied to {loaded[0]}")
             elif n in steps and loaded and n != loaded[0]:
-                s = shadowed[n] = steps.pop(n)
+                s = draft.shadowed[n] = steps.pop(n)
                 for k in s.sources:
-                    unused[k] = Unused(k, src.specs[k][0], f"{n!r} is tied to {loaded[0]!r}, loaded from "
-                                       f"{', '.join(steps[loaded[0]].sources)}", expected=True)
+                    draft.unused[k] = Unused(k, src.specs[k][0], f"{n!r} is tied to {loaded[0]!r}, loaded from "
+                                             f"{', '.join(steps[loaded[0]].sources)}", expected=True)
                 steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
                                 note=f"tied to {loaded[0]}")
+
+
+def _complete(draft: _Draft, model: Any, targets: _Targets, init: Any) -> tuple[list[Step], dict[str, Any]]:
+    """Phase 5, missing keys: every target gets a step, in the model's order, with how it is filled."""
     fill = _fill(model, init)
     own_init = "_init_weights" if callable(getattr(model, "_init_weights", None)) else "reset_parameters"
     ordered = []
     initializers: dict[str, Any] = {}
-    for t in state:
-        step = steps.get(t)
-        if step is None and t in failed_targets:
-            step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill="not loaded: see problems")
+    for t in targets.state:
+        step = draft.steps.get(t)
+        if step is None and t in draft.failed_targets:
+            step = Step(t, targets.kinds[t], targets.shape[t], targets.dtype[t], "missing",
+                        fill="not loaded: see problems")
         if step is None or step.how == "skipped":
             how, initializers[t] = fill(t)
-            if how == "current value" and state[t].is_meta and kinds[t] == "parameter":
+            if how == "current value" and targets.state[t].is_meta and targets.kinds[t] == "parameter":
                 how = own_init  # what build() does for a module constructed on meta
             if step is None:
-                step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill=how)
+                step = Step(t, targets.kinds[t], targets.shape[t], targets.dtype[t], "missing", fill=how)
             else:
                 step.fill = how
         ordered.append(step)
+    return ordered, initializers
+
+
+def _explain_unused(draft: _Draft, src: Source, src_keys: Sequence[str], ordered: Sequence[Step],
+                    prefix: PrefixMap, non_persistent: set[str]) -> None:
+    """Phase 6, unused sources: each source key no step takes gets its reason."""
+    unused = draft.unused
     used = {k for s in ordered if s.loaded for k in s.sources}
     for k in src_keys:
-        if k in used or k in unused or k in failed:
+        if k in used or k in unused or k in draft.failed:
             continue
         twin = next((n for n in sorted(_tied_names(k, src.shared)) if n in used), None)
         if twin is not None:
@@ -551,25 +634,14 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
         unused[k] = _no_target(k, prefix(k), src.specs[k][0], non_persistent)
     for k, base in src.aliases.items():
         unused.setdefault(k, Unused(k, src.specs[k][0], f"tied to {base!r} in the source", expected=True))
-    made = LoadPlan(
-        source=src.name, fingerprint=src.fingerprint,
-        target=type(model).__name__ if hasattr(model, "named_modules") else str(getattr(model, "path", "<state dict>")),
-        prefix=prefix.describe(), steps=ordered,
-        unused=sorted(unused.values(), key=lambda u: natural_key(u.key)),
-        ambiguous=ambiguous, problems=problems, warnings=warnings)
-    # the initializers themselves (callables have only a name in the plan's text)
-    made._initializers = {t: how for t, how in initializers.items() if how is not None}
-    made._shadowed = shadowed
-    return made
 
 
-def _structural(model: Any, src: Source, state: Mapping[str, Any], steps: dict[str, Step],
-                unused: dict[str, Unused], failed: set[str], tie_groups: list[list[str]],
-                kinds: Mapping[str, str], tshape: Mapping[str, tuple[int, ...]], tdtype: Mapping[str, str],
-                ambiguous: list[str]) -> None:
-    """Pair what names left unpaired by module structure (`match_modules`), in place."""
+def _structural(model: Any, src: Source, targets: _Targets, draft: _Draft) -> None:
+    """Phase 3 (``match="auto"``): pair what names left unpaired by module structure (`match_modules`)."""
     from .match import match_modules
 
+    steps, unused, failed, tie_groups = draft.steps, draft.unused, draft.failed, targets.tie_groups
+    kinds, tshape, tdtype, state = targets.kinds, targets.shape, targets.dtype, targets.state
     used = {k for s in steps.values() for k in s.sources}
     # one tensor under several names (T5's shared embedding, also its encoder's) pairs once, under
     # its deepest name: that one says where in the tree it is used
@@ -600,7 +672,7 @@ def _structural(model: Any, src: Source, state: Mapping[str, Any], steps: dict[s
         steps[t] = Step(t, kinds[t], tshape[t], tdtype[t], "structural", (k,), ops,
                         confidence=pair.confidence, note=pair.reason)
         unused.pop(k, None)
-    ambiguous += [str(a) for a in found.ambiguous]
+    draft.ambiguous += [str(a) for a in found.ambiguous]
 
 
 def _tied_names(key: str, shared: Mapping[str, str]) -> set[str]:
@@ -627,12 +699,12 @@ def _no_target(key: str, name: str, shape: tuple[int, ...], non_persistent: set[
 def _policy(on_mismatch: Any) -> Callable[[str], str]:
     if isinstance(on_mismatch, str):
         if on_mismatch not in _POLICIES:
-            raise WeightsmithError(f"on_mismatch must be one of {_POLICIES}, got {on_mismatch!r}")
+            raise UsageError(f"on_mismatch must be one of {_POLICIES}, got {on_mismatch!r}")
         return lambda _t: on_mismatch
     rules = [(compile_selector(sel), pol) for sel, pol in on_mismatch]
     for _, pol in rules:
         if pol not in _POLICIES:
-            raise WeightsmithError(f"on_mismatch policy must be one of {_POLICIES}, got {pol!r}")
+            raise UsageError(f"on_mismatch policy must be one of {_POLICIES}, got {pol!r}")
     return lambda t: next((pol for m, pol in rules if m(t)), "error")
 
 
