@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import weightsmith as ws
-from weightsmith import LoadPlan, PlanError, WeightsmithError
+from weightsmith import LoadPlan, PlanError
 from weightsmith.examples import model_a, model_b
 
 

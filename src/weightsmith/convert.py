@@ -358,7 +358,7 @@ def _write_torch(job: _Job, verify: bool) -> ConvertReport:
 
 
 def _write_dcp(job: _Job) -> ConvertReport:
-    from .distributed import save_dcp
+    from .distributed.dcp_save import save_dcp
 
     dropped = sorted(k for k in _metadata(job.ckpt) if k != CONVERTED_FROM_KEY)
     saved = save_dcp(job.ckpt.load(job.keys, dtype=job.target), job.dst)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import UsageError
 from ._result import Rendered, Result
+from ._tensors import dtype_name, is_dtensor
 
 __all__ = ["Summary", "Entry", "ModuleEntry", "Totals", "Rollup", "summary"]
 
@@ -323,26 +324,9 @@ def _is_info(value: Any) -> bool:
             and hasattr(value, "shape"))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtensor_class() -> type | None:
-    """``torch.distributed.tensor.DTensor`` where this torch build has it, else ``None``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch built without distributed support
-        return None
-    return DTensor
-
-
-def _is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a ``DTensor`` (checked by class name first to avoid a slow import)."""
-    if not any(cls.__name__ == "DTensor" for cls in type(t).__mro__):
-        return False
-    cls = _dtensor_class()
-    return cls is not None and isinstance(t, cls)
+# the names stats.py imports from here
+_dtype_name = dtype_name
+_is_dtensor = is_dtensor
 
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -350,7 +334,7 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
 
     Meta, empty and lazy tensors have no memory to compare, so only the object itself counts.
     """
-    if _is_dtensor(t):
+    if is_dtensor(t):
         t = t.to_local()  # type: ignore[attr-defined]
     if t.device.type == "meta" or nn.parameter.is_lazy(t) or t.numel() == 0:
         return ("object", id(t))
@@ -462,12 +446,12 @@ def _from_module(model: nn.Module) -> tuple[list[Entry], list[Any], list[ModuleE
 def _entry(name: str, t: torch.Tensor, *, kind: str, trainable: bool | None,
            persistent: bool = True) -> Entry:
     if nn.parameter.is_lazy(t):  # shape unknown until the first forward pass
-        return Entry(name, (), _dtype_name(t.dtype), str(t.device), 0, 0, trainable, kind,
+        return Entry(name, (), dtype_name(t.dtype), str(t.device), 0, 0, trainable, kind,
                      persistent)
-    local = t.to_local() if _is_dtensor(t) else None  # type: ignore[attr-defined]
+    local = t.to_local() if is_dtensor(t) else None  # type: ignore[attr-defined]
     local_shape = None if local is None else tuple(local.shape)
     count = t.numel()  # from the shape: safe on meta tensors, global for a DTensor
-    return Entry(name, tuple(t.shape), _dtype_name(t.dtype), str(t.device), count,
+    return Entry(name, tuple(t.shape), dtype_name(t.dtype), str(t.device), count,
                  count * t.element_size(), trainable, kind, persistent, (), local_shape)
 
 

@@ -253,7 +253,7 @@ def warmstart(rank: int, world: int, tmp: Path) -> None:
     read_error = attempt(lambda: ws.load_(good, source))
     # every rank's reads succeed and a, bias and head wait, read in, to go straight onto the shards;
     # then transposing proj.weight fails on rank 1: no rank may write what it read
-    import weightsmith.distributed as wd
+    import weightsmith.distributed.sharded_load as wd
 
     deferred_errors, deferred_unchanged = {}, {}
     for name in ("source_dcp", "source.safetensors"):

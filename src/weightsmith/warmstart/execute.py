@@ -19,7 +19,7 @@ from .plan import LoadPlan, PlanOptions, Source, Step, as_source, format_share, 
 from .transforms import apply_ops
 
 __all__ = ["LoadReport", "checked", "check_plan", "resolve", "value_of", "stage", "settle_ties", "tie_picks",
-           "unaliased", "fill_missing", "load_into", "load_dcp_in_place", "writing_may_fail", "written_keys",
+           "unaliased", "fill_missing", "in_place_from_dcp", "commit", "writing_may_fail", "written_keys",
            "report_of"]
 
 @dataclass
@@ -248,30 +248,6 @@ def fill_missing(model: Any, p: LoadPlan, *, seed: int | None, device: Any = Non
           seed=seed, device=device)
 
 
-def load_dcp_in_place(model: Any, p: LoadPlan, src: Source, source: Any, *, seed: int | None) -> LoadReport:
-    """A DCP folder into plain torch modules, with no second copy of the model.
-
-    A tensor saved by several ranks is in several chunks; assembling each before writing
-    would hold the whole model twice. Instead ``dcp.load`` plans each chunk's region onto its
-    target, the regions are read in and checked (nothing written), and only then copied in,
-    as a sharded load does on each rank.
-    """
-    from ..assign import _uninterrupted, _write_mode
-    from ..distributed import _Work
-
-    work = _Work(model, p, src, source)
-    try:
-        work.read_collective()
-        staged = work.stage()
-        state = model.state_dict(keep_vars=True)
-        with _uninterrupted(), _write_mode(state[k] for k in written_keys(p)):
-            fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
-            work.commit(staged)
-    finally:
-        work.close()
-    return report_of(p)
-
-
 def writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mapping[str, Any], p: LoadPlan) -> bool:
     """Whether a load can still fail once the plan and every value are checked.
 
@@ -345,26 +321,31 @@ def report_of(p: LoadPlan) -> LoadReport:
                       unused={u.key: u.reason for u in p.unused})
 
 
-def load_into(model: Any, source: Any, *, plan: LoadPlan | None, options: dict[str, Any], strict: bool,
-              min_coverage: float, seed: int | None, tied: str | Sequence[str]) -> LoadReport:
-    """Load ``source`` into a model of plain tensors: check the plan, stage every value, then commit.
+def in_place_from_dcp(model: Any, p: LoadPlan, source: Any, state: Mapping[str, Any]) -> bool:
+    """Whether a checked load reads a DCP folder straight onto the targets (no second copy).
 
-    Nothing is written before every check has passed and every value is read; where writing
-    itself can still fail a backup is kept and put back (see `load_`).
+    Only where nothing can fail once the reads are checked, and no two targets share memory
+    (those are checked against staged values, see `commit`).
     """
-    from ..assign import _clashes, _overlapping, _uninterrupted, _write_mode
-
+    from ..assign import _overlapping
     from ..checkpoint import Checkpoint
 
-    source, p, src, state = checked(model, source, plan, dict(options), strict=strict,
-                                     min_coverage=min_coverage, tied=tied,
-                                     on_meta="use weightsmith.build() to construct and load in one step")
+    return (isinstance(source, Checkpoint) and source.format == "dcp" and not writing_may_fail(model, None, state, p)
+            and not _overlapping([state[s.target] for s in p.loaded]))
+
+
+def commit(model: Any, p: LoadPlan, src: Source, source: Any, state: Mapping[str, Any], *,
+           seed: int | None) -> LoadReport:
+    """Stage every value of a checked plan, then write them all through ``load_state_dict``.
+
+    Nothing is written before every value is read in and checked; where writing itself can
+    still fail a backup is kept and put back (see `load_`).
+    """
+    from ..assign import _clashes, _uninterrupted, _write_mode
+    from ..checkpoint import Checkpoint
+
     opened = isinstance(source, Checkpoint)
     touched = written_keys(p)
-    # targets over one memory are checked against the staged values (below): not in place
-    if (opened and source.format == "dcp" and not writing_may_fail(model, None, state, p)
-            and not _overlapping([state[s.target] for s in p.loaded])):
-        return load_dcp_in_place(model, p, src, source, seed=seed)
     staged = stage(p, src, state)
     if opened:  # a file: its tensors are mapped
         from ..io._base import read_in

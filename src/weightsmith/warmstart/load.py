@@ -8,8 +8,9 @@ from pathlib import PurePath
 from typing import Any
 
 from ..errors import ModelError, PlanError
-from .execute import (LoadReport, check_plan, fill_missing, load_into, report_of, settle_ties, stage, tie_picks,
-                      value_of)
+from .._tensors import is_dtensor
+from .execute import (LoadReport, check_plan, checked, commit, fill_missing, in_place_from_dcp, report_of, settle_ties,
+                      stage, tie_picks, value_of)
 from .plan import LoadPlan, PlanOptions, Step, as_source, make
 
 __all__ = ["load_", "build", "transfer", "LoadReport", "empty_init"]
@@ -59,13 +60,19 @@ def load_(model: Any, source: Any, *, plan: LoadPlan | None = None, strict: bool
     >>> import weightsmith as ws                                            # doctest: +SKIP
     >>> ws.load_(model_b, "a.safetensors", rename=[("conv1", "backbone_conv")], strict=False)  # doctest: +SKIP
     """
-    if any(type(t).__name__ == "DTensor" for t in model.parameters()):  # sharded: each rank loads its part
-        from ..distributed import load_sharded_
+    if any(is_dtensor(t) for t in (*model.parameters(), *model.buffers())):  # sharded: each rank loads its part
+        from ..distributed.sharded_load import load_sharded_
 
         return load_sharded_(model, source, plan=plan, strict=strict, min_coverage=min_coverage, seed=seed,
                              tied=tied, **plan_options)
-    return load_into(model, source, plan=plan, options=plan_options, strict=strict,
-                     min_coverage=min_coverage, seed=seed, tied=tied)
+    source, p, src, state = checked(model, source, plan, dict(plan_options), strict=strict,
+                                    min_coverage=min_coverage, tied=tied,
+                                    on_meta="use weightsmith.build() to construct and load in one step")
+    if in_place_from_dcp(model, p, source, state):
+        from ..distributed.sharded_load import load_dcp_in_place
+
+        return load_dcp_in_place(model, p, src, source, seed=seed)
+    return commit(model, p, src, source, state, seed=seed)
 
 
 def transfer(source: Any, target: Any, *, strict: bool = False, min_coverage: float = 0.5,
