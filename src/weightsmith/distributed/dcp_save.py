@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemWriter
 
-from ..errors import SaveError, UsageError
+from ..errors import SaveError
 from ..save_report import SaveReport
 from .agree import agree, broadcast, describe, initialized, raise_agreed, rank_in
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .._tensors import is_dtensor
-from ..assign import _uninterrupted, _write_mode
+from .._slots import uninterrupted, write_mode
 from ..errors import CheckpointError, PlanError, UsageError, WeightsmithError
 from ..io.dcp import DcpReader
 from ..warmstart.execute import LoadReport, checked, fill_missing, report_of, value_of, written_keys
@@ -88,7 +88,7 @@ def load_sharded_(model: torch.nn.Module, source: Any, *, plan: LoadPlan | None 
         except Exception as e:
             error = e
         raise_agreed(error, agree(error), "staging the load")
-        with _uninterrupted():  # Ctrl-C waits until this rank's shards are whole
+        with uninterrupted():  # Ctrl-C waits until this rank's shards are whole
             work.commit(staged)
     finally:
         work.close()
@@ -222,7 +222,7 @@ class _Work:
     def commit(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Write every staged value and every deferred read into the model; every rank agreed."""
         targets = [self.state[name] for name in staged] + [target for target, _ in self.writes]
-        with _write_mode(targets):  # inference tensors take writes only under inference_mode
+        with write_mode(targets):  # inference tensors take writes only under inference_mode
             for name, value in staged.items():
                 target = self.state[name]
                 (target.to_local() if is_dtensor(target) else target).copy_(value)
@@ -320,7 +320,7 @@ def load_dcp_in_place(model: Any, p: LoadPlan, src: Source, source: Any, *, seed
         work.read_collective()
         staged = work.stage()
         state = model.state_dict(keep_vars=True)
-        with _uninterrupted(), _write_mode(state[k] for k in written_keys(p)):
+        with uninterrupted(), write_mode(state[k] for k in written_keys(p)):
             fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
             work.commit(staged)
     finally:

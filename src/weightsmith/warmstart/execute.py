@@ -223,11 +223,11 @@ def unaliased(staged: dict[str, Any], state: Mapping[str, Any], touched: Sequenc
     change the value ``b`` then reads. A value that is its own target, exactly, stays (its
     write changes nothing).
     """
-    from ..assign import _Memory, _same_view
+    from .._slots import Memory, same_view
 
-    memory = _Memory(state[k] for k in touched)
+    memory = Memory(state[k] for k in touched)
     for key, value in staged.items():
-        if memory.overlaps(value) and not _same_view(value, state[key]):
+        if memory.overlaps(value) and not same_view(value, state[key]):
             staged[key] = value.clone()
 
 
@@ -259,7 +259,7 @@ def writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mappin
     """
     from torch import nn
 
-    from ..assign import _may_fail
+    from .._slots import may_fail
 
     if type(model).load_state_dict is not nn.Module.load_state_dict:
         return True
@@ -273,7 +273,7 @@ def writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mappin
         import torch
 
         staged = dict.fromkeys((s.target for s in p.loaded), torch.empty(0))
-    if any(_may_fail(value, state[key]) for key, value in staged.items()):
+    if any(may_fail(value, state[key]) for key, value in staged.items()):
         return True
     return any(callable(how) for how in getattr(p, "_initializers", {}).values())
 
@@ -299,9 +299,9 @@ def checked(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, A
     meta = [s.target for s in p.steps if state[s.target].is_meta and s.how != "tied"]
     if meta:
         raise ModelError(f"{len(meta)} target tensor(s) are on the meta device (e.g. {meta[0]!r}); {on_meta}")
-    from ..assign import _unwritable
+    from .._slots import unwritable
 
-    bad = _unwritable((k, state[k]) for k in written_keys(p))
+    bad = unwritable((k, state[k]) for k in written_keys(p))
     if bad:
         raise AssignError("\n  - ".join([f"cannot load {p.source} into {p.target}; nothing was changed: "
                                          f"{len(bad)} target tensor(s) cannot be written in place:", *bad]),
@@ -327,11 +327,11 @@ def in_place_from_dcp(model: Any, p: LoadPlan, source: Any, state: Mapping[str, 
     Only where nothing can fail once the reads are checked, and no two targets share memory
     (those are checked against staged values, see `commit`).
     """
-    from ..assign import _overlapping
+    from .._slots import overlapping_groups
     from ..checkpoint import Checkpoint
 
     return (isinstance(source, Checkpoint) and source.format == "dcp" and not writing_may_fail(model, None, state, p)
-            and not _overlapping([state[s.target] for s in p.loaded]))
+            and not overlapping_groups([state[s.target] for s in p.loaded]))
 
 
 def commit(model: Any, p: LoadPlan, src: Source, source: Any, state: Mapping[str, Any], *,
@@ -341,7 +341,7 @@ def commit(model: Any, p: LoadPlan, src: Source, source: Any, state: Mapping[str
     Nothing is written before every value is read in and checked; where writing itself can
     still fail a backup is kept and put back (see `load_`).
     """
-    from ..assign import _clashes, _uninterrupted, _write_mode
+    from .._slots import find_clashes, uninterrupted, write_mode
     from ..checkpoint import Checkpoint
 
     opened = isinstance(source, Checkpoint)
@@ -353,7 +353,7 @@ def commit(model: Any, p: LoadPlan, src: Source, source: Any, state: Mapping[str
         for key, value in staged.items():  # a file cut short raises here, not SIGBUS mid-copy
             read_in(value, f"{src.name} (for {key!r})")
     unaliased(staged, state, touched)
-    clashes = _clashes([(key, state[key], value) for key, value in staged.items()])  # in load_state_dict's order
+    clashes = find_clashes([(key, state[key], value) for key, value in staged.items()])  # in load_state_dict's order
     if clashes:
         raise AssignError("\n  - ".join([f"cannot load {p.source} into {p.target}; nothing was changed:", *clashes]),
                           problems=tuple(clashes))
@@ -362,13 +362,13 @@ def commit(model: Any, p: LoadPlan, src: Source, source: Any, state: Mapping[str
     flags = {k: v.requires_grad for k, v in state.items()}
     targets = [state[k] for k in touched]
     try:
-        with _uninterrupted(), _write_mode(targets):  # Ctrl-C is delivered once the model is whole again
+        with uninterrupted(), write_mode(targets):  # Ctrl-C is delivered once the model is whole again
             fill_missing(model, p, seed=seed)  # init_ checks every rule before it writes
             result = model.load_state_dict(staged, strict=False)
             if result.unexpected_keys:
                 raise ModelError(f"the model refused keys {result.unexpected_keys[:5]}")
     except BaseException as e:
-        with _write_mode(targets):
+        with write_mode(targets):
             for k, v in backup.items():
                 state[k].copy_(v)
         for k, v in state.items():

@@ -177,7 +177,7 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     import torch
     from torch import nn
 
-    from ..assign import _materialize, _registrations, _replace
+    from .._slots import materialize, registrations, replace_parameter
     from ..checkpoint import Checkpoint
 
     tie_picks(tied)
@@ -192,12 +192,12 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
     p = make(model, src, options)
     check_plan(p, strict=strict, min_coverage=min_coverage)
     state = model.state_dict(keep_vars=True)
-    slots = _registrations(model)
+    slots = registrations(model)
     # 1. what is missing or adapted: materialize empty, then initialize
     pending = [s for s in p.steps if s.kind == "parameter" and state[s.target].is_meta
                and (s.how in ("missing", "skipped") or s.adapted)]
     for old in {id(state[s.target]): state[s.target] for s in pending}.values():
-        _materialize(slots, old, target)
+        materialize(slots, old, target)
     _initialize(model, p, pending, slots, seed=seed, device=target)
     state = model.state_dict(keep_vars=True)
     p = settle_ties(p, src, state, tied=tied)
@@ -212,7 +212,7 @@ def build(factory: Callable[[], Any], source: Any, *, device: Any = "cpu", init:
             old = state[step.target]
             if step.kind == "parameter":
                 # init_ may have replaced a Parameter behind our back: then its owner is found by name
-                _replace(slots, old, nn.Parameter(value, requires_grad=old.requires_grad),
+                replace_parameter(slots, old, nn.Parameter(value, requires_grad=old.requires_grad),
                          fallback=[_owner(model, step.target)])
             else:
                 mod, attr = _owner(model, step.target)
@@ -231,15 +231,15 @@ def _apart(values: dict[str, Any], caller: list[Any] | None) -> None:
     would be coupled without being tied (each stepped by an optimizer), and a model sharing a
     caller's state dict would change with it.
     """
-    from ..assign import _Memory, _overlapping
+    from .._slots import Memory, overlapping_groups
 
     if caller is not None:
-        memory = _Memory(caller)
+        memory = Memory(caller)
         for key, value in values.items():
             if memory.overlaps(value):
                 values[key] = value.clone()
     keys = list(values)
-    for group in _overlapping(list(values.values())):
+    for group in overlapping_groups(list(values.values())):
         for _, i in group[1:]:  # the first keeps the memory, the others get their own
             values[keys[i]] = values[keys[i]].clone()
 
@@ -256,7 +256,7 @@ def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, l
     """
     import torch
 
-    from ..assign import _materialize
+    from .._slots import materialize
 
     fill_missing(model, p, seed=seed, device=device)
     rest = {s.target: s for s in pending if not (s.fill or "").startswith("init: ")}
@@ -269,7 +269,7 @@ def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, l
         if callable(own_init):
             with torch.no_grad():
                 for old in {id(t): t for t in own.values() if t.is_meta}.values():
-                    _materialize(slots, old, device)
+                    materialize(slots, old, device)
                 for n in mine:  # uninitialized memory: NaN shows what _init_weights leaves unset
                     model.get_parameter(n).fill_(float("nan"))
                 own_init(mod)
@@ -279,7 +279,7 @@ def _initialize(model: Any, p: LoadPlan, pending: list[Step], slots: dict[int, l
                 rest[n].fill = "reset_parameters (the model's _init_weights does not cover it)"
         if hasattr(mod, "reset_parameters"):
             for old in {id(t): t for t in mod.parameters(recurse=False) if t.is_meta}.values():
-                _materialize(slots, old, device)
+                materialize(slots, old, device)
             mod.reset_parameters()
             continue
         with torch.no_grad():

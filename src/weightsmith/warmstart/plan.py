@@ -18,7 +18,7 @@ from typing import Any
 
 from .._result import Result, to_plain
 from .adapt import find_adapter
-from ..errors import CheckpointError, CheckpointNotFoundError, UsageError, WeightsmithError
+from ..errors import CheckpointError, CheckpointNotFoundError, UsageError
 from .keymap import PrefixMap, Rule, align_prefixes, as_rules, natural_key
 from .transforms import Adapter, Cast, Op, Transform, expected_shape
 from ..selectors import compile_selector
