@@ -179,11 +179,11 @@ def _target_dtype(dtype: Any, problems: list[str]) -> torch.dtype | None:
 
 
 def _output(dst: Path, format: str | None, max_shard_size: Any, problems: list[str]) -> tuple[str, int | None]:
-    from .save import _format_for, parse_size
+    from .save import format_for, parse_size
 
     fmt = "safetensors"
     try:
-        fmt = "dcp" if format == "dcp" else _format_for(dst, format, max_shard_size)
+        fmt = "dcp" if format == "dcp" else format_for(dst, format, max_shard_size)
     except SaveError as e:
         problems.append(str(e))
     limit = None

@@ -78,7 +78,7 @@ def save(obj: Any, path: str | Path, *, format: str | None = None, metadata: Map
         raise SaveError(f"{path}: async_save needs format='dcp'")
     tensors = _tensors_of(obj)
     stored, ties = _dedupe(tensors)
-    fmt = _format_for(path, format, max_shard_size)
+    fmt = format_for(path, format, max_shard_size)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if fmt == "torch":
         if metadata:
@@ -125,7 +125,7 @@ def _dedupe(tensors: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], dict[str
     return stored, ties
 
 
-def _format_for(path: Path, fmt: str | None, max_shard_size: Any) -> str:
+def format_for(path: Path, fmt: str | None, max_shard_size: Any) -> str:
     if fmt is None:
         if max_shard_size is not None:
             fmt = "sharded"

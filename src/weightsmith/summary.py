@@ -313,7 +313,7 @@ def _size(nbytes: int) -> str:
 # ---------------------------------------------------------------- reading targets
 
 
-def _is_checkpoint(target: Any) -> bool:
+def is_checkpoint(target: Any) -> bool:
     """Whether ``target`` looks like an opened checkpoint: tensor infos by key, and ``.tensor``."""
     return (callable(getattr(target, "tensor", None)) and hasattr(target, "keys")
             and not isinstance(target, (torch.Tensor, nn.Module)))
@@ -324,12 +324,12 @@ def _is_info(value: Any) -> bool:
             and hasattr(value, "shape"))
 
 
-# the names stats.py imports from here
+# the old private names, which stats.py and report.py still import
 _dtype_name = dtype_name
 _is_dtensor = is_dtensor
 
 
-def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+def storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     """A key equal for two tensors that are the same view of the same memory.
 
     Meta, empty and lazy tensors have no memory to compare, so only the object itself counts.
@@ -345,7 +345,7 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (str(t.device), ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def _module_tensors(model: nn.Module
+def module_tensors(model: nn.Module
                     ) -> Iterator[tuple[str, str, nn.Module, str, torch.Tensor, bool]]:
     """Every ``(full name, module name, module, own name, tensor, is_parameter)``: parameters
     then buffers of each module, reused modules and tied parameters under each of their names."""
@@ -393,7 +393,7 @@ def summary(target: nn.Module | Mapping[str, Any] | str | os.PathLike[str], *, d
     if isinstance(target, nn.Module):
         rows, keys, modules = _from_module(target)
         source = type(target).__name__
-    elif _is_checkpoint(target) or (isinstance(target, Mapping) and _all_infos(target)):
+    elif is_checkpoint(target) or (isinstance(target, Mapping) and _all_infos(target)):
         rows, keys = _from_infos(target)
         modules = []
         source = str(getattr(target, "path", None) or type(target).__name__)
@@ -425,12 +425,12 @@ def _from_module(model: nn.Module) -> tuple[list[Entry], list[Any], list[ModuleE
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         own[mod_name] = ([], [])
         mods[mod_name] = mod
-    for full, mod_name, mod, short, t, is_param in _module_tensors(model):
+    for full, mod_name, mod, short, t, is_param in module_tensors(model):
         persistent = is_param or short not in mod._non_persistent_buffers_set
         rows.append(_entry(full, t, kind="parameter" if is_param else "buffer",
                            trainable=bool(t.requires_grad) if is_param else None,
                            persistent=persistent))
-        keys.append(_storage_key(t))
+        keys.append(storage_key(t))
         own[mod_name][0 if is_param else 1].append(full)
     by_id: dict[int, list[str]] = {}
     for name, mod in mods.items():
@@ -468,7 +468,7 @@ def _from_tensors(mapping: Mapping[str, Any]) -> tuple[list[Entry], list[Any]]:
         is_param = isinstance(t, nn.Parameter)
         rows.append(_entry(str(name), t, kind="parameter" if is_param else "tensor",
                            trainable=bool(t.requires_grad) if is_param else None))
-        keys.append(_storage_key(t))
+        keys.append(storage_key(t))
     return rows, keys
 
 
@@ -555,3 +555,8 @@ def _rollup(rows: list[Entry], keys: list[Any], modules: list[ModuleEntry], dept
         out.append(Rollup(name, types.get(name) if model is not None else None, t.all,
                           t.trainable, t.frozen, t.buffers, own=o.all + o.buffers))
     return out
+
+
+_is_checkpoint = is_checkpoint
+_module_tensors = module_tensors
+_storage_key = storage_key
