@@ -35,7 +35,7 @@ def command(ctx: click.Context, src: str, dst: Path, dtype: str | None, max_shar
             trust: bool, as_json: bool, quiet: bool, prefixes: tuple[str, ...], renames: tuple[str, ...],
             rules: str | None) -> None:
     """Convert checkpoint SRC to DST (.safetensors, a folder with --max-shard-size, or .pt)."""
-    from ..convert import convert
+    from ..conversion import convert
     from ..errors import WeightsmithError
 
     if dst.exists() and not force:

@@ -30,7 +30,7 @@ def command(source: str, target: str, out: Path, rules: str | None, match: str, 
             allow_unused_rules: bool, on_mismatch: str, strict: bool, tied: str, force: bool, as_json: bool) -> None:
     """Warm-start TARGET from SOURCE and write the result to OUT (plus OUT.report.json)."""
     from ..warmstart.load import build, transfer
-    from ..save import save
+    from ..saving import save
     from ._target import is_factory, load_factory
 
     if out.exists() and not force:

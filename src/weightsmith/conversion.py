@@ -179,7 +179,7 @@ def _target_dtype(dtype: Any, problems: list[str]) -> torch.dtype | None:
 
 
 def _output(dst: Path, format: str | None, max_shard_size: Any, problems: list[str]) -> tuple[str, int | None]:
-    from .save import format_for, parse_size
+    from .saving import format_for, parse_size
 
     fmt = "safetensors"
     try:
