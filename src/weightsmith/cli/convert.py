@@ -36,7 +36,6 @@ def command(ctx: click.Context, src: str, dst: Path, dtype: str | None, max_shar
             rules: str | None) -> None:
     """Convert checkpoint SRC to DST (.safetensors, a folder with --max-shard-size, or .pt)."""
     from ..conversion import convert
-    from ..errors import WeightsmithError
 
     if dst.exists() and not force:
         abort(f"{dst} exists; pass --force to overwrite it")
@@ -58,11 +57,7 @@ def command(ctx: click.Context, src: str, dst: Path, dtype: str | None, max_shar
             report = convert(source, dst, dtype=dtype, max_shard_size=max_shard_size,
                              select=list(patterns) or None, format=fmt, verify=verify, progress=progress,
                              root=root, trust=trust)
-    except WeightsmithError as e:
-        if (ctx.obj or {}).get("debug"):
-            raise
-        abort(str(e))
-    finally:
+    finally:  # a weightsmith error reaches main(), which prints it as one line and exits 2
         if opened is not None:
             opened.close()
     emit(report, as_json=as_json)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SelectorError, WeightsmithError
+from ..errors import SelectorError, UsageError, WeightsmithError
 from ..selectors import glob_to_regex
 from .transforms import Transform, parse_transforms
 
@@ -266,7 +266,7 @@ def load_rules(path: str | Path) -> tuple[Rule, ...]:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise WeightsmithError(f"{p}: cannot read the rules file ({e.strerror or e})") from e
+        raise UsageError(f"{p}: cannot read the rules file ({e.strerror or e})") from e
     try:
         if p.suffix == ".toml":
             import tomllib
@@ -276,9 +276,9 @@ def load_rules(path: str | Path) -> tuple[Rule, ...]:
             data = json.loads(text)
             data = data.get("rename", []) if isinstance(data, dict) else data
     except ValueError as e:
-        raise WeightsmithError(f"{p}: the rules file is not valid {p.suffix.lstrip('.') or 'JSON'} ({e})") from e
+        raise UsageError(f"{p}: the rules file is not valid {p.suffix.lstrip('.') or 'JSON'} ({e})") from e
     if not isinstance(data, list):
-        raise WeightsmithError(f"{p}: expected a list of rename rules")
+        raise UsageError(f"{p}: expected a list of rename rules")
     rules = []
     for i, item in enumerate(data, 1):
         try:

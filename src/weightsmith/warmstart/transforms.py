@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ..errors import WeightsmithError
+from ..errors import UsageError
 from .adapt import Adapter
 
 __all__ = ["Transform", "Cast", "Adapter", "Op", "parse_transforms", "apply_transform", "expected_shape",
@@ -45,14 +45,14 @@ def parse_transforms(text: str | None) -> tuple[Transform, ...]:
         part = part.strip()
         m = re.fullmatch(r"([a-z_]+)\s*(?:\((.*)\))?", part)
         if not m or m.group(1) not in _TRANSFORMS:
-            raise WeightsmithError(
+            raise UsageError(
                 f"unknown tensor transform {part!r}; known: {', '.join(sorted(_TRANSFORMS))}")
         args: tuple[Any, ...] = ()
         if m.group(2):
             try:
                 value = ast.literal_eval(f"({m.group(2)},)")
             except (ValueError, SyntaxError) as e:
-                raise WeightsmithError(f"bad arguments in transform {part!r}: {e}") from e
+                raise UsageError(f"bad arguments in transform {part!r}: {e}") from e
             args = tuple(value)
         out.append(Transform(m.group(1), args))
     return tuple(out)
@@ -72,7 +72,7 @@ def apply_transform(tensors: Sequence[Any], transforms: Sequence[Transform], *, 
             current = [torch.cat(current, dim=tr.args[0] if tr.args else 0)]
             continue
         if len(current) != 1:
-            raise WeightsmithError(f"transform {tr} needs one tensor, got {len(current)}: add cat(dim) first")
+            raise UsageError(f"transform {tr} needs one tensor, got {len(current)}: add cat(dim) first")
         t = current[0]
         if tr.name in ("transpose", "t"):
             t = t.transpose(*(tr.args or (0, 1)))
@@ -90,7 +90,7 @@ def apply_transform(tensors: Sequence[Any], transforms: Sequence[Transform], *, 
             t = t.narrow(int(dim), int(start), int(stop) - int(start))
         current = [t]
     if len(current) != 1:
-        raise WeightsmithError(f"{len(current)} source tensors for one target: add cat(dim) to the rule")
+        raise UsageError(f"{len(current)} source tensors for one target: add cat(dim) to the rule")
     return current[0]
 
 
