@@ -121,7 +121,7 @@ def settle_ties(p: LoadPlan, src: Source, state: Mapping[str, Any], *, tied: str
     order wins) or names the key (target or source) whose value wins; the plan returned then
     takes that key's value. Values are read for the comparison only where such keys exist.
     """
-    shadowed: dict[str, Step] = getattr(p, "_shadowed", {})
+    shadowed = p.shadowed
     picks = tie_picks(tied)
     if not shadowed:
         return p
@@ -171,9 +171,7 @@ def _choose(p: LoadPlan, src: Source, overrides: Mapping[str, Step]) -> LoadPlan
         unused = [u for u in unused if u.key not in pick.sources]
         unused += [Unused(k, src.specs[k][0], f"{s.target!r} took the value of {', '.join(pick.sources)} (tied=)",
                           expected=True) for k in s.sources]
-    chosen = dataclasses.replace(p, steps=steps, unused=unused)
-    chosen._initializers = getattr(p, "_initializers", {})
-    chosen._shadowed = {}  # settled
+    chosen = dataclasses.replace(p, steps=steps, unused=unused, shadowed={})  # the ties are settled
     return chosen
 
 
@@ -233,7 +231,7 @@ def unaliased(staged: dict[str, Any], state: Mapping[str, Any], touched: Sequenc
 
 def fill_missing(model: Any, p: LoadPlan, *, seed: int | None, device: Any = None) -> None:
     """Run the plan's ``init`` rules on the missing keys they fill."""
-    initializers = getattr(p, "_initializers", {})
+    initializers = p.initializers
     by_rule: dict[int, tuple[Any, set[str]]] = {}
     for s in p.unsourced:
         if s.fill and s.fill.startswith("init: "):
@@ -275,7 +273,7 @@ def writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mappin
         staged = dict.fromkeys((s.target for s in p.loaded), torch.empty(0))
     if any(may_fail(value, state[key]) for key, value in staged.items()):
         return True
-    return any(callable(how) for how in getattr(p, "_initializers", {}).values())
+    return any(callable(how) for how in p.initializers.values())
 
 
 def checked(model: Any, source: Any, plan: LoadPlan | None, options: dict[str, Any], *, strict: bool,

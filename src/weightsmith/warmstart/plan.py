@@ -100,6 +100,12 @@ class LoadPlan(Result):
     ambiguous: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # for the load, not the plan's data (not serialized): the initializers themselves (a callable
+    # has only a name in the text), and tied keys the source gives a second value (load_ compares)
+    initializers: dict[str, Any] = field(default_factory=dict, repr=False, compare=False,
+                                         metadata={"internal": True})
+    shadowed: dict[str, Step] = field(default_factory=dict, repr=False, compare=False,
+                                      metadata={"internal": True})
 
     @property
     def loaded(self) -> list[Step]:
@@ -501,10 +507,8 @@ def make(model: Any, source: Any, options: PlanOptions) -> LoadPlan:
         target=type(model).__name__ if hasattr(model, "named_modules") else str(getattr(model, "path", "<state dict>")),
         prefix=prefix.describe(), steps=ordered,
         unused=sorted(draft.unused.values(), key=lambda u: natural_key(u.key)),
-        ambiguous=draft.ambiguous, problems=draft.problems, warnings=draft.warnings)
-    # the initializers themselves (callables have only a name in the plan's text)
-    made._initializers = {t: how for t, how in initializers.items() if how is not None}
-    made._shadowed = draft.shadowed
+        ambiguous=draft.ambiguous, problems=draft.problems, warnings=draft.warnings,
+        initializers={t: how for t, how in initializers.items() if how is not None}, shadowed=draft.shadowed)
     return made
 
 
