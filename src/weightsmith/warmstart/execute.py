@@ -251,7 +251,7 @@ def writing_may_fail(model: Any, staged: Mapping[str, Any] | None, state: Mappin
 
     It can where code other than torch's runs while writing (a module's own loading code,
     load hooks, a callable initializer) or where a value comes from a device into host memory
-    (see `assign._may_fail`); copying checked values between plain tensors cannot fail.
+    (see `_slots.may_fail`); copying checked values between plain tensors cannot fail.
     ``staged=None``: the values are plain host tensors read from a file (only the targets are
     looked at).
     """

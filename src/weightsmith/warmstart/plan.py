@@ -398,7 +398,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
             ``(source, target[, transform])`` tuples, a ``{source: target}`` mapping, or a
             ``.toml``/``.json`` rules file. A rule that matches no source key is a problem.
         match: ``"exact"`` (default) pairs by names: exact, wrapper prefixes, rules. ``"auto"``
-            then pairs the remaining modules structurally (`weightsmith.match`): module
+            then pairs the remaining modules structurally (`warmstart.match`): module
             signatures aligned in order, never across subtrees; what it cannot decide is
             reported as ambiguous.
         on_mismatch: what a shape mismatch does: ``"error"``, ``"skip"`` (the target keeps its
@@ -440,35 +440,29 @@ class PlanOptions:
         return cls(**given)
 
 
-@dataclass
 class _Targets:
     """The target's tensors by name, with their kind, shape and dtype, and its ties."""
 
-    state: dict[str, Any]
-    kinds: dict[str, str]
-    non_persistent: set[str]
-    tie_groups: list[list[str]]
-    shape: dict[str, tuple[int, ...]] = field(init=False)
-    dtype: dict[str, str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.shape = {k: tuple(v.shape) for k, v in self.state.items()}
-        self.dtype = {k: str(v.dtype).removeprefix("torch.") for k, v in self.state.items()}
+    def __init__(self, state: dict[str, Any], kinds: dict[str, str], non_persistent: set[str],
+                 tie_groups: list[list[str]]) -> None:
+        self.state, self.kinds, self.non_persistent, self.tie_groups = state, kinds, non_persistent, tie_groups
+        self.shape = {k: tuple(v.shape) for k, v in state.items()}
+        self.dtype = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
 
 
-@dataclass
 class _Draft:
     """A plan being made: what each phase decided so far."""
 
-    claims: dict[str, Step] = field(default_factory=dict)   # target -> step, by names (phase 1)
-    steps: dict[str, Step] = field(default_factory=dict)    # target -> step that fits (phases 2-4)
-    unused: dict[str, Unused] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    ambiguous: list[str] = field(default_factory=list)
-    failed: set[str] = field(default_factory=set)           # sources of claims that became problems: never re-paired
-    failed_targets: set[str] = field(default_factory=set)
-    shadowed: dict[str, Step] = field(default_factory=dict)  # a tied key the source also gave a value
+    def __init__(self) -> None:
+        self.claims: dict[str, Step] = {}      # target -> step, by names (phase 1)
+        self.steps: dict[str, Step] = {}       # target -> step that fits (phases 2-4)
+        self.unused: dict[str, Unused] = {}
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.ambiguous: list[str] = []
+        self.failed: set[str] = set()          # sources of claims that became problems: never re-paired
+        self.failed_targets: set[str] = set()
+        self.shadowed: dict[str, Step] = {}    # a tied key the source also gave a value
 
     def claim(self, step: Step) -> None:
         prev = self.claims.get(step.target)
