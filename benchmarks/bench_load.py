@@ -46,7 +46,7 @@ how, path, layers, width = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.a
 model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
 if how == "weightsmith.load_":
     import weightsmith  # imported before the clock starts, as the manual way's imports are
-    import weightsmith.load, weightsmith.plan, weightsmith.checkpoint
+    import weightsmith.warmstart.load, weightsmith.checkpoint
 else:
     import safetensors.torch
 base, anon = rss("VmRSS:"), rss("RssAnon:")

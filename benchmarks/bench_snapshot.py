@@ -20,7 +20,7 @@ def main() -> None:
     import torch
     from torch import nn
 
-    from weightsmith.snapshot import restore_, snapshot
+    from weightsmith.snapshots import restore_, snapshot
 
     width = 4096
     layers = max(1, round(args.size_gb * 1e9 / 4 / (width * width + width)))

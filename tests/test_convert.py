@@ -13,8 +13,7 @@ from torch import nn
 import weightsmith
 from weightsmith.errors import SaveError, UsageError
 
-# the module, not the function `weightsmith.convert` that shadows it on the package
-convert_module = importlib.import_module("weightsmith.convert")
+convert_module = importlib.import_module("weightsmith.conversion")
 st_module = importlib.import_module("weightsmith.io.safetensors")
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import weightsmith as ws
 from weightsmith.checkpoint import Checkpoint
-from weightsmith.plan import PlanError
+from weightsmith.errors import PlanError
 
 
 def _state(seed, prefix="", layers=2):

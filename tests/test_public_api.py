@@ -1,11 +1,74 @@
-"""The curated public API: every exported name resolves, and errors share one base."""
+"""The curated public API: exactly these names, each resolves, errors share one base, submodules are modules."""
 
+import importlib
+import pkgutil
 import subprocess
 import sys
+import types
 
 import pytest
 
 import weightsmith
+
+
+PUBLIC = {
+    "__version__",
+    # errors
+    "WeightsmithError", "CheckpointError", "CheckpointNotFoundError", "UnknownFormatError", "CorruptCheckpointError",
+    "UnsafeCheckpointError", "RootError", "SaveError", "UsageError", "SelectorError", "PlanError", "ModelError",
+    "AssignError", "TieError",
+    # look
+    "open", "Checkpoint", "TensorInfo", "select", "compile_selector", "summary", "Summary", "stats", "TensorStats",
+    "StatsReport", "check", "HealthReport",
+    # change
+    "init_", "InitReport", "assign_", "update_", "AssignReport", "snapshot", "restore_", "Snapshot", "ties",
+    "TieReport", "tie_", "untie_", "freeze_", "unfreeze_", "frozen", "FreezeReport", "freeze_state",
+    "load_freeze_state_", "trainable", "param_groups", "ParamGroups", "GroupsReport", "cast_", "CastReport",
+    # move
+    "save", "SaveReport", "plan", "LoadPlan", "Rule", "load_rules", "load_", "build", "transfer", "LoadReport",
+    "empty_init", "diff", "Diff", "convert", "ConvertReport", "report",
+    # combine
+    "merge", "merge_plan", "MergePlan", "MergeReport", "merge_lora", "extract_lora", "LoraReport",
+    # scale out
+    "save_dcp", "load_sharded_", "is_sharded",
+    # trust
+    "scan_globals", "GlobalsReport", "verify", "VerifyReport",
+}
+
+# still named after the function they define; the package keeps the function (see __init__.py)
+NAMED_LIKE_THEIR_FUNCTION = {"summary", "stats", "diff", "report"}
+
+
+def test_the_public_api_is_exactly_these_names():
+    assert len(weightsmith.__all__) == len(set(weightsmith.__all__))
+    assert set(weightsmith.__all__) == PUBLIC
+
+
+def test_every_submodule_imports_as_a_module_and_public_names_stay_functions():
+    names = [m.name for m in pkgutil.walk_packages(weightsmith.__path__, "weightsmith.")]
+    assert "weightsmith.warmstart.plan" in names and "weightsmith.distributed.sharded_load" in names
+    for name in names:
+        importlib.import_module(name)
+        parent, _, leaf = name.rpartition(".")
+        if parent == "weightsmith" and leaf in NAMED_LIKE_THEIR_FUNCTION:
+            continue
+        assert isinstance(_import_as(name), types.ModuleType), name
+    for name in weightsmith.__all__:
+        assert not isinstance(getattr(weightsmith, name), types.ModuleType), name
+
+
+def _import_as(name: str) -> object:
+    """What ``import <name> as m`` binds ``m`` to."""
+    scope: dict[str, object] = {}
+    exec(f"import {name} as m", scope)
+    return scope["m"]
+
+
+def test_plan_module_and_function_are_both_reachable():
+    import weightsmith.warmstart.plan as m
+
+    assert isinstance(m, types.ModuleType) and m.LoadPlan is weightsmith.LoadPlan
+    assert callable(weightsmith.plan) and weightsmith.plan is m.plan
 
 
 @pytest.mark.parametrize("name", weightsmith.__all__)

@@ -15,7 +15,7 @@ from torch import nn
 import weightsmith as ws
 from weightsmith.errors import SaveError
 from weightsmith.io.safetensors import CHECKSUMS_KEY, TIES_KEY
-from weightsmith.save import SaveReport, parse_size
+from weightsmith.saving import SaveReport, parse_size
 
 
 def test_module_to_safetensors(tmp_path: Path, mlp: nn.Module) -> None:

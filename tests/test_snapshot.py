@@ -6,7 +6,7 @@ from torch import nn
 
 from weightsmith import AssignError, ModelError
 # the submodule shares the name of its main function; import from it directly
-from weightsmith.snapshot import Snapshot, restore_, snapshot
+from weightsmith.snapshots import Snapshot, restore_, snapshot
 
 
 from _models import make_mlp, make_tied

@@ -18,6 +18,7 @@ from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     ModelError,
+    PlanError,
     RootError,
     SaveError,
     SelectorError,
@@ -51,9 +52,9 @@ _LAZY: dict[str, str] = {
     "assign_": "assign",
     "update_": "assign",
     "AssignReport": "assign",
-    "snapshot": "snapshot",
-    "restore_": "snapshot",
-    "Snapshot": "snapshot",
+    "snapshot": "snapshots",
+    "restore_": "snapshots",
+    "Snapshot": "snapshots",
     "ties": "tie",
     "TieReport": "tie",
     "tie_": "tie",
@@ -71,22 +72,21 @@ _LAZY: dict[str, str] = {
     "cast_": "cast",
     "CastReport": "cast",
     # move
-    "save": "save",
-    "SaveReport": "save",
-    "plan": "plan",
-    "LoadPlan": "plan",
-    "PlanError": "plan",
-    "Rule": "keymap",
-    "load_rules": "keymap",
-    "load_": "load",
-    "build": "load",
-    "transfer": "load",
-    "LoadReport": "load",
-    "empty_init": "load",
+    "save": "saving",
+    "SaveReport": "save_report",
+    "plan": "warmstart.plan",
+    "LoadPlan": "warmstart.plan",
+    "Rule": "warmstart.keymap",
+    "load_rules": "warmstart.keymap",
+    "load_": "warmstart.load",
+    "build": "warmstart.load",
+    "transfer": "warmstart.load",
+    "LoadReport": "warmstart.load",
+    "empty_init": "warmstart.load",
     "diff": "diff",
     "Diff": "diff",
-    "convert": "convert",
-    "ConvertReport": "convert",
+    "convert": "conversion",
+    "ConvertReport": "conversion",
     "report": "report",
     "merge": "merging",
     "merge_plan": "merging",
@@ -118,6 +118,7 @@ __all__ = [
     "SaveError",
     "UsageError",
     "SelectorError",
+    "PlanError",
     "ModelError",
     "AssignError",
     "TieError",
@@ -138,15 +139,18 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-class _Package(types.ModuleType):
-    """Keeps ``weightsmith.plan`` the function when the submodule ``weightsmith.plan`` is imported.
+# Modules still named after the function they define (`weightsmith.summary` the function, and the
+# module summary.py): importing one binds it on the package under that name, so for these names
+# the package keeps the function. Every other submodule is named apart from the public API
+# (`warmstart.plan`, `saving`, `snapshots`, `conversion`) and imports as a module.
+_NAMED_LIKE_THEIR_FUNCTION = frozenset({"summary", "stats", "diff", "report"})
 
-    Importing a submodule binds it on its package under its own name; several modules are named
-    after the function they define (``plan``, ``save``, ``stats``, ``summary``, ``snapshot``).
-    """
+
+class _Package(types.ModuleType):
+    """Keeps ``weightsmith.summary`` (and the names above) the function once the submodule is imported."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and hasattr(value, name):
+        if name in _NAMED_LIKE_THEIR_FUNCTION and isinstance(value, types.ModuleType):
             value = getattr(value, name)
         super().__setattr__(name, value)
 

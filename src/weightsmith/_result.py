@@ -44,8 +44,9 @@ class Result:
             cls.__repr__ = Result.__repr__  # type: ignore[method-assign]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the result, schema first."""
-        body = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        """A JSON-ready dict of the result, schema first (fields marked ``internal`` left out)."""
+        body = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                if not f.metadata.get("internal")}
         return {"schema": self.SCHEMA, **body}
 
     def to_json(self, *, indent: int | None = 2) -> str:

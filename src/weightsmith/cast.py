@@ -11,7 +11,7 @@ from torch import nn
 
 from . import selectors
 from ._result import Result
-from .assign import _slots
+from ._slots import slots_of
 from .errors import ModelError
 from .selectors import Selector
 
@@ -109,7 +109,7 @@ def cast_(
     ['0.weight', '0.bias']
     """
     dtype = _resolve_dtype(dtype)
-    slots = _slots(model, buffers=True)
+    slots = slots_of(model, buffers=True)
     names = list(slots) if select is None else selectors.select(model, select, buffers=True)
     norm_held: set[int] = set()
     if keep_norms:

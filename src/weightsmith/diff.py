@@ -35,7 +35,7 @@ from . import _measure
 from ._measure import Part as _Part
 from ._result import Result
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UsageError, WeightsmithError
-from .keymap import align_prefixes, as_rules
+from .warmstart.keymap import align_prefixes, as_rules
 from .listing import block_name, fold_name
 from .selectors import Selector, select as select_names
 

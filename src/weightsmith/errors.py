@@ -12,6 +12,7 @@
     ├── SaveError                    a checkpoint could not be written (the old file is kept)
     ├── UsageError                   an argument has the wrong type or value (also TypeError, ValueError)
     ├── SelectorError                a selector is malformed or matched nothing
+    ├── PlanError                    a load plan cannot be made or applied (every problem listed)
     └── ModelError                   a live model cannot take the requested change
         ├── AssignError              values do not fit the parameters (names, shapes, dtypes)
         └── TieError                 a tie cannot be made or broken
@@ -20,6 +21,8 @@ Messages say what went wrong, where (file, key, shapes) and what to do about it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 __all__ = [
     "WeightsmithError",
@@ -32,6 +35,7 @@ __all__ = [
     "SaveError",
     "UsageError",
     "SelectorError",
+    "PlanError",
     "ModelError",
     "AssignError",
     "TieError",
@@ -84,6 +88,18 @@ class UsageError(WeightsmithError, TypeError, ValueError):
 
 class SelectorError(WeightsmithError):
     """A selector is malformed, or matched nothing where a match was required."""
+
+
+class PlanError(WeightsmithError):
+    """A plan cannot be made or applied; nothing was changed.
+
+    Attributes:
+        problems: one line per problem, naming the keys and shapes involved.
+    """
+
+    def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
 class ModelError(WeightsmithError):

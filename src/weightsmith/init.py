@@ -22,7 +22,7 @@ from torch import nn
 
 from . import selectors
 from ._result import Result
-from .assign import _materialize, _registrations, _Slot, _slots
+from ._slots import Slot, materialize, registrations, slots_of
 from .errors import ModelError, SelectorError
 from .selectors import Matcher, Selector, compile_selector
 
@@ -362,8 +362,8 @@ def init_(
         raise SelectorError("every rule must match something; drop or fix these:\n"
                             + "\n".join(f"  - {u}" for u in unused))
 
-    slots = list({id(s.tensor): s for s in _slots(model, buffers=False).values()}.values())
-    plan: list[tuple[_Slot, _Init]] = []
+    slots = list({id(s.tensor): s for s in slots_of(model, buffers=False).values()}.values())
+    plan: list[tuple[Slot, _Init]] = []
     untouched: list[str] = []
     skipped: list[str] = []
     problems: list[str] = []
@@ -394,8 +394,8 @@ def init_(
         raise ModelError(f"cannot initialize; nothing was changed:\n{lines}")
 
     to_materialize = [slot for slot, _ in plan if slot.tensor.is_meta]
-    regs = _registrations(model) if to_materialize else {}
-    replaced = {id(slot.tensor): _materialize(regs, slot.tensor, torch.device(device)) for slot in to_materialize}
+    regs = registrations(model) if to_materialize else {}
+    replaced = {id(slot.tensor): materialize(regs, slot.tensor, torch.device(device)) for slot in to_materialize}
     entries: list[InitEntry] = []
     with torch.no_grad():
         for slot, chosen in plan:
@@ -408,7 +408,7 @@ def init_(
                 text += f"; padding row {padding} zeroed"
             entries.append(InitEntry(slot.names[0], tuple(tensor.shape), text, slot.names[1:]))
     any_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
-    still_meta = [n for n, s in _slots(model).items() if s.tensor.is_meta] if any_meta else []
+    still_meta = [n for n, s in slots_of(model).items() if s.tensor.is_meta] if any_meta else []
     return InitReport(
         tuple(entries), tuple(untouched), tuple(skipped),
         tuple(n for slot in to_materialize for n in slot.names), tuple(still_meta), seed,

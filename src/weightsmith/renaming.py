@@ -22,7 +22,7 @@ def key_map(keys: Sequence[str], *, prefixes: Sequence[str] = (), renames: Seque
     """Old key -> new key: prefixes stripped first (the first that fits), then the first rule
     that renames the key. Raises `UsageError` for unused options, rules with tensor
     transforms, and collisions."""
-    from .keymap import Rule, as_rules
+    from .warmstart.keymap import Rule, as_rules
 
     problems: list[str] = []
     parsed: list[Rule] = []

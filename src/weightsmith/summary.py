@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import UsageError
 from ._result import Rendered, Result
+from ._tensors import dtype_name, is_dtensor
 
 __all__ = ["Summary", "Entry", "ModuleEntry", "Totals", "Rollup", "summary"]
 
@@ -312,7 +313,7 @@ def _size(nbytes: int) -> str:
 # ---------------------------------------------------------------- reading targets
 
 
-def _is_checkpoint(target: Any) -> bool:
+def is_checkpoint(target: Any) -> bool:
     """Whether ``target`` looks like an opened checkpoint: tensor infos by key, and ``.tensor``."""
     return (callable(getattr(target, "tensor", None)) and hasattr(target, "keys")
             and not isinstance(target, (torch.Tensor, nn.Module)))
@@ -323,34 +324,17 @@ def _is_info(value: Any) -> bool:
             and hasattr(value, "shape"))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
-    return str(dtype).removeprefix("torch.")
+# the old private names, which stats.py and report.py still import
+_dtype_name = dtype_name
+_is_dtensor = is_dtensor
 
 
-def _dtensor_class() -> type | None:
-    """``torch.distributed.tensor.DTensor`` where this torch build has it, else ``None``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch built without distributed support
-        return None
-    return DTensor
-
-
-def _is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a ``DTensor`` (checked by class name first to avoid a slow import)."""
-    if not any(cls.__name__ == "DTensor" for cls in type(t).__mro__):
-        return False
-    cls = _dtensor_class()
-    return cls is not None and isinstance(t, cls)
-
-
-def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+def storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     """A key equal for two tensors that are the same view of the same memory.
 
     Meta, empty and lazy tensors have no memory to compare, so only the object itself counts.
     """
-    if _is_dtensor(t):
+    if is_dtensor(t):
         t = t.to_local()  # type: ignore[attr-defined]
     if t.device.type == "meta" or nn.parameter.is_lazy(t) or t.numel() == 0:
         return ("object", id(t))
@@ -361,7 +345,7 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (str(t.device), ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def _module_tensors(model: nn.Module
+def module_tensors(model: nn.Module
                     ) -> Iterator[tuple[str, str, nn.Module, str, torch.Tensor, bool]]:
     """Every ``(full name, module name, module, own name, tensor, is_parameter)``: parameters
     then buffers of each module, reused modules and tied parameters under each of their names."""
@@ -409,7 +393,7 @@ def summary(target: nn.Module | Mapping[str, Any] | str | os.PathLike[str], *, d
     if isinstance(target, nn.Module):
         rows, keys, modules = _from_module(target)
         source = type(target).__name__
-    elif _is_checkpoint(target) or (isinstance(target, Mapping) and _all_infos(target)):
+    elif is_checkpoint(target) or (isinstance(target, Mapping) and _all_infos(target)):
         rows, keys = _from_infos(target)
         modules = []
         source = str(getattr(target, "path", None) or type(target).__name__)
@@ -441,12 +425,12 @@ def _from_module(model: nn.Module) -> tuple[list[Entry], list[Any], list[ModuleE
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         own[mod_name] = ([], [])
         mods[mod_name] = mod
-    for full, mod_name, mod, short, t, is_param in _module_tensors(model):
+    for full, mod_name, mod, short, t, is_param in module_tensors(model):
         persistent = is_param or short not in mod._non_persistent_buffers_set
         rows.append(_entry(full, t, kind="parameter" if is_param else "buffer",
                            trainable=bool(t.requires_grad) if is_param else None,
                            persistent=persistent))
-        keys.append(_storage_key(t))
+        keys.append(storage_key(t))
         own[mod_name][0 if is_param else 1].append(full)
     by_id: dict[int, list[str]] = {}
     for name, mod in mods.items():
@@ -462,12 +446,12 @@ def _from_module(model: nn.Module) -> tuple[list[Entry], list[Any], list[ModuleE
 def _entry(name: str, t: torch.Tensor, *, kind: str, trainable: bool | None,
            persistent: bool = True) -> Entry:
     if nn.parameter.is_lazy(t):  # shape unknown until the first forward pass
-        return Entry(name, (), _dtype_name(t.dtype), str(t.device), 0, 0, trainable, kind,
+        return Entry(name, (), dtype_name(t.dtype), str(t.device), 0, 0, trainable, kind,
                      persistent)
-    local = t.to_local() if _is_dtensor(t) else None  # type: ignore[attr-defined]
+    local = t.to_local() if is_dtensor(t) else None  # type: ignore[attr-defined]
     local_shape = None if local is None else tuple(local.shape)
     count = t.numel()  # from the shape: safe on meta tensors, global for a DTensor
-    return Entry(name, tuple(t.shape), _dtype_name(t.dtype), str(t.device), count,
+    return Entry(name, tuple(t.shape), dtype_name(t.dtype), str(t.device), count,
                  count * t.element_size(), trainable, kind, persistent, (), local_shape)
 
 
@@ -484,7 +468,7 @@ def _from_tensors(mapping: Mapping[str, Any]) -> tuple[list[Entry], list[Any]]:
         is_param = isinstance(t, nn.Parameter)
         rows.append(_entry(str(name), t, kind="parameter" if is_param else "tensor",
                            trainable=bool(t.requires_grad) if is_param else None))
-        keys.append(_storage_key(t))
+        keys.append(storage_key(t))
     return rows, keys
 
 
@@ -571,3 +555,8 @@ def _rollup(rows: list[Entry], keys: list[Any], modules: list[ModuleEntry], dept
         out.append(Rollup(name, types.get(name) if model is not None else None, t.all,
                           t.trainable, t.frozen, t.buffers, own=o.all + o.buffers))
     return out
+
+
+_is_checkpoint = is_checkpoint
+_module_tensors = module_tensors
+_storage_key = storage_key

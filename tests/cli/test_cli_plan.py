@@ -134,3 +134,20 @@ def test_warmstart_into_a_checkpoint_keeps_its_own_values_where_the_source_has_n
     got = weightsmith.open(out).load()
     assert torch.equal(got["fc.weight"], a.fc.weight)
     assert torch.equal(got["extra"], torch.full((2,), 7.0))
+
+
+def test_plan_and_warmstart_share_one_declaration_of_their_plan_options():
+    from weightsmith.cli.plan import command as plan_command
+    from weightsmith.cli.warmstart import command as warmstart_command
+
+    shared = {"target", "rules", "match", "exact", "on_mismatch", "allow_unused_rules"}
+
+    def options(command):
+        return {p.name: p for p in command.params if p.name in shared}
+
+    plan_opts, warm_opts = options(plan_command), options(warmstart_command)
+    assert set(plan_opts) == set(warm_opts) == shared
+    for name in shared:
+        a, b = plan_opts[name], warm_opts[name]
+        same = (a.opts, a.default, a.help, a.type.to_info_dict()) == (b.opts, b.default, b.help, b.type.to_info_dict())
+        assert same, name

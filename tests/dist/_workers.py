@@ -253,21 +253,21 @@ def warmstart(rank: int, world: int, tmp: Path) -> None:
     read_error = attempt(lambda: ws.load_(good, source))
     # every rank's reads succeed and a, bias and head wait, read in, to go straight onto the shards;
     # then transposing proj.weight fails on rank 1: no rank may write what it read
-    import weightsmith.distributed as wd
+    import weightsmith.distributed.sharded_load as wd
 
     deferred_errors, deferred_unchanged = {}, {}
     for name in ("source_dcp", "source.safetensors"):
         deferred = sharded_net(seed=7)
         deferred_before = snapshot(deferred)
-        value = wd._value
+        value = wd.value_of
         if rank == 1:
             def failing(step: Any, *args: Any) -> Any:
                 raise OSError(f"injected transform failure for {step.target}")
-            wd._value = failing
+            wd.value_of = failing
         try:
             deferred_errors[name] = attempt(lambda m=deferred, n=name: ws.load_(m, tmp / n, rename=rename, strict=False))
         finally:
-            wd._value = value
+            wd.value_of = value
         deferred_unchanged[name] = unchanged(deferred, deferred_before)
     write_json(tmp / f"warm_{rank}.json", {
         "deferred_errors": deferred_errors, "unchanged_after_deferred_error": deferred_unchanged,

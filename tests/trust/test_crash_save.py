@@ -142,7 +142,7 @@ def _leftovers(path: Path) -> list[str]:
 
 def _inject(monkeypatch: pytest.MonkeyPatch, fault: str, fmt: str) -> None:
     real_open = open
-    save_module = sys.modules["weightsmith.save"]
+    save_module = importlib.import_module("weightsmith.saving")
     if fault == "write ENOSPC":
         def full_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
             f = real_open(file, mode, *args, **kwargs)

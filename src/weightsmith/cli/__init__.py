@@ -41,6 +41,20 @@ class _LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def invoke(self, ctx: click.Context) -> object:
+        """The one error path of every subcommand: a weightsmith error is one line and exit 2
+        (``--debug``: the traceback), whether the group runs from `main` or is invoked directly."""
+        from ..errors import WeightsmithError
+
+        try:
+            return super().invoke(ctx)
+        except WeightsmithError as e:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            from ._common import abort
+
+            abort(str(e))
+
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")

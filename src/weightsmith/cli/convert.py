@@ -35,8 +35,7 @@ def command(ctx: click.Context, src: str, dst: Path, dtype: str | None, max_shar
             trust: bool, as_json: bool, quiet: bool, prefixes: tuple[str, ...], renames: tuple[str, ...],
             rules: str | None) -> None:
     """Convert checkpoint SRC to DST (.safetensors, a folder with --max-shard-size, or .pt)."""
-    from ..convert import convert
-    from ..errors import WeightsmithError
+    from ..conversion import convert
 
     if dst.exists() and not force:
         abort(f"{dst} exists; pass --force to overwrite it")
@@ -52,11 +51,7 @@ def command(ctx: click.Context, src: str, dst: Path, dtype: str | None, max_shar
             report = convert(source, dst, dtype=dtype, max_shard_size=max_shard_size,
                              select=list(patterns) or None, format=fmt, verify=verify, progress=progress,
                              root=root, trust=trust, strip_prefix=prefixes, rename=renames, rules=rules)
-    except WeightsmithError as e:
-        if (ctx.obj or {}).get("debug"):
-            raise
-        abort(str(e))
-    finally:
+    finally:  # a weightsmith error reaches main(), which prints it as one line and exits 2
         if opened is not None:
             opened.close()
     emit(report, as_json=as_json)

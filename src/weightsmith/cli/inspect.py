@@ -26,7 +26,7 @@ def command(target: str, pattern: str | None, sort: str | None, fold: bool, layo
     from ._target import is_factory
 
     if is_factory(target):
-        from ..load import empty_init
+        from ..warmstart.load import empty_init
         from ..summary import summary
         from ._target import load_factory
 

@@ -9,29 +9,24 @@ from __future__ import annotations
 import click
 
 from ._common import EXIT_FINDINGS, emit
+from ._options import plan_arguments, plan_options
 from ._target import target_options
 
 
 @click.command("plan")
 @click.argument("source")
-@click.option("--into", "target", required=True, help="Target: a checkpoint, or package.module:factory.")
-@click.option("--rules", type=click.Path(exists=True, dir_okay=False), help="Rename rules (.toml or .json).")
-@click.option("--match", "match", type=click.Choice(["exact", "auto"]), default="exact", show_default=True,
-              help="exact: names, prefixes and rules; auto: also pair the rest by module structure.")
-@click.option("--exact", "exact_flag", is_flag=True, hidden=True)  # the default now; kept for old scripts
-@click.option("--on-mismatch", type=click.Choice(["error", "skip", "adapt"]), default="error", show_default=True)
+@plan_options
 @click.option("--strict/--no-strict", default=True, show_default=True,
               help="Judge the plan as a strict load (every key accounted for) or not.")
 @click.option("--min-coverage", type=click.FloatRange(0, 1), default=0.5, show_default=True)
-@click.option("--allow-unused-rules", is_flag=True, help="A rename rule that matches nothing is only a warning.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema weightsmith.plan/1).")
 @target_options
-def command(source: str, target: str, rules: str | None, match: str, exact_flag: bool,
-            on_mismatch: str, strict: bool, min_coverage: float, allow_unused_rules: bool, as_json: bool) -> None:
+def command(source: str, target: str, rules: str | None, match: str, exact: bool, on_mismatch: str,
+            allow_unused_rules: bool, strict: bool, min_coverage: float, as_json: bool) -> None:
     """Print the load plan of SOURCE into TARGET; exit 1 when the load would be refused."""
     from ..checkpoint import open as open_checkpoint
-    from ..load import empty_init
-    from ..plan import plan
+    from ..warmstart.load import empty_init
+    from ..warmstart.plan import plan
     from ._target import is_factory, load_factory
 
     if is_factory(target):
@@ -40,8 +35,8 @@ def command(source: str, target: str, rules: str | None, match: str, exact_flag:
             model = factory()
     else:
         model = open_checkpoint(target)
-    p = plan(model, source, rename=rules or (), match="exact" if exact_flag else match,
-             on_mismatch=on_mismatch, allow_unused_rules=allow_unused_rules)
+    p = plan(model, source, **plan_arguments(rules=rules, match=match, exact=exact, on_mismatch=on_mismatch,
+                                             allow_unused_rules=allow_unused_rules))
     p.judge(strict=strict, min_coverage=min_coverage)
     emit(p, as_json=as_json)
     if p.refusals(strict=strict, min_coverage=min_coverage):

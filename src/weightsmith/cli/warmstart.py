@@ -7,36 +7,31 @@ from pathlib import Path
 import click
 
 from ._common import abort, emit
+from ._options import plan_arguments, plan_options
 from ._target import target_options
 
 
 @click.command("warmstart")
 @click.argument("source")
-@click.option("--into", "target", required=True, help="Target: a checkpoint, or package.module:factory.")
+@plan_options
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Checkpoint to write.")
-@click.option("--rules", type=click.Path(exists=True, dir_okay=False), help="Rename rules (.toml or .json).")
-@click.option("--match", "match", type=click.Choice(["exact", "auto"]), default="exact", show_default=True,
-              help="exact: names, prefixes and rules; auto: also pair the rest by module structure.")
-@click.option("--exact", is_flag=True, hidden=True)  # the default now; kept for old scripts
-@click.option("--allow-unused-rules", is_flag=True, help="A rename rule that matches nothing is only a warning.")
-@click.option("--on-mismatch", type=click.Choice(["error", "skip", "adapt"]), default="error", show_default=True)
 @click.option("--strict", is_flag=True, help="Every target key from the source, every source key used.")
 @click.option("--tied", default="error", show_default=True,
               help="Tied target keys given different values: error, first, or the key whose value wins.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema weightsmith.load/1).")
 @target_options
-def command(source: str, target: str, out: Path, rules: str | None, match: str, exact: bool,
-            allow_unused_rules: bool, on_mismatch: str, strict: bool, tied: str, force: bool, as_json: bool) -> None:
+def command(source: str, target: str, rules: str | None, match: str, exact: bool, on_mismatch: str,
+            allow_unused_rules: bool, out: Path, strict: bool, tied: str, force: bool, as_json: bool) -> None:
     """Warm-start TARGET from SOURCE and write the result to OUT (plus OUT.report.json)."""
-    from ..load import build, transfer
-    from ..save import save
+    from ..warmstart.load import build, transfer
+    from ..saving import save
     from ._target import is_factory, load_factory
 
     if out.exists() and not force:
         abort(f"{out} exists; pass --force to overwrite it")
-    options = {"rename": rules or (), "match": "exact" if exact else match, "on_mismatch": on_mismatch,
-               "strict": strict, "allow_unused_rules": allow_unused_rules, "tied": tied}
+    options = {**plan_arguments(rules=rules, match=match, exact=exact, on_mismatch=on_mismatch,
+                                allow_unused_rules=allow_unused_rules), "strict": strict, "tied": tied}
     if is_factory(target):
         model, report = build(load_factory(target, source=source), source, **options)
         state = model.state_dict()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..plan import PlanError
+from ..errors import PlanError
 
 __all__ = ["Stream", "write", "TORCH_SUFFIXES"]
 
@@ -70,7 +70,7 @@ def write(stream: Stream, out: Any, *, max_shard_size: int | str | None = None) 
     if path.is_dir():
         raise UsageError(f"{path}: is a folder; give max_shard_size= to write a sharded folder, or a file name")
     if path.suffix in TORCH_SUFFIXES:
-        from ..save import save
+        from ..saving import save
 
         save(_state(stream), path, format="torch")
         return str(path), "torch", [str(path)]
@@ -115,7 +115,7 @@ def _streamed(stream: Stream, write: Callable[[Any], list[Path]]) -> list[Path]:
 
 def _write_sharded(stream: Stream, folder: Path, max_shard_size: int | str) -> list[str]:
     from ..io.writers import write_sharded_folder
-    from ..save import parse_size
+    from ..saving import parse_size
 
     limit = parse_size(max_shard_size)
     files = _streamed(stream, lambda entries: write_sharded_folder(folder, entries, stream.metadata, limit=limit))
@@ -136,7 +136,7 @@ def _state(stream: Stream) -> dict[str, Any]:
 
 
 def _into_model(stream: Stream, model: Any) -> None:
-    from ..load import load_
+    from ..warmstart.load import load_
 
     state = _state(stream)
     try:

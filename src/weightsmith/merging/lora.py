@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 from .._result import Result
 from ..errors import CheckpointError, UsageError
-from ..keymap import align_prefixes
-from ..plan import PlanError
+from ..warmstart.keymap import align_prefixes
+from ..errors import PlanError
 from ._write import Stream, write
 from .plan import Input, open_input
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .._result import Result
 from ..errors import UsageError
-from ..keymap import align_prefixes, natural_key
+from ..warmstart.keymap import align_prefixes, natural_key
 from . import params as P
 from .methods import METHODS, NEEDS_BASE, Params
 

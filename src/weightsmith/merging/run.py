@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from .._result import Result
 from ..io._base import read_in
-from ..plan import PlanError
+from ..errors import PlanError
 from .methods import combine
 from ._write import Stream, write
 from .plan import Input, MergePlan, build, params_of

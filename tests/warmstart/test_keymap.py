@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from weightsmith import Rule, SelectorError, WeightsmithError, load_rules
-from weightsmith.keymap import (
-    PrefixMap,
-    align_prefixes,
-    apply_transform,
-    as_rules,
-    natural_key,
-    parse_transforms,
-)
+from weightsmith.warmstart.keymap import PrefixMap, align_prefixes, as_rules, natural_key
+from weightsmith.warmstart.transforms import apply_transform, parse_transforms
 
 PLAIN = ["0.weight", "0.bias", "2.weight", "2.bias"]
 
@@ -231,3 +225,17 @@ def test_malformed_rules_files_raise_weightsmith_errors_naming_the_problem(tmp_p
 def test_a_missing_rules_file_is_a_weightsmith_error(tmp_path):
     with pytest.raises(WeightsmithError, match="rules file"):
         load_rules(tmp_path / "absent.toml")
+
+
+def test_bad_transforms_and_rules_files_are_usage_errors(tmp_path):
+    from weightsmith import UsageError, load_rules
+
+    with pytest.raises(UsageError, match="unknown tensor transform 'explode'"):
+        parse_transforms("explode")
+    with pytest.raises(UsageError, match="bad arguments"):
+        parse_transforms("chunk(3,,)")
+    with pytest.raises(UsageError, match="cannot read the rules file"):
+        load_rules(tmp_path / "missing.json")
+    (tmp_path / "rules.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not valid json"):
+        load_rules(tmp_path / "rules.json")

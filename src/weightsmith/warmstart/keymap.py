@@ -1,24 +1,23 @@
-"""Pure key transforms for warm-starting: wrapper prefixes, rename rules, tensor transforms.
+"""Pure name transforms for warm-starting: wrapper prefixes, rename rules, natural key order.
 
-Nothing here touches a model or reads a tensor's data except `apply_transform`, which turns
-source tensors into a target tensor.
+Nothing here touches a model or a tensor; a rule's tensor transforms are parsed by `transforms`.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SelectorError, WeightsmithError
-from .selectors import glob_to_regex
+from ..errors import SelectorError, UsageError, WeightsmithError
+from ..selectors import glob_to_regex
+from .transforms import Transform, parse_transforms
 
 __all__ = ["WRAPPER_PREFIXES", "PrefixMap", "align_prefixes", "Rule", "as_rules", "load_rules",
-           "Transform", "parse_transforms", "apply_transform", "natural_key"]
+           "natural_key"]
 
 # Prefixes that training wrappers put in front of every key; any nesting of them is handled.
 WRAPPER_PREFIXES = (
@@ -108,88 +107,6 @@ def _is_wrapper(prefix: str) -> bool:
 def natural_key(name: str) -> tuple[Any, ...]:
     """Sort key that orders ``layer.2`` before ``layer.10`` (file order is not module order)."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
-
-
-# -- tensor transforms -----------------------------------------------------------------------
-_TRANSFORMS = {"transpose", "t", "cat", "chunk", "split", "reshape", "permute", "slice", "flatten"}
-
-
-@dataclass(frozen=True)
-class Transform:
-    """One tensor transform, e.g. ``cat(0)``, ``chunk(3, 0)``, ``transpose``, ``slice(0, 0, 768)``."""
-
-    name: str
-    args: tuple[Any, ...] = ()
-
-    def __str__(self) -> str:
-        return self.name + (f"({', '.join(map(str, self.args))})" if self.args else "")
-
-
-def parse_transforms(text: str | None) -> tuple[Transform, ...]:
-    """Parse ``"transpose | reshape(768, 3, 64)"`` (``|`` chains) without evaluating code."""
-    if not text:
-        return ()
-    out = []
-    for part in text.split("|"):
-        part = part.strip()
-        m = re.fullmatch(r"([a-z_]+)\s*(?:\((.*)\))?", part)
-        if not m or m.group(1) not in _TRANSFORMS:
-            raise WeightsmithError(
-                f"unknown tensor transform {part!r}; known: {', '.join(sorted(_TRANSFORMS))}")
-        args: tuple[Any, ...] = ()
-        if m.group(2):
-            try:
-                value = ast.literal_eval(f"({m.group(2)},)")
-            except (ValueError, SyntaxError) as e:
-                raise WeightsmithError(f"bad arguments in transform {part!r}: {e}") from e
-            args = tuple(value)
-        out.append(Transform(m.group(1), args))
-    return tuple(out)
-
-
-def apply_transform(tensors: Sequence[Any], transforms: Sequence[Transform], *, index: int = 0) -> Any:
-    """Turn the source tensor(s) into one target tensor.
-
-    Many-to-one: ``cat(dim)`` joins the sources. One-to-many: ``chunk(n, dim)`` / ``split`` takes
-    piece ``index`` (the position of the target in the rule). Others apply to one tensor.
-    """
-    import torch
-
-    current: Any = list(tensors)
-    for tr in transforms:
-        if tr.name == "cat":
-            current = [torch.cat(current, dim=tr.args[0] if tr.args else 0)]
-            continue
-        if len(current) != 1:
-            raise WeightsmithError(f"transform {tr} needs one tensor, got {len(current)}: add cat(dim) first")
-        t = current[0]
-        if tr.name in ("transpose", "t"):
-            t = t.transpose(*(tr.args or (0, 1)))
-        elif tr.name in ("chunk", "split"):
-            n, dim = (tr.args + (0,))[:2] if tr.args else (1, 0)
-            t = torch.chunk(t, int(n), dim=int(dim))[index]
-        elif tr.name == "reshape":
-            t = t.reshape(*tr.args)
-        elif tr.name == "permute":
-            t = t.permute(*tr.args)
-        elif tr.name == "flatten":
-            t = t.flatten(*tr.args)
-        elif tr.name == "slice":
-            dim, start, stop = tr.args
-            t = t.narrow(int(dim), int(start), int(stop) - int(start))
-        current = [t]
-    if len(current) != 1:
-        raise WeightsmithError(f"{len(current)} source tensors for one target: add cat(dim) to the rule")
-    return current[0]
-
-
-def expected_shape(shapes: Sequence[tuple[int, ...]], transforms: Sequence[Transform], *, index: int = 0
-                   ) -> tuple[int, ...]:
-    """The shape `apply_transform` would produce, computed on meta tensors (no data)."""
-    import torch
-
-    metas = [torch.empty(s, device="meta") for s in shapes]
-    return tuple(apply_transform(metas, transforms, index=index).shape)
 
 
 # -- rename rules ----------------------------------------------------------------------------
@@ -349,7 +266,7 @@ def load_rules(path: str | Path) -> tuple[Rule, ...]:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise WeightsmithError(f"{p}: cannot read the rules file ({e.strerror or e})") from e
+        raise UsageError(f"{p}: cannot read the rules file ({e.strerror or e})") from e
     try:
         if p.suffix == ".toml":
             import tomllib
@@ -359,9 +276,9 @@ def load_rules(path: str | Path) -> tuple[Rule, ...]:
             data = json.loads(text)
             data = data.get("rename", []) if isinstance(data, dict) else data
     except ValueError as e:
-        raise WeightsmithError(f"{p}: the rules file is not valid {p.suffix.lstrip('.') or 'JSON'} ({e})") from e
+        raise UsageError(f"{p}: the rules file is not valid {p.suffix.lstrip('.') or 'JSON'} ({e})") from e
     if not isinstance(data, list):
-        raise WeightsmithError(f"{p}: expected a list of rename rules")
+        raise UsageError(f"{p}: expected a list of rename rules")
     rules = []
     for i, item in enumerate(data, 1):
         try:

@@ -6,7 +6,7 @@ from torch import nn
 
 import weightsmith as ws
 from weightsmith import PlanError
-from weightsmith.adapt import find_adapter
+from weightsmith.warmstart.adapt import find_adapter
 
 
 class Net(nn.Module):
@@ -250,7 +250,7 @@ def test_the_position_grid_matches_timms_resampling_prefix_tokens_kept(tmp_path,
 def test_downsampling_the_grid_is_antialiased_as_in_timm():
     import torch.nn.functional as F
 
-    from weightsmith.adapt import resample_abs_pos_embed
+    from weightsmith.warmstart.adapt import resample_abs_pos_embed
 
     torch.manual_seed(0)
     pos = torch.randn(1, 1 + 256, 4)
@@ -284,7 +284,7 @@ def test_a_patch_embedding_is_resized_by_timms_pseudo_inverse(tmp_path, old, new
 def test_an_upsampled_patch_sees_a_resized_image_as_the_old_kernel_saw_the_original():
     import torch.nn.functional as F
 
-    from weightsmith.adapt import resample_patch_embed
+    from weightsmith.warmstart.adapt import resample_patch_embed
 
     torch.manual_seed(0)
     kernel = torch.randn(2, 3, 4, 4)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import weightsmith as ws
-from weightsmith.match import match_modules
+from weightsmith.warmstart.match import match_modules
 
 
 def specs(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -102,7 +102,7 @@ def test_structural_pairs_load_the_right_values(tmp_path):
 def test_module_order_is_trusted_from_torch_files_and_weightsmith_files_not_sorted_ones(tmp_path):
     from safetensors.torch import save_file
 
-    from weightsmith.plan import as_source
+    from weightsmith.warmstart.plan import as_source
 
     torch.manual_seed(0)
     model = block(("query", "key", "value"))

@@ -195,11 +195,11 @@ def _target_dtype(dtype: Any, problems: list[str]) -> torch.dtype | None:
 
 
 def _output(dst: Path, format: str | None, max_shard_size: Any, problems: list[str]) -> tuple[str, int | None]:
-    from .save import _format_for, parse_size
+    from .saving import format_for, parse_size
 
     fmt = "safetensors"
     try:
-        fmt = "dcp" if format == "dcp" else _format_for(dst, format, max_shard_size)
+        fmt = "dcp" if format == "dcp" else format_for(dst, format, max_shard_size)
     except SaveError as e:
         problems.append(str(e))
     limit = None
@@ -374,7 +374,7 @@ def _write_torch(job: _Job, verify: bool) -> ConvertReport:
 
 
 def _write_dcp(job: _Job) -> ConvertReport:
-    from .distributed import save_dcp
+    from .distributed.dcp_save import save_dcp
 
     dropped = sorted(k for k in _metadata(job.ckpt) if k != CONVERTED_FROM_KEY)
     saved = save_dcp(job.ckpt.load(job.keys, dtype=job.target), job.dst)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import weightsmith as ws
-from weightsmith import LoadPlan, PlanError, WeightsmithError
+from weightsmith import LoadPlan, PlanError
 from weightsmith.examples import model_a, model_b
 
 
@@ -209,12 +209,12 @@ def test_a_plan_can_be_made_for_a_model_on_the_meta_device(a_file):
 @pytest.mark.parametrize("options", [{"match": "fuzzy"}, {"on_mismatch": "explode"},
                                      {"on_mismatch": [("head.*", "guess")]}])
 def test_bad_options_are_refused(a_file, options):
-    with pytest.raises(WeightsmithError):
+    with pytest.raises(ws.UsageError):
         ws.plan(model_b(), a_file, **options)
 
 
 def test_a_source_of_the_wrong_kind_is_refused():
-    with pytest.raises(WeightsmithError, match="cannot load from a int"):
+    with pytest.raises(ws.UsageError, match="cannot load from a int"):
         ws.plan(model_a(), 42)
 
 
@@ -250,7 +250,7 @@ def test_skip_is_a_decision_a_strict_load_takes_and_the_plan_lists(tmp_path):
                                         (0.99996, "99.996%"),
                                         (0.5, "50%"), (0.00001, "0.001%"), (0.0, "0%"), (0.123, "12%")])
 def test_coverage_never_reads_100_percent_while_keys_are_missing(share, text):
-    from weightsmith.plan import format_share
+    from weightsmith.warmstart.plan import format_share
 
     assert format_share(share) == text
 
@@ -288,3 +288,31 @@ def test_missing_and_unexpected_keys_name_both_sides_and_shapes(a_file):
     assert ("missing: backbone_conv.weight [8, 4] has no value in the source; the closest unused source key is "
             "conv1.weight [8, 4]") in refused
     assert "unexpected: source conv1.weight [8, 4]: no target named 'conv1.weight'" in refused
+
+
+def test_steps_carry_typed_ops_and_serialize_them_as_text():
+    from weightsmith.warmstart.transforms import Adapter, Cast, Transform
+
+    src = {"proj.weight": torch.randn(3, 4), "head.weight": torch.randn(5, 8, dtype=torch.float64)}
+    model = nn.ModuleDict({"proj": nn.Linear(3, 4, bias=False), "head": nn.Linear(8, 7, bias=False)})
+    p = ws.plan(model, src, rename=[("proj", "proj", "transpose")], on_mismatch="adapt")
+    steps = {s.target: s for s in p.steps}
+    assert [type(o) for o in steps["proj.weight"].ops] == [Transform]
+    assert [type(o) for o in steps["head.weight"].ops] == [Adapter, Cast]
+    assert steps["head.weight"].transforms[1] == "cast float64->float32"
+    d = p.to_dict()["steps"]
+    assert [s["transforms"] for s in d] == [["transpose"], list(steps["head.weight"].transforms)]
+    assert all("ops" not in s for s in d)
+    report = ws.load_(model, src, rename=[("proj", "proj", "transpose")], on_mismatch="adapt")
+    assert torch.equal(model.proj.weight.detach(), src["proj.weight"].t())
+    assert report.loaded == 2
+
+
+@pytest.mark.parametrize("call", ["load_", "plan_options"])
+def test_an_unknown_plan_option_is_a_usage_error_naming_it(call):
+    model = nn.Linear(2, 2)
+    with pytest.raises(ws.UsageError, match="renmae"):
+        if call == "load_":
+            ws.load_(model, model.state_dict(), renmae={"a": "b"})
+        else:
+            ws.build(lambda: nn.Linear(2, 2), model.state_dict(), renmae={"a": "b"})

@@ -26,7 +26,8 @@ import itertools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .keymap import Transform, natural_key
+from .keymap import natural_key
+from .transforms import Transform
 
 __all__ = ["Unit", "Pairing", "Ambiguity", "Matching", "match_modules"]
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._result import Result
 from .errors import SaveError
+from .save_report import SaveReport
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -22,24 +21,6 @@ Progress = Callable[[int, int, str], None]
 _TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-@dataclass
-class SaveReport(Result):
-    """What `save` wrote."""
-
-    SCHEMA = "weightsmith.save/1"
-    path: str
-    format: str
-    files: list[str]
-    tensors: int
-    nbytes: int
-    ties: dict[str, str] = field(default_factory=dict)
-
-    def _rich_(self) -> str:
-        tied = f", {len(self.ties)} tied key(s) stored once" if self.ties else ""
-        return (f"saved {self.tensors} tensors ({self.nbytes:,} bytes{tied}) as {self.format} "
-                f"to {self.path}")
 
 
 def parse_size(size: int | str) -> int:
@@ -88,7 +69,7 @@ def save(obj: Any, path: str | Path, *, format: str | None = None, metadata: Map
     """
     path = Path(path)
     if format == "dcp":
-        from .distributed import save_dcp
+        from .distributed.dcp_save import save_dcp
 
         if metadata or max_shard_size is not None:
             raise SaveError(f"{path}: a DCP folder takes no metadata or max_shard_size")
@@ -97,7 +78,7 @@ def save(obj: Any, path: str | Path, *, format: str | None = None, metadata: Map
         raise SaveError(f"{path}: async_save needs format='dcp'")
     tensors = _tensors_of(obj)
     stored, ties = _dedupe(tensors)
-    fmt = _format_for(path, format, max_shard_size)
+    fmt = format_for(path, format, max_shard_size)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if fmt == "torch":
         if metadata:
@@ -144,7 +125,7 @@ def _dedupe(tensors: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], dict[str
     return stored, ties
 
 
-def _format_for(path: Path, fmt: str | None, max_shard_size: Any) -> str:
+def format_for(path: Path, fmt: str | None, max_shard_size: Any) -> str:
     if fmt is None:
         if max_shard_size is not None:
             fmt = "sharded"

@@ -694,7 +694,7 @@ def test_a_model_on_the_meta_device_is_sent_to_build(src_a):
 
 def test_a_backup_is_kept_only_where_writing_can_still_fail():
     """Plain torch modules on one device cannot fail once checked: no second copy of the model."""
-    from weightsmith.load import _writing_may_fail
+    from weightsmith.warmstart.execute import writing_may_fail as _writing_may_fail
 
     def verdict(model, **kwargs):
         state = model.state_dict(keep_vars=True)

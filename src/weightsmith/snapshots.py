@@ -12,7 +12,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .assign import AssignReport, _copy, _plan, _raise, _report, _slots, _write
+from .assign import AssignReport, writes_report
+from ._slots import check_writes, copy_detached, refuse, slots_of, write_all
 from .errors import ModelError
 
 __all__ = ["Snapshot", "snapshot", "restore_"]
@@ -75,7 +76,7 @@ def snapshot(
     >>> restore_(model, snap).written[:2]
     ('0.weight', '0.bias')
     """
-    slots = _slots(model, buffers=buffers, persistent_only=True)
+    slots = slots_of(model, buffers=buffers, persistent_only=True)
     meta = [name for name, slot in slots.items() if slot.tensor.is_meta]
     if meta:
         raise ModelError(
@@ -88,7 +89,7 @@ def snapshot(
         for name, slot in slots.items():
             copy = copies.get(id(slot.tensor))
             if copy is None:
-                copy = copies[id(slot.tensor)] = _copy(slot.tensor, device)
+                copy = copies[id(slot.tensor)] = copy_detached(slot.tensor, device)
             tensors[name] = copy
     return Snapshot(tensors, buffers=buffers)
 
@@ -118,17 +119,17 @@ def restore_(model: nn.Module, snap: Mapping[str, torch.Tensor], *, strict: bool
     4
     """
     with_buffers = getattr(snap, "buffers", True)
-    slots = _slots(model, buffers=True)
-    writes, skipped, problems = _plan(model, snap, strict=strict, slots=slots)
+    slots = slots_of(model, buffers=True)
+    writes, skipped, problems = check_writes(model, snap, strict=strict, slots=slots)
     covered = {id(w.slot.tensor) for w in writes}
-    expected = _slots(model, buffers=with_buffers, persistent_only=True)
+    expected = slots_of(model, buffers=with_buffers, persistent_only=True)
     missing = [n for n, s in expected.items() if id(s.tensor) not in covered and n == s.names[0]]
     if strict:
         problems += [f"{n!r}: missing from the snapshot" for n in missing]
     else:
         skipped += [(n, "not in the snapshot") for n in missing]
     if problems:
-        _raise(problems, len(snap), verb="restore")
+        refuse(problems, len(snap), verb="restore")
     with torch.no_grad():
-        _write(writes)
-    return _report(writes, skipped)
+        write_all(writes)
+    return writes_report(writes, skipped)

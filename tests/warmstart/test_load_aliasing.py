@@ -172,7 +172,7 @@ def test_a_buffer_that_views_a_weight_transposed_loads_when_the_values_agree():
 
 
 def test_only_values_that_would_be_read_after_a_write_are_copied():
-    from weightsmith.load import _unaliased
+    from weightsmith.warmstart.execute import unaliased as _unaliased
 
     m = Two()
     state = m.state_dict(keep_vars=True)

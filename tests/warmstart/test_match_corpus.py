@@ -8,7 +8,7 @@ with ``nn.Linear`` against GPT-2's ``Conv1D``. For every target tensor the truth
 source tensor it is (or that it is new); the test counts wrong pairings (must be 0) and
 coverage (the share of the tensors the truth pairs that the plan pairs).
 
-``python tests/test_match_corpus.py`` prints the table the README shows.
+``python tests/warmstart/test_match_corpus.py`` prints the table the README shows.
 """
 
 from __future__ import annotations
@@ -448,7 +448,7 @@ def table(outcomes: list[Outcome]) -> str:
 
 
 def _share(x: float) -> str:
-    from weightsmith.plan import format_share
+    from weightsmith.warmstart.plan import format_share
 
     return format_share(x)
 

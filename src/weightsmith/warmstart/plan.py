@@ -12,27 +12,20 @@ import difflib
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ._result import Result
+from .._result import Result, to_plain
 from .adapt import find_adapter
-from .errors import CheckpointError, CheckpointNotFoundError, WeightsmithError
-from .keymap import Rule, align_prefixes, as_rules, expected_shape, natural_key, parse_transforms
-from .selectors import compile_selector
+from ..errors import CheckpointError, CheckpointNotFoundError, UsageError
+from .keymap import PrefixMap, Rule, align_prefixes, as_rules, natural_key
+from .transforms import Adapter, Cast, Op, Transform, expected_shape
+from ..selectors import compile_selector
 
-__all__ = ["plan", "LoadPlan", "Step", "Unused", "Source", "as_source", "PlanError", "format_share"]
+__all__ = ["plan", "make", "PlanOptions", "LoadPlan", "Step", "Unused", "Source", "as_source", "format_share"]
 
 _POLICIES = ("error", "skip", "adapt")
-
-
-class PlanError(WeightsmithError):
-    """A plan cannot be made or applied: every problem is listed in ``problems``."""
-
-    def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.problems = tuple(problems)
 
 
 @dataclass
@@ -45,7 +38,7 @@ class Step:
     dtype: str
     how: str                         # exact | prefix | rule | structural | tied | missing | skipped
     sources: tuple[str, ...] = ()
-    transforms: tuple[str, ...] = ()  # rule transforms, "adapt:...", "cast a->b"
+    ops: tuple[Op, ...] = ()         # rule transforms, then a shape adapter, then a cast
     index: int = 0                   # which piece of a one-to-many rule
     confidence: float = 1.0
     fill: str | None = None          # missing / skipped keys: "init: ...", "current value", "reset_parameters",
@@ -56,6 +49,31 @@ class Step:
     @property
     def loaded(self) -> bool:
         return self.how not in ("missing", "tied", "skipped")
+
+    @property
+    def transforms(self) -> tuple[str, ...]:
+        """The ops as text: ``"cat(0)"``, ``"adapt:rows (...)"``, ``"cast float32->bfloat16"``."""
+        return tuple(str(o) for o in self.ops)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether a shape adapter makes the value (it may read the target's current value)."""
+        return any(isinstance(o, Adapter) for o in self.ops)
+
+    @property
+    def cast_only(self) -> bool:
+        """Whether the value is one source tensor as it is, at most cast to the target's dtype."""
+        return len(self.sources) == 1 and all(isinstance(o, Cast) for o in self.ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan's serialized form: ops as text, in the place of the ``transforms`` field."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "ops":
+                out["transforms"] = list(self.transforms)
+            else:
+                out[f.name] = to_plain(getattr(self, f.name))
+        return out
 
 
 @dataclass
@@ -82,6 +100,12 @@ class LoadPlan(Result):
     ambiguous: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # for the load, not the plan's data (not serialized): the initializers themselves (a callable
+    # has only a name in the text), and tied keys the source gives a second value (load_ compares)
+    initializers: dict[str, Any] = field(default_factory=dict, repr=False, compare=False,
+                                         metadata={"internal": True})
+    shadowed: dict[str, Step] = field(default_factory=dict, repr=False, compare=False,
+                                      metadata={"internal": True})
 
     @property
     def loaded(self) -> list[Step]:
@@ -174,7 +198,7 @@ class LoadPlan(Result):
         from rich.table import Table
         from rich.text import Text
 
-        from .listing import fold_name
+        from ..listing import fold_name
 
         table = Table(title=f"load plan: {self.source} -> {self.target}", title_justify="left")
         for col in ("target (# = any index)", "how", "source", "transforms / fill"):
@@ -247,7 +271,7 @@ class Source:
 
 def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> Source:
     """A `Source` from a path, a `Checkpoint`, a state dict or a model."""
-    from .checkpoint import Checkpoint, open as open_checkpoint
+    from ..checkpoint import Checkpoint, open as open_checkpoint
 
     if isinstance(source, (str, Path)):
         source = open_checkpoint(source, root=root, trust=trust)
@@ -268,8 +292,8 @@ def as_source(source: Any, *, root: str | None = None, trust: bool = False) -> S
     elif isinstance(source, Mapping):
         state, name = source, "<state dict>"
     else:
-        raise WeightsmithError(f"cannot load from a {type(source).__name__}: give a path, a checkpoint, "
-                               "a state dict or a model")
+        raise UsageError(f"cannot load from a {type(source).__name__}: give a path, a checkpoint, "
+                         "a state dict or a model")
     try:  # one pass over the values: a mapping that reads lazily may fail here
         values = {k: v for k, v in state.items() if hasattr(v, "shape")}
     except (OSError, RuntimeError, ValueError) as e:
@@ -348,7 +372,7 @@ def _targets(model: Any) -> tuple[dict[str, Any], dict[str, str], set[str], list
 def _mapping_targets(target: Any) -> tuple[dict[str, Any], dict[str, str], set[str], list[list[str]]]:
     import torch
 
-    from .io._dtypes import to_torch
+    from ..io._dtypes import to_torch
 
     state: dict[str, Any] = {}
     for k in target.keys():
@@ -374,7 +398,7 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
             ``(source, target[, transform])`` tuples, a ``{source: target}`` mapping, or a
             ``.toml``/``.json`` rules file. A rule that matches no source key is a problem.
         match: ``"exact"`` (default) pairs by names: exact, wrapper prefixes, rules. ``"auto"``
-            then pairs the remaining modules structurally (`weightsmith.match`): module
+            then pairs the remaining modules structurally (`warmstart.match`): module
             signatures aligned in order, never across subtrees; what it cannot decide is
             reported as ambiguous.
         on_mismatch: what a shape mismatch does: ``"error"``, ``"skip"`` (the target keeps its
@@ -389,30 +413,102 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
     Returns:
         a `LoadPlan`; its ``problems`` list says why it cannot be applied, if it cannot.
     """
-    if match not in ("auto", "exact"):
-        raise WeightsmithError(f"match must be 'exact' (names only) or 'auto' (also structural), got {match!r}")
-    src = source if isinstance(source, Source) else as_source(source, root=root, trust=trust)
-    rules = as_rules(rename)
-    policy = _policy(on_mismatch)
-    state, kinds, non_persistent, tie_groups = _targets(model)
-    tshape = {k: tuple(v.shape) for k, v in state.items()}
-    tdtype = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
-    src_keys = [k for k in src.specs if k not in src.aliases]
-    prefix = align_prefixes(src_keys, state)
-    problems: list[str] = []
-    warnings: list[str] = []
-    unused: dict[str, Unused] = {}
-    claims: dict[str, Step] = {}
+    return make(model, source, PlanOptions(rename=rename, match=match, on_mismatch=on_mismatch, init=init,
+                                           allow_unused_rules=allow_unused_rules, root=root, trust=trust))
 
-    def claim(step: Step) -> None:
-        prev = claims.get(step.target)
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """The choices a plan is made with: the keyword arguments of `plan` (and of `load_`, `build`...)."""
+
+    rename: Any = ()
+    match: str = "exact"
+    on_mismatch: str | Sequence[tuple[Any, str]] = "error"
+    init: Any = None
+    allow_unused_rules: bool = False
+    root: str | None = None
+    trust: bool = False
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any], **more: Any) -> PlanOptions:
+        """Options from keyword arguments passed through a front door; an unknown name is refused."""
+        given = {**options, **more}
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise UsageError(f"unknown plan option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
+        return cls(**given)
+
+
+class _Targets:
+    """The target's tensors by name, with their kind, shape and dtype, and its ties."""
+
+    def __init__(self, state: dict[str, Any], kinds: dict[str, str], non_persistent: set[str],
+                 tie_groups: list[list[str]]) -> None:
+        self.state, self.kinds, self.non_persistent, self.tie_groups = state, kinds, non_persistent, tie_groups
+        self.shape = {k: tuple(v.shape) for k, v in state.items()}
+        self.dtype = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
+
+
+class _Draft:
+    """A plan being made: what each phase decided so far."""
+
+    def __init__(self) -> None:
+        self.claims: dict[str, Step] = {}      # target -> step, by names (phase 1)
+        self.steps: dict[str, Step] = {}       # target -> step that fits (phases 2-4)
+        self.unused: dict[str, Unused] = {}
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.ambiguous: list[str] = []
+        self.failed: set[str] = set()          # sources of claims that became problems: never re-paired
+        self.failed_targets: set[str] = set()
+        self.shadowed: dict[str, Step] = {}    # a tied key the source also gave a value
+
+    def claim(self, step: Step) -> None:
+        prev = self.claims.get(step.target)
         if prev is not None:
-            problems.append(f"target {step.target!r} is claimed by {', '.join(prev.sources)} and "
-                            f"{', '.join(step.sources)}; add a rename rule to choose")
+            self.problems.append(f"target {step.target!r} is claimed by {', '.join(prev.sources)} and "
+                                 f"{', '.join(step.sources)}; add a rename rule to choose")
             return
-        claims[step.target] = step
+        self.claims[step.target] = step
 
-    # 1. names: prefixes, then rules (first match wins), else the name itself
+    def fail(self, step: Step, problem: str) -> None:
+        self.failed.update(step.sources)
+        self.failed_targets.add(step.target)
+        self.problems.append(problem)
+
+
+def make(model: Any, source: Any, options: PlanOptions) -> LoadPlan:
+    """`plan` with its options in one object; the phases run in order, each on the draft so far."""
+    if options.match not in ("auto", "exact"):
+        raise UsageError(f"match must be 'exact' (names only) or 'auto' (also structural), got {options.match!r}")
+    src = source if isinstance(source, Source) else as_source(source, root=options.root, trust=options.trust)
+    rules = as_rules(options.rename)
+    policy = _policy(options.on_mismatch)
+    targets = _Targets(*_targets(model))
+    src_keys = [k for k in src.specs if k not in src.aliases]
+    prefix = align_prefixes(src_keys, targets.state)
+    draft = _Draft()
+    _pair_by_name(draft, src_keys, prefix, rules, allow_unused_rules=options.allow_unused_rules)
+    _fit(draft, src, targets, policy)
+    if options.match == "auto":
+        _structural(model, src, targets, draft)
+    _settle_tie_groups(draft, src, targets)
+    ordered, initializers = _complete(draft, model, targets, options.init)
+    _explain_unused(draft, src, src_keys, ordered, prefix, targets.non_persistent)
+    made = LoadPlan(
+        source=src.name, fingerprint=src.fingerprint,
+        target=type(model).__name__ if hasattr(model, "named_modules") else str(getattr(model, "path", "<state dict>")),
+        prefix=prefix.describe(), steps=ordered,
+        unused=sorted(draft.unused.values(), key=lambda u: natural_key(u.key)),
+        ambiguous=draft.ambiguous, problems=draft.problems, warnings=draft.warnings,
+        initializers={t: how for t, how in initializers.items() if how is not None}, shadowed=draft.shadowed)
+    return made
+
+
+def _pair_by_name(draft: _Draft, src_keys: Sequence[str], prefix: PrefixMap, rules: Sequence[Rule], *,
+                  allow_unused_rules: bool) -> None:
+    """Phase 1, names: wrapper prefixes aligned, then rename rules (first match wins), else the name itself."""
     mapped = {prefix(k): k for k in src_keys}
     grouped: set[str] = set()
     hits: dict[int, int] = {}
@@ -425,105 +521,108 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
                 continue
             hits[i] = hits.get(i, 0) + 1
             for step in hit:
-                claim(step)
+                draft.claim(step)
                 grouped.update(step.sources)
             break
         else:
             how = "exact" if m == k else "prefix"
-            claim(Step(m, "", (), "", how, (k,)))
+            draft.claim(Step(m, "", (), "", how, (k,)))
     for i, rule in enumerate(rules):
         if i not in hits:
             text = _unused_rule(rule, i, list(mapped))
-            (warnings if allow_unused_rules else problems).append(
+            (draft.warnings if allow_unused_rules else draft.problems).append(
                 text + ("" if allow_unused_rules else "; remove it, or pass allow_unused_rules=True"))
 
-    # 2. shapes, dtypes and policies
-    steps: dict[str, Step] = {}
-    failed: set[str] = set()  # sources of claims that became problems: never re-paired
-    failed_targets: set[str] = set()
-    for t, step in claims.items():
-        if t not in state:
+
+def _fit(draft: _Draft, src: Source, targets: _Targets, policy: Callable[[str], str]) -> None:
+    """Phase 2, shapes and dtypes: each claim's value must fit its target, else the policy decides."""
+    for t, step in draft.claims.items():
+        if t not in targets.state:
             for k in step.sources:
-                unused[k] = _no_target(k, t, src.specs[k][0], non_persistent)
+                draft.unused[k] = _no_target(k, t, src.specs[k][0], targets.non_persistent)
             continue
-        step.kind, step.shape, step.dtype = kinds[t], tshape[t], tdtype[t]
+        step.kind, step.shape, step.dtype = targets.kinds[t], targets.shape[t], targets.dtype[t]
         shapes = [src.specs[k][0] for k in step.sources]
         try:
-            got = expected_shape(shapes, parse_transforms(" | ".join(step.transforms)), index=step.index) \
-                if step.transforms else shapes[0]
+            rule_ops = [o for o in step.ops if isinstance(o, Transform)]
+            got = expected_shape(shapes, rule_ops, index=step.index) if rule_ops else shapes[0]
         except (RuntimeError, IndexError, ValueError, TypeError) as e:
-            failed.update(step.sources)
-            failed_targets.add(t)
-            problems.append(f"{t}: transform {', '.join(step.transforms)} fails on source shapes {shapes}: {e}")
+            draft.fail(step, f"{t}: transform {', '.join(step.transforms)} fails on source shapes {shapes}: {e}")
             continue
         if got != step.shape:
             what = policy(t)
             desc = f"{t}: source {', '.join(step.sources)} has shape {list(got)}, the target {list(step.shape)}"
             if what == "error":
-                failed.update(step.sources)
-                failed_targets.add(t)
-                problems.append(desc + " (pass on_mismatch='skip' or 'adapt' for this key)")
+                draft.fail(step, desc + " (pass on_mismatch='skip' or 'adapt' for this key)")
                 continue
             if what == "skip":
                 for k in step.sources:
-                    unused[k] = Unused(k, src.specs[k][0], f"skipped: shape {list(got)} does not fit {t!r} "
-                                       f"{list(step.shape)} (on_mismatch='skip')", expected=True)
+                    draft.unused[k] = Unused(k, src.specs[k][0], f"skipped: shape {list(got)} does not fit {t!r} "
+                                             f"{list(step.shape)} (on_mismatch='skip')", expected=True)
                 step.how = "skipped"
                 step.note = f"source {', '.join(step.sources)} {list(got)} does not fit {list(step.shape)}"
-                steps[t] = step
+                draft.steps[t] = step
                 continue
             adapter = find_adapter(t, got, step.shape)
             if adapter is None:
-                failed.update(step.sources)
-                failed_targets.add(t)
-                problems.append(desc + " and no shape adapter fits")
+                draft.fail(step, desc + " and no shape adapter fits")
                 continue
-            step.transforms = (*step.transforms, str(adapter))
+            step.ops = (*step.ops, adapter)
         sdtype = src.specs[step.sources[0]][1]
         if sdtype != step.dtype:
-            step.transforms = (*step.transforms, f"cast {sdtype}->{step.dtype}")
-        steps[t] = step
+            step.ops = (*step.ops, Cast(sdtype, step.dtype))
+        draft.steps[t] = step
 
-    # 3. structural matching of what is left (match="auto")
-    ambiguous: list[str] = []
-    if match == "auto":
-        _structural(model, src, state, steps, unused, failed, tie_groups, kinds, tshape, tdtype, ambiguous)
 
-    # 4. ties, missing keys and unused sources
-    shadowed: dict[str, Step] = {}  # a tied key the source also gave a value: load_ compares the two
-    for group in tie_groups:
+def _settle_tie_groups(draft: _Draft, src: Source, targets: _Targets) -> None:
+    """Phase 4, ties: a tied target takes its group's loaded value; a second value from the source is
+    kept aside (``shadowed``) for `load_` to compare."""
+    steps, kinds, tshape, tdtype = draft.steps, targets.kinds, targets.shape, targets.dtype
+    for group in targets.tie_groups:
         loaded = [n for n in group if n in steps and steps[n].loaded]
         for n in group:
             if n not in steps and loaded:
                 steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
                                 note=f"tied to {loaded[0]}")
             elif n in steps and loaded and n != loaded[0]:
-                s = shadowed[n] = steps.pop(n)
+                s = draft.shadowed[n] = steps.pop(n)
                 for k in s.sources:
-                    unused[k] = Unused(k, src.specs[k][0], f"{n!r} is tied to {loaded[0]!r}, loaded from "
-                                       f"{', '.join(steps[loaded[0]].sources)}", expected=True)
+                    draft.unused[k] = Unused(k, src.specs[k][0], f"{n!r} is tied to {loaded[0]!r}, loaded from "
+                                             f"{', '.join(steps[loaded[0]].sources)}", expected=True)
                 steps[n] = Step(n, kinds[n], tshape[n], tdtype[n], "tied", tied_to=loaded[0],
                                 note=f"tied to {loaded[0]}")
+
+
+def _complete(draft: _Draft, model: Any, targets: _Targets, init: Any) -> tuple[list[Step], dict[str, Any]]:
+    """Phase 5, missing keys: every target gets a step, in the model's order, with how it is filled."""
     fill = _fill(model, init)
     own_init = "_init_weights" if callable(getattr(model, "_init_weights", None)) else "reset_parameters"
     ordered = []
     initializers: dict[str, Any] = {}
-    for t in state:
-        step = steps.get(t)
-        if step is None and t in failed_targets:
-            step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill="not loaded: see problems")
+    for t in targets.state:
+        step = draft.steps.get(t)
+        if step is None and t in draft.failed_targets:
+            step = Step(t, targets.kinds[t], targets.shape[t], targets.dtype[t], "missing",
+                        fill="not loaded: see problems")
         if step is None or step.how == "skipped":
             how, initializers[t] = fill(t)
-            if how == "current value" and state[t].is_meta and kinds[t] == "parameter":
+            if how == "current value" and targets.state[t].is_meta and targets.kinds[t] == "parameter":
                 how = own_init  # what build() does for a module constructed on meta
             if step is None:
-                step = Step(t, kinds[t], tshape[t], tdtype[t], "missing", fill=how)
+                step = Step(t, targets.kinds[t], targets.shape[t], targets.dtype[t], "missing", fill=how)
             else:
                 step.fill = how
         ordered.append(step)
+    return ordered, initializers
+
+
+def _explain_unused(draft: _Draft, src: Source, src_keys: Sequence[str], ordered: Sequence[Step],
+                    prefix: PrefixMap, non_persistent: set[str]) -> None:
+    """Phase 6, unused sources: each source key no step takes gets its reason."""
+    unused = draft.unused
     used = {k for s in ordered if s.loaded for k in s.sources}
     for k in src_keys:
-        if k in used or k in unused or k in failed:
+        if k in used or k in unused or k in draft.failed:
             continue
         twin = next((n for n in sorted(_tied_names(k, src.shared)) if n in used), None)
         if twin is not None:
@@ -533,25 +632,14 @@ def plan(model: Any, source: Any, *, rename: Any = (), match: str = "exact",
         unused[k] = _no_target(k, prefix(k), src.specs[k][0], non_persistent)
     for k, base in src.aliases.items():
         unused.setdefault(k, Unused(k, src.specs[k][0], f"tied to {base!r} in the source", expected=True))
-    made = LoadPlan(
-        source=src.name, fingerprint=src.fingerprint,
-        target=type(model).__name__ if hasattr(model, "named_modules") else str(getattr(model, "path", "<state dict>")),
-        prefix=prefix.describe(), steps=ordered,
-        unused=sorted(unused.values(), key=lambda u: natural_key(u.key)),
-        ambiguous=ambiguous, problems=problems, warnings=warnings)
-    # the initializers themselves (callables have only a name in the plan's text)
-    made._initializers = {t: how for t, how in initializers.items() if how is not None}
-    made._shadowed = shadowed
-    return made
 
 
-def _structural(model: Any, src: Source, state: Mapping[str, Any], steps: dict[str, Step],
-                unused: dict[str, Unused], failed: set[str], tie_groups: list[list[str]],
-                kinds: Mapping[str, str], tshape: Mapping[str, tuple[int, ...]], tdtype: Mapping[str, str],
-                ambiguous: list[str]) -> None:
-    """Pair what names left unpaired by module structure (`match_modules`), in place."""
+def _structural(model: Any, src: Source, targets: _Targets, draft: _Draft) -> None:
+    """Phase 3 (``match="auto"``): pair what names left unpaired by module structure (`match_modules`)."""
     from .match import match_modules
 
+    steps, unused, failed, tie_groups = draft.steps, draft.unused, draft.failed, targets.tie_groups
+    kinds, tshape, tdtype, state = targets.kinds, targets.shape, targets.dtype, targets.state
     used = {k for s in steps.values() for k in s.sources}
     # one tensor under several names (T5's shared embedding, also its encoder's) pairs once, under
     # its deepest name: that one says where in the tree it is used
@@ -576,13 +664,13 @@ def _structural(model: Any, src: Source, state: Mapping[str, Any], steps: dict[s
                           anchors=anchors, source_ordered=src.ordered, linear=linear)
     for pair in found.pairs:
         t, k = pair.target, pair.source
-        transforms = (str(pair.transform),) if pair.transform is not None else ()
+        ops: tuple[Op, ...] = (pair.transform,) if pair.transform is not None else ()
         if src.specs[k][1] != tdtype[t]:
-            transforms += (f"cast {src.specs[k][1]}->{tdtype[t]}",)
-        steps[t] = Step(t, kinds[t], tshape[t], tdtype[t], "structural", (k,), transforms,
+            ops += (Cast(src.specs[k][1], tdtype[t]),)
+        steps[t] = Step(t, kinds[t], tshape[t], tdtype[t], "structural", (k,), ops,
                         confidence=pair.confidence, note=pair.reason)
         unused.pop(k, None)
-    ambiguous += [str(a) for a in found.ambiguous]
+    draft.ambiguous += [str(a) for a in found.ambiguous]
 
 
 def _tied_names(key: str, shared: Mapping[str, str]) -> set[str]:
@@ -609,12 +697,12 @@ def _no_target(key: str, name: str, shape: tuple[int, ...], non_persistent: set[
 def _policy(on_mismatch: Any) -> Callable[[str], str]:
     if isinstance(on_mismatch, str):
         if on_mismatch not in _POLICIES:
-            raise WeightsmithError(f"on_mismatch must be one of {_POLICIES}, got {on_mismatch!r}")
+            raise UsageError(f"on_mismatch must be one of {_POLICIES}, got {on_mismatch!r}")
         return lambda _t: on_mismatch
     rules = [(compile_selector(sel), pol) for sel, pol in on_mismatch]
     for _, pol in rules:
         if pol not in _POLICIES:
-            raise WeightsmithError(f"on_mismatch policy must be one of {_POLICIES}, got {pol!r}")
+            raise UsageError(f"on_mismatch policy must be one of {_POLICIES}, got {pol!r}")
     return lambda t: next((pol for m, pol in rules if m(t)), "error")
 
 
@@ -626,16 +714,14 @@ def _apply_rule(rule: Rule, name: str, mapped: Mapping[str, str]) -> list[Step] 
             continue
         if rule.sources[j].startswith("re:"):
             new = rule.rename(name)
-            transforms = tuple(str(t) for t in rule.transforms)
-            return [Step(new, "", (), "", "rule", (mapped[name],), transforms, note=str(rule))] if new else None
+            return [Step(new, "", (), "", "rule", (mapped[name],), rule.transforms, note=str(rule))] if new else None
         caps, suffix = hit
         names = rule.source_names(caps, suffix)
         missing = [n for n in names if n not in mapped]
         if missing:
             return None  # a fused rule needs every piece
         keys = tuple(mapped[n] for n in names)
-        transforms = tuple(str(t) for t in rule.transforms)
-        return [Step(t, "", (), "", "rule", keys, transforms, index=i, note=str(rule))
+        return [Step(t, "", (), "", "rule", keys, rule.transforms, index=i, note=str(rule))
                 for i, t in enumerate(rule.target_names(caps, suffix))]
     return None
 
