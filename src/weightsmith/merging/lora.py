@@ -206,7 +206,7 @@ def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, 
     >>> ws.merge_lora("base.safetensors", "my-adapter/", "merged.safetensors")   # doctest: +SKIP
     """
     from ..io._dtypes import to_torch
-    from .plan import _dtype_name, _is_float
+    from .plan import is_float, output_dtype_name
 
     src = open_input(base, trust=trust)
     config, lora, weights_path = _read_adapter(adapter)
@@ -215,7 +215,7 @@ def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, 
     if problems:
         raise PlanError(f"the adapter {adapter} does not fit the base {src.name}:\n  " + "\n  ".join(problems),
                         problems=problems)
-    out_dtype = _dtype_name(dtype)
+    out_dtype = output_dtype_name(dtype)
     by_target = {m.target: m for m in modules}
     aliases = {k: g[0] for g in src.ties for k in g[1:]}
     held: list[tuple[Input, str]] = []
@@ -243,7 +243,7 @@ def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, 
 
     def _out_dtype(key: str) -> str:
         dt = src.specs[key][1]
-        return out_dtype if out_dtype is not None and _is_float(dt) else dt
+        return out_dtype if out_dtype is not None and is_float(dt) else dt
 
     entries = [(k, src.specs[k][0], _out_dtype(k)) for k in src.specs if k not in aliases]
     inputs = [p for p in (src.path, weights_path) if p is not None]

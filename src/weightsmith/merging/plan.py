@@ -21,7 +21,7 @@ from ..warmstart.keymap import align_prefixes, natural_key
 from . import params as P
 from .methods import METHODS, NEEDS_BASE, Params
 
-__all__ = ["merge_plan", "MergePlan", "MergeStep", "Input", "open_input"]
+__all__ = ["merge_plan", "MergePlan", "MergeStep", "Input", "open_input", "is_float", "output_dtype_name"]
 
 # prefixes a training wrapper puts on every key; the output never keeps them
 _TRAINING_WRAPPERS = ("module.", "_orig_mod.", "_forward_module.")
@@ -99,7 +99,8 @@ def _strip_wrappers(keys: Sequence[str]) -> str:
     return prefix
 
 
-def _is_float(dtype: str) -> bool:
+def is_float(dtype: str) -> bool:
+    """Whether a dtype name is a floating-point kind (merged), not an integer or bool (copied)."""
     return dtype.startswith(("float", "bfloat"))
 
 
@@ -267,7 +268,7 @@ def build(sources: Sequence[Any], *, method: str, base: Any = None, weights: Seq
     everything = ([base_in] if base_in is not None else []) + inputs
     offset = 1 if base_in is not None else 0
     _check_counts(method, len(inputs), base_in is not None, weights, params, problems)
-    out_dtype = _dtype_name(dtype)
+    out_dtype = output_dtype_name(dtype)
 
     # names: the reference without wrapper prefixes; every source aligned to it
     ref = everything[0] if everything else None
@@ -317,7 +318,8 @@ def _plain(value: Any) -> Any:
     return to_plain(value)
 
 
-def _dtype_name(dtype: Any) -> str | None:
+def output_dtype_name(dtype: Any) -> str | None:
+    """The output dtype asked for (a torch dtype or a name, ``"bf16"`` too) as a weightsmith dtype name."""
     if dtype is None:
         return None
     name = str(dtype).removeprefix("torch.")
@@ -386,7 +388,7 @@ def _merge_steps(method: str, everything: list[Input], maps: list[dict[str, str]
             steps.append(MergeStep(name, shape, _out(ref_dtype, out_dtype), "tied", tied_to=ref_ties[name],
                                    note=f"tied to {ref_ties[name]} (merged once)"))
             continue
-        if not _is_float(ref_dtype):  # copied from #0 whatever the others hold (they may lack it)
+        if not is_float(ref_dtype):  # copied from #0 whatever the others hold (they may lack it)
             steps.append(MergeStep(name, shape, ref_dtype, "copy", ((0, ref_key),),
                                    note=f"{ref_dtype}: copied from #0, not averaged"))
             copied += 1
@@ -404,7 +406,7 @@ def _merge_steps(method: str, everything: list[Input], maps: list[dict[str, str]
                 problems.append(f"{name}: shape {list(s_shape)} in #{i} {src.name}, {list(shape)} in "
                                 f"#0 {everything[0].name}")
                 bad = True
-            elif _is_float(s_dtype) != _is_float(ref_dtype):
+            elif is_float(s_dtype) != is_float(ref_dtype):
                 problems.append(f"{name}: dtype {s_dtype} in #{i} {src.name}, {ref_dtype} in #0 "
                                 f"{everything[0].name} (a floating and a non-floating tensor cannot be merged)")
                 bad = True
@@ -426,7 +428,7 @@ def _merge_steps(method: str, everything: list[Input], maps: list[dict[str, str]
 
 
 def _out(ref_dtype: str, out_dtype: str | None) -> str:
-    return out_dtype if out_dtype is not None and _is_float(ref_dtype) else ref_dtype
+    return out_dtype if out_dtype is not None and is_float(ref_dtype) else ref_dtype
 
 
 def _resolve(method: str, key: str, layers: P.Layers | None, weights: Any, params: dict[str, Any], n: int,
