@@ -641,20 +641,6 @@ def _rollup(tensors: list[TensorDiff], group: Callable[[str], str]) -> list[Roll
 # ---------------------------------------------------------------- one pair, in chunks
 
 
-class _Part(NamedTuple):
-    """What one piece contributes; sums of squares and products over elements finite on both sides."""
-
-    dd: float
-    aa: float
-    bb: float
-    ab: float
-    max_abs: float
-    changed: int
-    nan_a: int
-    nan_b: int
-    differs: bool
-
-
 def _measure_pair(side_a: _Side, side_b: _Side, ka: str, kb: str, atol: float, rtol: float,
                   pool: _Pool, step: Callable[[int], None]) -> TensorDiff | str:
     """The metrics of one pair, or why it cannot be compared."""
