@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ._common import EXIT_FINDINGS, EXIT_OK, abort, emit, progress_bar
+from ._common import EXIT_FINDINGS, EXIT_OK, emit, progress_bar
 
 __all__ = ["command"]
 
@@ -33,16 +33,10 @@ def command(ctx: click.Context, a: str, b: str, top: int, atol: float, rtol: flo
     # kernels run their own worker threads, each calling BLAS single-threaded, so one is enough
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..diff import diff
-    from ..errors import WeightsmithError
 
-    try:
-        with progress_bar("comparing", quiet=quiet or as_json) as progress:
-            select = [*selected, *(f"!{e}" for e in excluded)] or None
-            result = diff(a, b, rename=rules or (), atol=atol, rtol=rtol, select=select, progress=progress)
-    except WeightsmithError as e:
-        if (ctx.obj or {}).get("debug"):
-            raise
-        abort(str(e))
+    with progress_bar("comparing", quiet=quiet or as_json) as progress:  # errors: the group's one path
+        select = [*selected, *(f"!{e}" for e in excluded)] or None
+        result = diff(a, b, rename=rules or (), atol=atol, rtol=rtol, select=select, progress=progress)
     result.top = top
     if quiet and not as_json:
         click.echo(result.summary)

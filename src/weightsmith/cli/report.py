@@ -25,27 +25,20 @@ __all__ = ["command"]
               help="Histograms for the N largest tensors (default 48), plus tensors with findings.")
 @click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.pass_context
-def command(ctx: click.Context, path: str, output: str, compare: str | None,
+def command(path: str, output: str, compare: str | None,
             patterns: tuple[str, ...], max_histograms: int | None, force: bool,
             quiet: bool) -> None:
     """Write an HTML page on the checkpoint at PATH: health verdict and findings, parameter
     table, per-tensor histograms, a layer x statistic heatmap and, with --compare, the
     relative change of every layer. The page needs no network to open. Prints the file written."""
-    from ..errors import WeightsmithError
     # numpy's BLAS starts a thread per core when imported; the kernels need one (see cli/check.py)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..report import MAX_HISTOGRAMS, report
 
     if Path(output).exists() and not force:
         abort(f"{output} exists; pass --force to overwrite it")
-    try:
-        with progress_bar("reporting", quiet=quiet) as progress:
-            written = report(path, output, compare=compare, select=list(patterns) or None,
-                             max_histograms=MAX_HISTOGRAMS if max_histograms is None
-                             else max_histograms, progress=progress)
-    except WeightsmithError as e:
-        if (ctx.obj or {}).get("debug"):
-            raise
-        abort(str(e))
+    with progress_bar("reporting", quiet=quiet) as progress:  # errors: the group's one path
+        written = report(path, output, compare=compare, select=list(patterns) or None,
+                         max_histograms=MAX_HISTOGRAMS if max_histograms is None
+                         else max_histograms, progress=progress)
     click.echo(str(written))
