@@ -19,8 +19,6 @@ KNOWN_CYCLES = {frozenset({"weightsmith.io._detect", "weightsmith.io.dcp", "weig
 KNOWN_PRIVATE = {
     ("weightsmith.report", "weightsmith._report_assets", name)
     for name in ("_CSP", "_DRILL_SCRIPT", "_ERROR_COLLECTOR", "_FONT", "_MONO", "_SORT_SCRIPT", "_STYLE")
-} | {
-    ("weightsmith.stats", "weightsmith.summary", name) for name in ("_is_dtensor", "_module_tensors", "_storage_key")
 }
 FOUNDATION = {"weightsmith.errors", "weightsmith._result", "weightsmith._tensors"}
 # the front doors that hand work to distributed/ (format="dcp" saves, sharded models)

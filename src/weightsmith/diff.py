@@ -34,6 +34,7 @@ import numpy as np
 from . import _measure
 from ._measure import Part as _Part
 from ._result import Result
+from ._tensors import dtype_name as _dtype_name
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UsageError, WeightsmithError
 from .warmstart.keymap import align_prefixes, as_rules
 from .listing import block_name, fold_name
@@ -488,10 +489,6 @@ def _memory_id(t: torch.Tensor) -> Any:
     except (RuntimeError, NotImplementedError):
         return None
     return ("memory", str(t.device), ptr, t.storage_offset(), tuple(t.stride()), t.dtype)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------- pairing

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import _measure
 from ._measure import Chunk as _Chunk, Scratch
+from ._tensors import dtype_name as _dtype_name, is_dtensor as _is_dtensor
 from .errors import UsageError
 from ._result import Result
 from .selectors import Selector, select as select_names
@@ -251,10 +252,6 @@ def _is_checkpoint(target: Any) -> bool:
             and not _is_tensor(target) and not _is_module(target))
 
 
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
     """``(source, items)``: what to measure, in order, each loadable on its own."""
     if _is_tensor(target):
@@ -265,10 +262,10 @@ def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
         target = open_checkpoint(target)
     wanted = None if selector is None else set(select_names(target, selector, buffers=True))
     if _is_module(target):
-        from .summary import _module_tensors, _storage_key
+        from .summary import module_tensors, storage_key
 
-        items = [(full, _storage_key(t), _const(t), _nbytes(t))
-                 for full, *_, t, _is_param in _module_tensors(target)
+        items = [(full, storage_key(t), _const(t), _nbytes(t))
+                 for full, *_, t, _is_param in module_tensors(target)
                  if wanted is None or full in wanted]
         return type(target).__name__, items
     if _is_checkpoint(target):
@@ -288,9 +285,9 @@ def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
         if bad:
             raise UsageError("stats() needs every value of a mapping to be a tensor; "
                             + "; ".join(bad[:10]))
-        from .summary import _storage_key
+        from .summary import storage_key
 
-        return "state dict", [(k, _storage_key(v), _const(v), _nbytes(v))
+        return "state dict", [(k, storage_key(v), _const(v), _nbytes(v))
                               for k, v in target.items() if wanted is None or k in wanted]
     raise UsageError(f"stats() takes an nn.Module, a mapping of tensors, a checkpoint or a tensor, "
                     f"not {type(target).__name__}")
@@ -377,12 +374,6 @@ _UNSUPPORTED = {"float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4", "bi
 
 
 # ---------------------------------------------------------------- the one pass
-
-
-def _is_dtensor(t: Any) -> bool:
-    from .summary import _is_dtensor as is_dtensor
-
-    return is_dtensor(t)
 
 
 # 64-bit values need float64 to keep their digits; everything narrower fits float32

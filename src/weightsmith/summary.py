@@ -324,10 +324,6 @@ def _is_info(value: Any) -> bool:
             and hasattr(value, "shape"))
 
 
-# the old private names, which stats.py and report.py still import
-_dtype_name = dtype_name
-_is_dtensor = is_dtensor
-
 
 def storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     """A key equal for two tensors that are the same view of the same memory.
@@ -557,6 +553,3 @@ def _rollup(rows: list[Entry], keys: list[Any], modules: list[ModuleEntry], dept
     return out
 
 
-_is_checkpoint = is_checkpoint
-_module_tensors = module_tensors
-_storage_key = storage_key
