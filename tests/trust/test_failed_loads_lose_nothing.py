@@ -240,8 +240,24 @@ def _source_for(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: torch.full(v.shape, 7.0) for k, v in model.state_dict().items()}
 
 
+WAYS = ["load_ a dict", "load_ a file", "assign_", "restore_"]
+
+
+def _write(model: nn.Module, source: dict[str, torch.Tensor], how: str, tmp_path: Path) -> None:
+    """Write ``source`` into ``model`` one of the four ways a model is written (``WAYS``)."""
+    if how == "load_ a dict":
+        weightsmith.load_(model, source)
+    elif how == "load_ a file":
+        weightsmith.save(source, tmp_path / "s.safetensors")
+        weightsmith.load_(model, tmp_path / "s.safetensors")
+    elif how == "assign_":
+        weightsmith.assign_(model, source)
+    else:
+        weightsmith.restore_(model, source)
+
+
 @pytest.mark.parametrize("kind", ["expanded parameter", "overlapping strides", "sparse parameter"])
-@pytest.mark.parametrize("how", ["load_ a dict", "load_ a file", "assign_", "restore_"])
+@pytest.mark.parametrize("how", WAYS)
 def test_a_target_that_cannot_be_written_in_place_is_refused_before_the_first_write(
         tmp_path: Path, kind: str, how: str) -> None:
     model = _Odd(kind)
@@ -249,15 +265,7 @@ def test_a_target_that_cannot_be_written_in_place_is_refused_before_the_first_wr
     source["odd"] = torch.full((2, 3), 7.0)  # dense, whatever the target is
     before = _state(model)
     with pytest.raises(WeightsmithError) as info:
-        if how == "load_ a dict":
-            weightsmith.load_(model, source)
-        elif how == "load_ a file":
-            weightsmith.save(source, tmp_path / "s.safetensors")
-            weightsmith.load_(model, tmp_path / "s.safetensors")
-        elif how == "assign_":
-            weightsmith.assign_(model, source)
-        else:
-            weightsmith.restore_(model, source)
+        _write(model, source, how, tmp_path)
     text = str(info.value)
     assert "'odd' (2, 3)" in text and "nothing was" in text  # the key, its shape, and that nothing changed
     why = {"sparse parameter": "sparse"}.get(kind, "share one memory location")
@@ -306,20 +314,12 @@ print("refused")
     assert out.returncode == 0 and "refused" in out.stdout, (out.returncode, out.stderr[-2000:])
 
 
-@pytest.mark.parametrize("how", ["load_ a dict", "load_ a file", "assign_", "restore_"])
+@pytest.mark.parametrize("how", WAYS)
 def test_an_inference_tensor_target_is_written_under_inference_mode(tmp_path: Path, how: str) -> None:
     model = _Odd("inference buffer")
     params = {k: p for k, p in model.named_parameters()}
     source = _source_for(model)
-    if how == "load_ a dict":
-        weightsmith.load_(model, source)
-    elif how == "load_ a file":
-        weightsmith.save(source, tmp_path / "s.safetensors")
-        weightsmith.load_(model, tmp_path / "s.safetensors")
-    elif how == "assign_":
-        weightsmith.assign_(model, source)
-    else:
-        weightsmith.restore_(model, source)
+    _write(model, source, how, tmp_path)
     assert all(torch.equal(v, torch.full(v.shape, 7.0)) for v in model.state_dict().values())
     assert all(p is params[k] for k, p in model.named_parameters())  # the same objects
     assert model.odd.is_inference() and not model.a.is_inference() and model.a.requires_grad
