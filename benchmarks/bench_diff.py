@@ -5,6 +5,10 @@ mapped, so every byte is touched once, on torch's threads). Both sides reopen th
 every run, so both pay the same page-mapping cost; the page cache is warm. The files carry no
 checksums, so diff reads every pair. Claim: throughput >= 0.5 x the baseline's.
 
+diff runs twice: with the compiled single-pass kernel (numba, the ``fast`` extra; loaded before
+timing, as torch is imported before timing the baseline; its one-off load in a fresh process is
+printed on its own) and with the numpy kernel, which needs nothing beyond numpy.
+
 Memory is measured in a fresh child process: the peak RSS (VmHWM, reset through
 /proc/self/clear_refs just before the call) minus the RSS just before the call, after
 `import torch, weightsmith` and a warm-up diff of two tiny dicts. RSS counts the file pages
@@ -84,10 +88,14 @@ def read_files(a: Path, b: Path) -> int:
 
 
 def child_memory(how: str, a: str, b: str) -> None:
-    """Print the growth of peak RSS over one call, in bytes (run in a fresh process)."""
+    """Print the growth of peak RSS over one call, in bytes (run in a fresh process). The
+    compiled kernel is loaded first, as a fixed cost of the process (see `kernel_load`)."""
     import torch
 
     import weightsmith
+    from weightsmith import _measure
+
+    _measure.fused_available()
 
     weightsmith.diff({"w": torch.ones(3)}, {"w": torch.zeros(3)})  # load what diff imports, start once
     before = reset_peak()
@@ -98,6 +106,32 @@ def child_memory(how: str, a: str, b: str) -> None:
         read_both(Path(a), Path(b))
     print(proc_status("VmHWM") - before)
 
+
+
+def kernel_load() -> tuple[float, int]:
+    """Seconds and RSS bytes of loading the compiled kernel in a fresh process (cache warm)."""
+    code = ("import time, numpy as np\n"
+            "from weightsmith import _measure\n"
+            "def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024\n"
+            "r, t = rss(), time.perf_counter()\n"
+            "_measure.fused_available(); a = np.ones(9, np.float32)\n"
+            "_measure.compare(a, a, 0.0, 0.0, _measure.Scratch(), fused=True)\n"
+            "print(time.perf_counter() - t, rss() - r)")
+    runs = [subprocess.run([PY, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+            for _ in range(3)]
+    seconds, rss = sorted(runs)[1]
+    return float(seconds), int(rss)
+
+
+def kernel(name: str, fn):  # type: ignore[no-untyped-def]
+    """``fn`` run with ``WEIGHTSMITH_KERNEL=name``."""
+    def run():  # type: ignore[no-untyped-def]
+        os.environ["WEIGHTSMITH_KERNEL"] = name
+        try:
+            return fn()
+        finally:
+            del os.environ["WEIGHTSMITH_KERNEL"]
+    return run
 
 
 def main() -> None:
@@ -120,7 +154,12 @@ def main() -> None:
         largest = write_pair(a, b, args.size_gb, args.tensors)
         warm(a, b)
         nbytes = a.stat().st_size + b.stat().st_size
-        m = medians({"weightsmith.diff": lambda: timed(lambda: weightsmith.diff(a, b)),
+        load_s, load_rss = kernel_load()
+        from weightsmith import _measure
+
+        _measure.fused_available()  # loaded before timing, as torch is imported before timing the baseline
+        m = medians({"weightsmith.diff": kernel("compiled", lambda: timed(lambda: weightsmith.diff(a, b))),
+                     "weightsmith.diff, numpy kernel": kernel("numpy", lambda: timed(lambda: weightsmith.diff(a, b))),
                      "read both (torch.sum)": lambda: timed(lambda: read_both(a, b)),
                      "read both files (readinto)": lambda: timed(lambda: read_files(a, b))}, args.repeat)
         peaks = {how: int(subprocess.run([PY, __file__, "--child-memory", how, str(a), str(b)], check=True,
@@ -128,7 +167,8 @@ def main() -> None:
                  for how in ("diff", "read")}
     base = m["read both (torch.sum)"]
     rows = [("contender", "median s", "GB/s", "throughput vs torch.sum read", "peak RSS growth")]
-    for name, how in (("weightsmith.diff", "diff"), ("read both (torch.sum)", "read"),
+    for name, how in (("weightsmith.diff", "diff"), ("weightsmith.diff, numpy kernel", None),
+                      ("read both (torch.sum)", "read"),
                       ("read both files (readinto)", None)):
         rows.append((name, f"{m[name]:.3f}", f"{nbytes / m[name] / 1e9:.2f}", f"{base / m[name]:.2f}x",
                      f"{peaks[how] / MB:.0f} MB" if how else "-"))
@@ -140,6 +180,15 @@ def main() -> None:
           f"{(peaks['diff'] - 2 * largest) / MB:.0f} MB (claim <= 64 MB); "
           f"throughput ratio {base / m['weightsmith.diff']:.2f} vs summing every mapped byte, "
           f"{m['read both files (readinto)'] / m['weightsmith.diff']:.2f} vs reading both files (claim >= 0.5)")
+    print(f"the compiled kernel (numba, the fast extra) loads once per process in {load_s:.2f} s and "
+          f"{load_rss / MB:.0f} MB (median of 3 fresh processes, its cache warm); below "
+          f"{_measure_min_gb():.0f} GiB compared, diff uses the numpy kernel unless it is loaded already")
+
+
+def _measure_min_gb() -> float:
+    from weightsmith import _measure
+
+    return _measure.FUSED_MIN_BYTES / 2**30
 
 
 if __name__ == "__main__":

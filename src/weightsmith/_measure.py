@@ -10,13 +10,17 @@ BLAS dot products and combined across chunks in float64.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from .errors import UsageError
+
 __all__ = ["Chunk", "Part", "Scratch", "Moments", "WIDE", "work_dtype", "widen", "moments", "compare", "combine",
+           "fused_available", "fused_loaded", "fused_wanted", "FUSED_MIN_BYTES", "KERNEL_ENV",
            "pieces", "pair_pieces", "element_count", "BLOCK_ELEMENTS",
            "from_torch", "comparable", "real_parts"]
 
@@ -226,13 +230,61 @@ def _moments_nonfinite(a: np.ndarray) -> Chunk:
                  zeros, nans, a.size - f.size - nans)
 
 
-def compare(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scratch: Scratch) -> Part:
+# Loading the compiled kernel costs about 0.45 s and 170 MB once per process; on two cores it
+# pays for itself from about 4 GB compared, sooner on more cores. Once loaded it is always used.
+FUSED_MIN_BYTES = 2 * 2**30
+KERNEL_ENV = "WEIGHTSMITH_KERNEL"  # "auto" (default), "numpy" or "compiled"
+
+
+def fused_wanted(nbytes: int) -> bool:
+    """Whether to compare ``nbytes`` with the compiled kernel: by the ``WEIGHTSMITH_KERNEL``
+    environment variable, else when it is loaded already or the work is large enough to pay
+    for loading it."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "numpy", "compiled"):
+        raise UsageError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'numpy' or 'compiled'")
+    if choice == "numpy":
+        return False
+    if choice == "compiled" and not fused_available():
+        raise UsageError(f"{KERNEL_ENV}=compiled needs numba: pip install 'weightsmith[fast]'")
+    return choice == "compiled" or ((nbytes >= FUSED_MIN_BYTES or fused_loaded()) and fused_available())
+
+
+def fused_available() -> bool:
+    """Whether the compiled single-pass comparison (numba, the ``fast`` extra) can be used."""
+    global _fused
+    if _fused is None:
+        try:
+            from . import _fused as module
+        except ImportError:
+            _fused = False
+        else:
+            _fused = module
+    return _fused is not False
+
+
+def fused_loaded() -> bool:
+    """Whether the compiled comparison is already loaded in this process (so using it is free)."""
+    return _fused not in (None, False)
+
+
+_fused: Any = None  # the `_fused` module once imported; False when numba is missing
+
+
+def compare(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scratch: Scratch, *,
+            fused: bool = False) -> Part:
     """The contribution of one pair of 1-D chunks of one working dtype.
 
-    One pass writes the difference; the sums are BLAS dot products over data still in cache.
-    A NaN or Inf anywhere (or an overflow) makes a sum non-finite, and only then is the pair
-    taken apart element by element, in float64.
+    With ``fused`` (and numba installed) one compiled pass computes everything without holding
+    the GIL. Otherwise one pass writes the difference and the sums are BLAS dot products over
+    data still in cache. A NaN or Inf anywhere (or an overflow) makes a sum non-finite, and only
+    then is the pair taken apart element by element, in float64.
     """
+    if fused and fused_available() and a.flags.c_contiguous and b.flags.c_contiguous:
+        dd, aa, bb, ab, max_abs, changed = _fused.compare(
+            a, b, scratch.get("fused", _fused.BLOCK, a.dtype), atol, rtol)
+        if math.isfinite(dd) and math.isfinite(aa) and math.isfinite(bb):
+            return Part(dd, aa, bb, ab, max_abs, changed, 0, 0, max_abs > 0)
     with np.errstate(all="ignore"):  # Inf - Inf, overflow: handled below, not worth a warning
         m, work = a.size, a.dtype
         d = np.subtract(a, b, out=scratch.get("d", m, work))
@@ -252,12 +304,13 @@ def compare(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scratch: Scr
         elif atol == 0.0 and rtol == 0.0:  # exact: every nonzero difference is a change
             changed = int(np.count_nonzero(np.not_equal(d, 0, out=scratch.get("flags", m, np.bool_))))
         else:
+            # tolerances compared in float64, as the compiled kernel does
             absd = np.abs(d, out=d)
             flags = scratch.get("flags", m, np.bool_)
             if rtol == 0.0:
-                changed = int(np.count_nonzero(np.greater(absd, atol, out=flags)))
+                changed = int(np.count_nonzero(np.greater(absd, np.float64(atol), out=flags)))
             else:
-                tol = np.abs(a, out=scratch.get("tol", m, work))
+                tol = np.abs(a, out=scratch.get("tol", m, np.float64))
                 np.multiply(tol, rtol, out=tol)
                 np.add(tol, atol, out=tol)
                 changed = int(np.count_nonzero(np.greater(absd, tol, out=flags)))

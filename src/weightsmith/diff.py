@@ -554,7 +554,7 @@ def _compare(side_a: _Side, side_b: _Side, plan: _Plan, atol: float, rtol: float
     total = sum(side_a.specs[ka][2] + side_b.specs[kb][2] for ka, kb in todo)
     done = 0
     known: dict[tuple[Any, Any], TensorDiff] = {}  # tied pairs are read once
-    with _Pool(_WORKERS) as pool:
+    with _Pool(_WORKERS, fused=_measure.fused_wanted(total)) as pool:
         for ka, kb in todo:
             shape, dtype_a, nbytes_a = side_a.specs[ka]
             dtype_b, nbytes_b = side_b.specs[kb][1:]
@@ -654,7 +654,8 @@ def _measure_pair(side_a: _Side, side_b: _Side, ka: str, kb: str, atol: float, r
         max_abs, changed, nan_a, nan_b, differs = 0.0, 0, 0, 0, False
         done = 0
         for part, nbytes in pool.map(_measure.pair_pieces(xa, xb, CHUNK_ELEMENTS),
-                                     lambda pa, pb: _measure_piece(pa, pb, da, db, work, atol, rtol, pool.scratch)):
+                                     lambda pa, pb: _measure_piece(pa, pb, da, db, work, atol, rtol, pool.scratch,
+                                                                    pool.fused)):
             sums = [s + p for s, p in zip(sums, part[:4])]
             max_abs = max(max_abs, part.max_abs)
             changed += part.changed
@@ -702,8 +703,9 @@ class _Pool:
     """Measures pieces on a few threads (numpy's kernels release the GIL), in order, with a
     bounded number in flight so copies made for strided tensors stay few."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, fused: bool = False) -> None:
         self.workers = workers
+        self.fused = fused
         self.executor: ThreadPoolExecutor | None = None
         self.scratch = _measure.Scratch()
 
@@ -735,12 +737,15 @@ class _Pool:
 
 
 def _measure_piece(pa: np.ndarray, pb: np.ndarray, da: str, db: str, work: Any, atol: float, rtol: float,
-                   scratch: _measure.Scratch) -> _Part:
+                   scratch: _measure.Scratch, fused: bool) -> _Part:
     """One pair of stored pieces, widened to ``work``, compared in blocks that stay in a
-    core's own cache between the passes over them."""
+    core's own cache between the passes over them (in one compiled pass when ``fused`` and
+    no widening is needed)."""
+    if fused and pa.dtype == pb.dtype == work:
+        return _measure.compare(pa, pb, atol, rtol, scratch, fused=True)
     parts = []
     for i in range(0, pa.size, BLOCK_ELEMENTS):
         a = _measure.widen(pa[i:i + BLOCK_ELEMENTS], da, lambda n: scratch.get("a", n, work), work=work)
         b = _measure.widen(pb[i:i + BLOCK_ELEMENTS], db, lambda n: scratch.get("b", n, work), work=work)
-        parts.append(_measure.compare(a, b, atol, rtol, scratch))
+        parts.append(_measure.compare(a, b, atol, rtol, scratch, fused=fused))
     return _measure.combine(parts) if len(parts) != 1 else parts[0]
