@@ -8,7 +8,7 @@ from torch import nn
 
 import weightsmith
 from weightsmith.health import CHECKS, HealthReport, check
-from weightsmith.stats import stats
+from weightsmith.tensor_stats import stats
 
 
 def found(report):

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 import weightsmith
-from weightsmith.diff import diff
+from weightsmith.comparison import diff
 from weightsmith.errors import CorruptCheckpointError
 from weightsmith.health import check
-from weightsmith.stats import stats
+from weightsmith.tensor_stats import stats
 
 FUZZ = Path(__file__).resolve().parents[1] / "fuzz" / "found"
 
@@ -88,7 +88,7 @@ def test_blocks_and_pieces_add_up_to_the_whole(tmp_path, monkeypatch):
     a = _write(_state(0), tmp_path / "a.safetensors")
     b = _write(_state(1), tmp_path / "b.safetensors")
     whole = diff(a, b, atol=1e-3)
-    diff_module = sys.modules["weightsmith.diff"]
+    diff_module = sys.modules["weightsmith.comparison"]
     monkeypatch.setattr(diff_module, "CHUNK_ELEMENTS", 37)
     monkeypatch.setattr(diff_module, "BLOCK_ELEMENTS", 5)
     for x, y in zip(diff(a, b, atol=1e-3).tensors, whole.tensors):

@@ -8,8 +8,6 @@ checkpoint's header without paying for ``import torch``.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 from .errors import (
@@ -31,7 +29,8 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (imported on first use)
+# public name -> module that defines it (imported on first use). No submodule is named like a
+# public name: importing a submodule binds it on the package, and must never hide a function.
 _LAZY: dict[str, str] = {
     # look
     "open": "checkpoint",
@@ -39,11 +38,11 @@ _LAZY: dict[str, str] = {
     "TensorInfo": "checkpoint",
     "select": "selectors",
     "compile_selector": "selectors",
-    "summary": "summary",
-    "Summary": "summary",
-    "stats": "stats",
-    "TensorStats": "stats",
-    "StatsReport": "stats",
+    "summary": "tables",
+    "Summary": "tables",
+    "stats": "tensor_stats",
+    "TensorStats": "tensor_stats",
+    "StatsReport": "tensor_stats",
     "check": "health",
     "HealthReport": "health",
     # change
@@ -83,11 +82,11 @@ _LAZY: dict[str, str] = {
     "transfer": "warmstart.load",
     "LoadReport": "warmstart.load",
     "empty_init": "warmstart.load",
-    "diff": "diff",
-    "Diff": "diff",
+    "diff": "comparison",
+    "Diff": "comparison",
     "convert": "conversion",
     "ConvertReport": "conversion",
-    "report": "report",
+    "report": "html_report",
     "merge": "merging",
     "merge_plan": "merging",
     "MergePlan": "merging",
@@ -138,21 +137,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-# Modules still named after the function they define (`weightsmith.summary` the function, and the
-# module summary.py): importing one binds it on the package under that name, so for these names
-# the package keeps the function. Every other submodule is named apart from the public API
-# (`warmstart.plan`, `saving`, `snapshots`, `conversion`) and imports as a module.
-_NAMED_LIKE_THEIR_FUNCTION = frozenset({"summary", "stats", "diff", "report"})
-
-
-class _Package(types.ModuleType):
-    """Keeps ``weightsmith.summary`` (and the names above) the function once the submodule is imported."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _NAMED_LIKE_THEIR_FUNCTION and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

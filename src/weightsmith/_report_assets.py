@@ -1,13 +1,15 @@
 """The report page's fixed parts: content policy, stylesheet and the small scripts."""
 
-_FONT = "-apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
-_MONO = "ui-monospace, 'SFMono-Regular', Menlo, Consolas, monospace"
+__all__ = ["FONT", "MONO", "CSP", "STYLE", "ERROR_COLLECTOR", "SORT_SCRIPT", "DRILL_SCRIPT"]
+
+FONT = "-apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
+MONO = "ui-monospace, 'SFMono-Regular', Menlo, Consolas, monospace"
 
 # nothing may be fetched: the page works offline and cannot leak what it shows
-_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-        "img-src data: blob:; font-src data:")
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+       "img-src data: blob:; font-src data:")
 
-_STYLE = """
+STYLE = """
 :root { --bad: #cf222e; --warn: #9a6700; --ok: #1a7f37; --line: #d8dee4; --muted: #57606a; }
 * { box-sizing: border-box; }
 body { margin: 0; background: #f6f8fa; color: #1f2328;
@@ -57,7 +59,7 @@ footer { max-width: 1360px; margin: 0 auto; padding: 8px 28px 28px; color: var(-
 
 # collects script errors, CSP violations and console.error calls into #ws-errors, so a test (or a
 # reader opening the element) can see that every plot rendered
-_ERROR_COLLECTOR = """
+ERROR_COLLECTOR = """
 (function () {
   var box = document.getElementById('ws-errors');
   function note(text) { box.textContent += text + '\\n'; }
@@ -77,7 +79,7 @@ _ERROR_COLLECTOR = """
 })();
 """
 
-_SORT_SCRIPT = """
+SORT_SCRIPT = """
 (function () {
   function value(row, col) {
     var cell = row.cells[col], v = cell && cell.getAttribute('data-v');
@@ -106,7 +108,7 @@ _SORT_SCRIPT = """
 """
 
 # drill-down: a click on a block of the heatmap lists that block's tensors in the table
-_DRILL_SCRIPT = """
+DRILL_SCRIPT = """
 (function () {
   var bar = document.getElementById('ws-drill');
   var card = document.querySelector('[data-drill]');

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .errors import UsageError
 from ._result import Result
 from .selectors import Selector
-from .stats import CHUNK_BYTES, Progress, StatsReport, TensorStats, stats
+from .tensor_stats import CHUNK_BYTES, Progress, StatsReport, TensorStats, stats
 
 if TYPE_CHECKING:
     from torch import nn

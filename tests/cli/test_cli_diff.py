@@ -96,7 +96,7 @@ def layered(tmp_path):
 
 
 def test_rollup_keeps_layer_indices_and_the_ranking_is_by_score(layered):
-    from weightsmith.diff import diff
+    from weightsmith.comparison import diff
 
     d = diff(layered / "a.safetensors", layered / "b.safetensors")
     changed = [r.name for r in d.blocks if r.changed_tensors]

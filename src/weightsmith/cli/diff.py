@@ -32,7 +32,7 @@ def command(ctx: click.Context, a: str, b: str, top: int, atol: float, rtol: flo
     # numpy's BLAS starts a thread per core when imported (tens of ms on a busy machine); the
     # kernels run their own worker threads, each calling BLAS single-threaded, so one is enough
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from ..diff import diff
+    from ..comparison import diff
 
     with progress_bar("comparing", quiet=quiet or as_json) as progress:  # errors: the group's one path
         select = [*selected, *(f"!{e}" for e in excluded)] or None

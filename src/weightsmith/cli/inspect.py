@@ -27,7 +27,7 @@ def command(target: str, pattern: str | None, sort: str | None, fold: bool, layo
 
     if is_factory(target):
         from ..warmstart.load import empty_init
-        from ..summary import summary
+        from ..tables import summary
         from ._target import load_factory
 
         factory = load_factory(target)  # imported outside empty_init: see load_factory

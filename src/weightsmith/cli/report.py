@@ -33,7 +33,7 @@ def command(path: str, output: str, compare: str | None,
     relative change of every layer. The page needs no network to open. Prints the file written."""
     # numpy's BLAS starts a thread per core when imported; the kernels need one (see cli/check.py)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from ..report import MAX_HISTOGRAMS, report
+    from ..html_report import MAX_HISTOGRAMS, report
 
     if Path(output).exists() and not force:
         abort(f"{output} exists; pass --force to overwrite it")

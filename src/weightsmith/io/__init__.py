@@ -6,6 +6,7 @@ reader that `weightsmith.open` wraps. Nothing here imports torch until tensors a
 
 from __future__ import annotations
 
-from ._detect import detect, reader_for
+from ._detect import detect
+from ._dispatch import reader_for
 
 __all__ = ["detect", "reader_for"]

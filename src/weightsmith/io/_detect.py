@@ -1,16 +1,19 @@
-"""Naming a checkpoint's format by its content, and picking the reader for it."""
+"""Naming a checkpoint's format by its content.
+
+The bottom of the format modules: it imports none of the readers (only `safetensors`' header test),
+so `sharded` and `dcp` may use `detect` and the file names below without importing back.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import CheckpointNotFoundError, UnknownFormatError
-from ._base import Reader
 
-__all__ = ["detect", "reader_for"]
+__all__ = ["detect", "METADATA_NAME", "INDEX_NAMES"]
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-# kept here (not imported from the format modules) so detection imports only what it reads
+# the names that mark a folder's format; the format modules take them from here
 METADATA_NAME = ".metadata"  # torch.distributed.checkpoint's commit marker
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -59,23 +62,3 @@ def detect(path: str | Path) -> tuple[str, Path]:
         return "torch", p
     raise UnknownFormatError(
         f"{p}: unknown format (not safetensors, a torch.save file, a sharded index or a DCP folder)")
-
-
-def reader_for(path: str | Path, *, root: str | None = None, trust: bool = False) -> Reader:
-    """The reader for ``path``, having read its header (never its tensor data)."""
-    kind, target = detect(path)
-    if kind == "safetensors":
-        from .safetensors import SafetensorsReader
-
-        return SafetensorsReader(target)
-    if kind == "torch":
-        from .torchfile import TorchFileReader
-
-        return TorchFileReader(target, root=root, trust=trust)
-    if kind == "sharded":
-        from .sharded import ShardedReader
-
-        return ShardedReader(target)
-    from .dcp import DcpReader
-
-    return DcpReader(target)

@@ -9,10 +9,9 @@ from typing import Any
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ._base import Reader, TensorInfo
-from ._detect import INDEX_NAMES
+from ._detect import INDEX_NAMES, detect
 
 __all__ = ["ShardedReader", "confine", "INDEX_NAMES"]
-
 
 
 def confine(folder: Path, name: str, *, what: str) -> Path:
@@ -34,8 +33,6 @@ class ShardedReader(Reader):
     """A folder of shards with a Hugging Face index; each shard opens lazily by its own reader."""
 
     def __init__(self, index_path: Path) -> None:
-        from ._detect import detect, reader_for
-
         folder = index_path.parent
         super().__init__(path=folder, format="sharded")
         self.index_path = index_path
@@ -49,12 +46,7 @@ class ShardedReader(Reader):
             if not path.is_file():
                 raise CheckpointNotFoundError(
                     f"{index_path}: shard {shard_name!r} named in the index is missing from {folder}")
-            kind, _ = detect(path)
-            if kind not in ("safetensors", "torch"):  # an index naming an index (itself, a cycle) loops
-                raise CorruptCheckpointError(
-                    f"{index_path}: shard {shard_name!r} is a {kind} checkpoint, not a file of tensors; "
-                    "a shard must be a safetensors or torch.save file")
-            reader = reader_for(path)
+            reader = _shard_reader(path, index_path=index_path, shard_name=shard_name)
             self._shards[shard_name] = reader
             shard_aliases = reader.aliases()
             aliases.update({alias: shard_name for alias in shard_aliases})
@@ -99,6 +91,23 @@ class ShardedReader(Reader):
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
+
+
+def _shard_reader(path: Path, *, index_path: Path, shard_name: str) -> Reader:
+    """The reader of one shard: a safetensors or torch.save file, never another index or folder
+    (an index naming an index, itself or a cycle, would loop)."""
+    kind, _ = detect(path)
+    if kind == "safetensors":
+        from .safetensors import SafetensorsReader
+
+        return SafetensorsReader(path)
+    if kind == "torch":
+        from .torchfile import TorchFileReader
+
+        return TorchFileReader(path)
+    raise CorruptCheckpointError(
+        f"{index_path}: shard {shard_name!r} is a {kind} checkpoint, not a file of tensors; "
+        "a shard must be a safetensors or torch.save file")
 
 
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from weightsmith.report import report
+from weightsmith.html_report import report
 
 pytest.importorskip("plotly")
 CHROMIUM = shutil.which("chromium")

@@ -262,7 +262,7 @@ def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
         target = open_checkpoint(target)
     wanted = None if selector is None else set(select_names(target, selector, buffers=True))
     if _is_module(target):
-        from .summary import module_tensors, storage_key
+        from .tables import module_tensors, storage_key
 
         items = [(full, storage_key(t), _const(t), _nbytes(t))
                  for full, *_, t, _is_param in module_tensors(target)
@@ -285,7 +285,7 @@ def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
         if bad:
             raise UsageError("stats() needs every value of a mapping to be a tensor; "
                             + "; ".join(bad[:10]))
-        from .summary import storage_key
+        from .tables import storage_key
 
         return "state dict", [(k, storage_key(v), _const(v), _nbytes(v))
                               for k, v in target.items() if wanted is None or k in wanted]

@@ -1,6 +1,5 @@
 """`diff`: key alignment, per-tensor metrics against a float64 reference, NaN rules, checksums."""
 
-import importlib
 import math
 
 import pytest
@@ -8,10 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import weightsmith
+import weightsmith.comparison as diff_module
 from weightsmith.errors import CheckpointNotFoundError, SelectorError, UsageError
-
-# the module, not the function `weightsmith.diff` that shadows it on the package
-diff_module = importlib.import_module("weightsmith.diff")
 
 
 def reference(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import weightsmith
-from weightsmith.summary import Summary, summary
+from weightsmith.tables import Summary, summary
 from _one_rank import one_rank_mesh
 
 
@@ -224,7 +224,7 @@ def test_renderings_agree(tied_mlp):
 
 
 def test_public_names_resolve():
-    # the submodule weightsmith.summary was imported above: the function still wins
+    # the module weightsmith.tables was imported above; the package names its function
     assert weightsmith.summary is summary and weightsmith.Summary is Summary
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -16,12 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import weightsmith
+import weightsmith.html_report as report_module
 from weightsmith.errors import UsageError, WeightsmithError
-from weightsmith.report import SCHEMA, report
+from weightsmith.html_report import SCHEMA, report
 
 pytest.importorskip("plotly")
-
-report_module = importlib.import_module("weightsmith.report")  # the name `report` is the function
 
 
 def page_data(path: Path) -> dict:
@@ -318,7 +316,7 @@ def _llama_like_page(layers: int = 32, hidden: int = 4096, mlp: int = 11008, voc
 
     from weightsmith.io._base import TensorInfo
     from weightsmith.listing import list_checkpoint
-    from weightsmith.stats import StatsReport, TensorStats
+    from weightsmith.tensor_stats import StatsReport, TensorStats
 
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
@@ -385,13 +383,13 @@ def test_clicking_a_block_lists_its_tensors(tmp_path):
     import shutil
     import subprocess
 
-    from weightsmith._report_assets import _DRILL_SCRIPT
+    from weightsmith._report_assets import DRILL_SCRIPT
 
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not on PATH")
     script = tmp_path / "drill.js"
-    script.write_text(DRILL_HARNESS.replace("SCRIPT", json.dumps(_DRILL_SCRIPT)))
+    script.write_text(DRILL_HARNESS.replace("SCRIPT", json.dumps(DRILL_SCRIPT)))
     out = subprocess.run([node, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["true,false,false false Showing the 2 tensor(s) of block layers.1.",

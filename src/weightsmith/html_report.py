@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from . import _measure as kernel
-from ._report_assets import _CSP, _DRILL_SCRIPT, _ERROR_COLLECTOR, _FONT, _MONO, _SORT_SCRIPT, _STYLE
+from ._report_assets import CSP, DRILL_SCRIPT, ERROR_COLLECTOR, FONT, MONO, SORT_SCRIPT, STYLE
 from ._result import to_plain
 from .errors import UsageError, WeightsmithError
 from .health import Finding, HealthReport, check
 from .listing import Listing, block_name, fold_name, human_bytes, list_checkpoint
 from .selectors import Selector, select as select_names
-from .stats import CHUNK_BYTES, StatsReport, TensorStats, stats
+from .tensor_stats import CHUNK_BYTES, StatsReport, TensorStats, stats
 
 __all__ = ["report", "BINS", "MAX_HISTOGRAMS", "SCHEMA"]
 
@@ -449,18 +449,18 @@ def _render(page: _Page, plotly: SimpleNamespace) -> str:
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title>",
-        f"<style>{_STYLE}</style>",
+        f"<style>{STYLE}</style>",
         "</head><body>",
         '<pre id="ws-errors" hidden></pre>',
-        f"<script>{_ERROR_COLLECTOR}</script>",
+        f"<script>{ERROR_COLLECTOR}</script>",
         "<main>", *parts, "</main>",
         f'<footer>Written by weightsmith {_e(_version())}.</footer>',
         f'<script id="ws-data" type="application/json">{_data_json(page)}</script>',
-        f"<script>{_SORT_SCRIPT}</script>",
-        f"<script>{_DRILL_SCRIPT}</script>",
+        f"<script>{SORT_SCRIPT}</script>",
+        f"<script>{DRILL_SCRIPT}</script>",
         "</body></html>",
     ])
 
@@ -472,7 +472,7 @@ class _Figures:
         self.go, self.io, self.count = plotly.go, plotly.io, 0
 
     def html(self, fig: Any, *, toolbar: bool = True) -> str:
-        fig.update_layout(template="plotly_white", font={"family": _FONT, "size": 12},
+        fig.update_layout(template="plotly_white", font={"family": FONT, "size": 12},
                           paper_bgcolor="rgba(0,0,0,0)")
         self.count += 1
         return self.io.to_html(fig, include_plotlyjs=self.count == 1, full_html=False,
@@ -554,7 +554,7 @@ def _comparison_section(comparison: _Comparison, figures: _Figures) -> str:
             hovertemplate="<b>%{y}</b><br>layer: %{x:.4g}<br>%{customdata}<extra></extra>"))
         fig.update_layout(title="Relative L2 change per layer", height=110 + 24 * len(layers),
                           margin={"l": 10, "r": 60, "t": 50, "b": 40}, bargap=0.25)
-        fig.update_yaxes(autorange="reversed", automargin=True, tickfont={"family": _MONO})
+        fig.update_yaxes(autorange="reversed", automargin=True, tickfont={"family": MONO})
         fig.update_xaxes(title="‖this − reference‖ / ‖reference‖", rangemode="tozero")
         out.append(f'<div class="card">{figures.html(fig)}</div>')
         grid = _depth_grid(layers)
@@ -568,7 +568,7 @@ def _comparison_section(comparison: _Comparison, figures: _Figures) -> str:
             fig.update_layout(title="Relative L2 change by depth (# = block index)",
                               height=140 + 26 * len(families), plot_bgcolor="#e9ecef",
                               margin={"l": 10, "r": 10, "t": 50, "b": 50})
-            fig.update_yaxes(autorange="reversed", automargin=True, tickfont={"family": _MONO})
+            fig.update_yaxes(autorange="reversed", automargin=True, tickfont={"family": MONO})
             fig.update_xaxes(title="block index", type="category")
             out.append(f'<div class="card">{figures.html(fig)}</div>')
     out.append("</section>")
@@ -622,7 +622,7 @@ def _heatmap_section(page: _Page, figures: _Figures) -> str:
         hovertemplate="<b>%{y}</b><br>%{x}: %{customdata}<extra></extra>"))
     fig.update_layout(height=130 + 22 * n, margin={"l": 10, "r": 10, "t": 40, "b": 10})
     fig.update_xaxes(side="top")
-    fig.update_yaxes(autorange="reversed", automargin=True, tickfont={"family": _MONO, "size": 11})
+    fig.update_yaxes(autorange="reversed", automargin=True, tickfont={"family": MONO, "size": 11})
     figure = figures.html(fig)
     fig_id = f"ws-fig-{figures.count}"
     out.append(f'<div class="card heat" data-drill="{fig_id}">{figure}</div></section>')

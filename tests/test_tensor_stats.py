@@ -10,7 +10,7 @@ from torch import nn
 
 import weightsmith
 from weightsmith.errors import SelectorError
-from weightsmith.stats import StatsReport, TensorStats, stats
+from weightsmith.tensor_stats import StatsReport, TensorStats, stats
 from _one_rank import one_rank_mesh
 
 
@@ -220,7 +220,7 @@ def test_a_sharded_dtensor_without_its_process_group_is_skipped_and_a_whole_one_
 
 def test_device_branch_agrees_with_the_cpu_one():
     # tensors off the CPU are measured with torch ops instead of numpy: same contributions
-    from weightsmith.stats import _as_numpy, _numpy_chunk, _Scratch, _torch_chunk
+    from weightsmith.tensor_stats import _as_numpy, _numpy_chunk, _Scratch, _torch_chunk
 
     torch.manual_seed(0)
     shifted = torch.randn(5000) * 1e-3 + 1  # mean-dominated: takes the shifted path
