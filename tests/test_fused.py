@@ -124,3 +124,31 @@ def test_asking_for_the_compiled_kernel_without_numba_says_how_to_get_it(monkeyp
         _measure.fused_wanted(1)
     monkeypatch.setenv(_measure.KERNEL_ENV, "auto")
     assert not _measure.fused_wanted(10 * _measure.FUSED_MIN_BYTES)
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(x.astype(np.float32)).bfloat16().view(torch.int16).numpy()
+
+
+@pytest.mark.parametrize("n", [1, _fused.BLOCK + 1, 3 * _fused.BLOCK + 77])
+@pytest.mark.parametrize("tol", [(0.0, 0.0), (1e-2, 0.0), (1e-3, 1e-2)])
+def test_bfloat16_kernel_matches_the_reference_on_widened_values(n, tol):
+    a, b = pair(n, np.float32, seed=n)
+    b = a + np.float32(0.05) * (b - a) / np.float32(1e-3)  # differences bfloat16 can hold
+    bits_a, bits_b = bfloat16_bits(a), bfloat16_bits(b)
+    wide_a = torch.from_numpy(bits_a).view(torch.bfloat16).float().numpy()
+    wide_b = torch.from_numpy(bits_b).view(torch.bfloat16).float().numpy()
+    got = _fused.compare_bfloat16(bits_a, bits_b, np.empty(3 * _fused.BLOCK, np.float32), *tol)
+    want = reference(wide_a, wide_b, *tol)
+    assert got[:4] == pytest.approx(want[:4], rel=1e-12, abs=1e-300)
+    assert got[4:] == want[4:]
+    assert 0 < got[5] < n or n == 1
+
+
+def test_bfloat16_with_a_nan_falls_back_to_the_numpy_kernel():
+    _measure.fused_available()
+    a = bfloat16_bits(np.arange(100, dtype=np.float32))
+    b = a.copy()
+    b[50] = bfloat16_bits(np.array([np.nan], np.float32))[0]
+    assert _measure.compare_bfloat16(a, b, 0.0, 0.0, _measure.Scratch()) is None
+    assert _measure.compare_bfloat16(a, a, 0.0, 0.0, _measure.Scratch()).changed == 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["BLOCK", "compare"]
+__all__ = ["BLOCK", "compare", "compare_bfloat16"]
 
 # reassociation lets the float64 sums run in SIMD lanes; no flag assumes finite values
 _FAST = {"reassoc", "contract"}
@@ -83,6 +83,33 @@ def _compare(a, b, d, bits, mask, atol, rtol):  # type: ignore[no-untyped-def]
     return dd, aa, bb, ab, top, changed
 
 
+@numba.njit(nogil=True, fastmath=_FAST, cache=True, boundscheck=False)
+def _compare_bfloat16(a, b, wa, wb, d, atol, rtol):  # type: ignore[no-untyped-def]
+    """As `_compare` for bfloat16 bits (uint16), each block widened to float32 (its top half)."""
+    dd = aa = bb = ab = 0.0
+    mask = np.uint32(0x7FFF_FFFF)
+    top = np.uint32(0)
+    changed = 0
+    exact = atol == 0.0 and rtol == 0.0
+    fa, fb, bits = wa.view(np.float32), wb.view(np.float32), d.view(np.uint32)
+    n = a.size
+    for start in range(0, n, BLOCK):
+        stop = min(n, start + BLOCK)
+        m = stop - start
+        for i in range(m):
+            wa[i] = np.uint32(a[start + i]) << 16
+            wb[i] = np.uint32(b[start + i]) << 16
+        s = _sums(fa[:m], fb[:m], d[:m])
+        dd += s[0]
+        aa += s[1]
+        bb += s[2]
+        ab += s[3]
+        t, nonzero = _largest(bits[:m], mask)
+        top = max(top, t)
+        changed += nonzero if exact else _beyond(d[:m], fa[:m], atol, rtol)
+    return dd, aa, bb, ab, top, changed
+
+
 _MASKS = {np.dtype(np.float32): (np.uint32, np.uint32(0x7FFF_FFFF)),
           np.dtype(np.float64): (np.uint64, np.uint64(0x7FFF_FFFF_FFFF_FFFF))}
 
@@ -97,5 +124,16 @@ def compare(a: np.ndarray, b: np.ndarray, scratch: np.ndarray, atol: float, rtol
     unsigned, mask = _MASKS[a.dtype]
     dd, aa, bb, ab, top, changed = _compare(a, b, scratch, scratch.view(unsigned), mask, float(atol), float(rtol))
     largest = float(np.array([top], dtype=unsigned).view(a.dtype)[0])
+    return float(dd), float(aa), float(bb), float(ab), largest, int(changed)
+
+
+def compare_bfloat16(a: np.ndarray, b: np.ndarray, scratch: np.ndarray, atol: float, rtol: float
+                     ) -> tuple[float, float, float, float, float, int]:
+    """`compare` for two contiguous 1-D arrays of bfloat16 bits (uint16 or int16), measured as
+    float32; ``scratch`` is a float32 buffer of at least ``3 * BLOCK`` elements."""
+    wa, wb, d = scratch[:BLOCK].view(np.uint32), scratch[BLOCK:2 * BLOCK].view(np.uint32), scratch[2 * BLOCK:3 * BLOCK]
+    dd, aa, bb, ab, top, changed = _compare_bfloat16(a.view(np.uint16), b.view(np.uint16), wa, wb, d,
+                                                     float(atol), float(rtol))
+    largest = float(np.array([top], dtype=np.uint32).view(np.float32)[0])
     return float(dd), float(aa), float(bb), float(ab), largest, int(changed)
 

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import UsageError
 
 __all__ = ["Chunk", "Part", "Scratch", "Moments", "WIDE", "work_dtype", "widen", "moments", "compare", "combine",
-           "fused_available", "fused_loaded", "fused_wanted", "FUSED_MIN_BYTES", "KERNEL_ENV",
+           "fused_available", "fused_loaded", "compare_bfloat16", "fused_wanted", "FUSED_MIN_BYTES", "KERNEL_ENV",
            "pieces", "pair_pieces", "element_count", "BLOCK_ELEMENTS",
            "from_torch", "comparable", "real_parts"]
 
@@ -285,6 +285,22 @@ def compare(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scratch: Scr
             a, b, scratch.get("fused", _fused.BLOCK, a.dtype), atol, rtol)
         if math.isfinite(dd) and math.isfinite(aa) and math.isfinite(bb):
             return Part(dd, aa, bb, ab, max_abs, changed, 0, 0, max_abs > 0)
+    return _compare_numpy(a, b, atol, rtol, scratch)
+
+
+def compare_bfloat16(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scratch: Scratch) -> Part | None:
+    """`compare` for two pieces of bfloat16 bits in one compiled pass (measured as float32), or
+    ``None`` when that kernel is not loaded, a piece is not contiguous or holds a NaN or Inf."""
+    if not (fused_loaded() and a.flags.c_contiguous and b.flags.c_contiguous):
+        return None
+    dd, aa, bb, ab, max_abs, changed = _fused.compare_bfloat16(
+        a, b, scratch.get("fused16", 3 * _fused.BLOCK, np.float32), atol, rtol)
+    if math.isfinite(dd) and math.isfinite(aa) and math.isfinite(bb):
+        return Part(dd, aa, bb, ab, max_abs, changed, 0, 0, max_abs > 0)
+    return None
+
+
+def _compare_numpy(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scratch: Scratch) -> Part:
     with np.errstate(all="ignore"):  # Inf - Inf, overflow: handled below, not worth a warning
         m, work = a.size, a.dtype
         d = np.subtract(a, b, out=scratch.get("d", m, work))

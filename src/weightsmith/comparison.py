@@ -743,6 +743,10 @@ def _measure_piece(pa: np.ndarray, pb: np.ndarray, da: str, db: str, work: Any, 
     no widening is needed)."""
     if fused and pa.dtype == pb.dtype == work:
         return _measure.compare(pa, pb, atol, rtol, scratch, fused=True)
+    if fused and da == db == "bfloat16" and work == np.float32:
+        part = _measure.compare_bfloat16(pa, pb, atol, rtol, scratch)
+        if part is not None:
+            return part
     parts = []
     for i in range(0, pa.size, BLOCK_ELEMENTS):
         a = _measure.widen(pa[i:i + BLOCK_ELEMENTS], da, lambda n: scratch.get("a", n, work), work=work)

@@ -95,14 +95,13 @@ def _linear(xs: list[torch.Tensor], _base: Any, p: Params, out: torch.Tensor, *,
             key: str, chunk: int) -> None:
     total = sum(p.weights)
     divisor = total if p.normalize and total != 0 else 1.0
+    weights = [w / divisor for w in p.weights]  # normalized up front: no pass to divide the sum
     direct = out.dtype == acc  # accumulate in the output itself: no temporary, no copy
     for sl in _spans(out.numel(), chunk):
         first = xs[0][sl].to(acc)  # a no-op for float32 input; bf16 must not be multiplied in bf16
-        y = torch.mul(first, p.weights[0], out=out[sl]) if direct else first * p.weights[0]
-        for x, w in zip(xs[1:], p.weights[1:]):
+        y = torch.mul(first, weights[0], out=out[sl]) if direct else first * weights[0]
+        for x, w in zip(xs[1:], weights[1:]):
             y.add_(x[sl], alpha=w) if x.dtype == acc else y.add_(x[sl].to(acc), alpha=w)
-        if divisor != 1.0:
-            y.div_(divisor)
         if not direct:
             out[sl] = y
 
