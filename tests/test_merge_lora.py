@@ -125,3 +125,115 @@ def test_extract_lora_error_is_what_the_rank_leaves_out(tmp_path):
     ws.merge_lora(base, tmp_path / "ad", merged)  # round trip: the best rank-3 approximation
     err = (ws.open(merged).tensor("lin.weight") - tuned["lin.weight"]).norm()
     assert float(err) == pytest.approx(float(s[3:].norm()), rel=1e-3)
+
+
+# -- DoRA and conv layers ------------------------------------------------------------------------
+class ConvNet(nn.Module):
+    """A Conv2d, a Conv1d and a Linear head: LoRA on conv layers (peft's lora.Conv2d / Conv1d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.seq = nn.Conv1d(6, 4, 3)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.seq(self.conv(x).flatten(2))          # (B, 4, L)
+        return self.head(self.norm(y.mean(-1)))
+
+
+def _dora_adapter(tmp_path, base, name, **config):
+    """A DoRA adapter with random A, B and magnitudes (at init the magnitude is ‖W + sBA‖, a no-op)."""
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, use_dora=True,
+                                                                        **config))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_magnitude_vector" in pname:
+                p.mul_(torch.rand_like(p) + 0.5)
+    model.save_pretrained(tmp_path / name)
+    return model.merge_and_unload().state_dict()
+
+
+def _close(got, want, base_keys=None):
+    for k in want:
+        assert float((got[k] - want[k]).abs().max()) <= 1e-6, k
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_dora_merge_equals_peft_merge_and_unload(tmp_path, rslora):
+    torch.manual_seed(10)
+    base = Net()
+    ws.save(base.state_dict(), tmp_path / "base.safetensors")
+    want = _dora_adapter(tmp_path, base, "ad", r=3, lora_alpha=6, use_rslora=rslora,
+                         target_modules=["q", "c_attn", "embed", "out"])
+    report = ws.merge_lora(tmp_path / "base.safetensors", tmp_path / "ad", tmp_path / "m.safetensors")
+    assert all(m.get("dora") for m in report.modules.values()) and len(report.modules) == 4
+    got = ws.open(tmp_path / "m.safetensors").load()
+    assert set(got) == set(want)
+    _close(got, want)
+
+
+def test_dora_merge_of_conv_layers_equals_peft(tmp_path):
+    torch.manual_seed(11)
+    base = ConvNet()
+    ws.save(base.state_dict(), tmp_path / "base.safetensors")
+    want = _dora_adapter(tmp_path, base, "ad", r=2, lora_alpha=5, target_modules=["conv", "seq", "head"])
+    report = ws.merge_lora(tmp_path / "base.safetensors", tmp_path / "ad", tmp_path / "m.safetensors")
+    assert set(report.modules) == {"conv.weight", "seq.weight", "head.weight"}
+    _close(ws.open(tmp_path / "m.safetensors").load(), want)
+
+
+def test_plain_lora_merge_of_conv_layers_equals_peft(tmp_path):
+    torch.manual_seed(12)
+    base = ConvNet()
+    want = _adapter(tmp_path, base, "ad", r=2, lora_alpha=3, target_modules=["conv", "seq"])
+    target = ConvNet()
+    target.load_state_dict(base.state_dict())
+    ws.merge_lora(base.state_dict(), tmp_path / "ad", target)
+    _close(target.state_dict(), want)
+    assert not torch.equal(target.conv.weight, base.conv.weight)
+
+
+def _as_plain_lora(src, dst):
+    """The same adapter with its DoRA magnitudes dropped and use_dora off."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    config = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    tensors = load_file(src / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "magnitude" not in k}, dst / "adapter_model.safetensors")
+
+
+def test_dora_adapter_merged_as_plain_lora_differs(tmp_path):
+    """The control: without the magnitudes the result is not peft's, so the DoRA test can fail."""
+    torch.manual_seed(13)
+    base = Net()
+    want = _dora_adapter(tmp_path, base, "ad", r=3, lora_alpha=6, target_modules=["q", "out"])
+    _as_plain_lora(tmp_path / "ad", tmp_path / "plain")
+    ws.merge_lora(base.state_dict(), tmp_path / "plain", tmp_path / "p.safetensors")
+    got = ws.open(tmp_path / "p.safetensors").load()
+    assert float((got["q.weight"] - want["q.weight"]).abs().max()) > 1e-2
+    assert float((got["out.weight"] - want["out.weight"]).abs().max()) > 1e-2
+
+
+def test_dora_scale_is_a_fraction_of_the_whole_change(tmp_path):
+    torch.manual_seed(14)
+    base = Net()
+    want = _dora_adapter(tmp_path, base, "ad", r=2, lora_alpha=2, target_modules=["q"])
+    ws.merge_lora(base.state_dict(), tmp_path / "ad", tmp_path / "m.safetensors", scale=0.25)
+    got = ws.open(tmp_path / "m.safetensors").tensor("q.weight")
+    torch.testing.assert_close(got, base.q.weight + 0.25 * (want["q.weight"] - base.q.weight), rtol=0, atol=1e-6)
+
+
+def test_magnitudes_without_use_dora_are_refused(tmp_path):
+    torch.manual_seed(15)
+    base = Net()
+    _dora_adapter(tmp_path, base, "ad", r=2, lora_alpha=2, target_modules=["q"])
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ws.PlanError, match="q: the adapter holds a DoRA magnitude vector"):
+        ws.merge_lora(base.state_dict(), tmp_path / "ad", out)
+    assert not out.exists()

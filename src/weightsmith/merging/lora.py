@@ -4,15 +4,19 @@ A PEFT LoRA adapter folder holds ``adapter_config.json`` (``r``, ``lora_alpha``,
 ``use_rslora``, ``fan_in_fan_out``, ``rank_pattern``, ``alpha_pattern``) and
 ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (r × in) and
 ``...lora_B.weight`` (out × r); embeddings use ``lora_embedding_A`` (r × num) and
-``lora_embedding_B`` (dim × r). Merging adds, to each module's weight,
+``lora_embedding_B`` (dim × r); a conv layer's A is a conv with the layer's kernel (r × in × k…)
+and its B a 1×1 conv (out × r × 1…). Merging adds, to each module's weight,
 
     ΔW = s · (B @ A),  s = lora_alpha / r  (lora_alpha / √r with use_rslora),
 
 transposed for embeddings and for layers stored in × out (transformers' ``Conv1D``): peft
 decides that per layer by type; here a non-square weight's shape decides, a live base model's
-layer types decide, and a square weight in a file follows ``fan_in_fan_out``. Module names are aligned to the
-base's keys as `weightsmith.plan` aligns a source to a target (a ``bert.`` or wrapper prefix on
-either side needs no rule).
+layer types decide, and a square weight in a file follows ``fan_in_fan_out``. A DoRA adapter
+(``use_dora``, a ``lora_magnitude_vector`` m per module) then rescales each output row of
+V = W + ΔW to its trained magnitude: W' = m ⊙ V / ‖V‖, the norm taken over the row (every
+input index, and a conv's kernel). Module names are aligned to the base's keys as
+`weightsmith.plan` aligns a source to a target (a ``bert.`` or wrapper prefix on either side
+needs no rule).
 """
 
 from __future__ import annotations
@@ -74,9 +78,11 @@ class _Module:
     target: str          # the base key of the weight
     a: str               # adapter keys
     b: str
-    scale: float
+    scale: float         # the LoRA scaling s (times merge_lora's ``scale`` for plain LoRA)
     rank: int
-    transpose: bool
+    transpose: bool      # stored in × out (embeddings, Conv1D): the update applies transposed
+    magnitude: str | None = None  # DoRA: the adapter key of the magnitude vector
+    dora_scale: float = 1.0       # DoRA: merge_lora's ``scale`` on the whole change
 
 
 def _read_adapter(adapter: Any) -> tuple[dict[str, Any], Input, Path]:
@@ -103,22 +109,41 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+
+_LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?"
+                       r"|(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?")
+
+
+def _lora_shapes(module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], rank: int,
+                 embedding: bool) -> tuple[tuple[int, ...] | None, str]:
+    """The shape of B @ A as peft forms it (out, in) or a conv's (out, in, *kernel); or a problem."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        if a_shape[0] != rank or b_shape[1] != rank:
+            return None, f"{module}: LoRA shapes A {list(a_shape)}, B {list(b_shape)} do not match rank {rank}"
+        return (b_shape[0], a_shape[1]), ""
+    # a conv layer: A is a conv with the layer's kernel (r, in, *k), B a 1×1 conv (out, r, 1, ...)
+    if (not embedding and len(a_shape) == len(b_shape) >= 3 and a_shape[0] == rank and b_shape[1] == rank
+            and all(d == 1 for d in b_shape[2:])):
+        return (b_shape[0], *a_shape[1:]), ""
+    return None, (f"{module}: LoRA shapes A {list(a_shape)}, B {list(b_shape)} are neither a Linear/Embedding/"
+                  f"Conv1D pair of rank {rank} nor a conv pair (A: r × in × kernel, B: out × r × 1…; a grouped "
+                  "conv's LoRA cannot be merged)")
+
+
 def _plan_lora(base: Input, config: dict[str, Any], adapter: Input, scale: float, problems: list[str],
                layouts: dict[str, bool]) -> tuple[list[_Module], dict[str, str]]:
     """The modules to merge, and plain adapter keys (trained biases, saved modules) -> base key."""
-    if config.get("use_dora"):
-        problems.append("the adapter uses DoRA (use_dora), which merge_lora does not implement")
+    dora = bool(config.get("use_dora"))
     pairs: dict[str, dict[str, str]] = {}
     plain: dict[str, str] = {}
     for key in adapter.specs:
         name = key.removeprefix(_PEFT_PREFIX)
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?",
-                         name)
+        m = _LORA_KEY.fullmatch(name)
         if m is None:
             plain[key] = name.replace(".modules_to_save", "")
             continue
-        module = m.group(1) or m.group(3)
-        part = m.group(2) or m.group(4)
+        module = m.group(1) or m.group(3) or m.group(5)
+        part = m.group(2) or m.group(4) or m.group(6)
         pairs.setdefault(module, {})[part] = key
     base_keys = list(base.specs)
     wanted = [f"{mod}.weight" for mod in pairs] + list(plain.values())
@@ -130,8 +155,18 @@ def _plan_lora(base: Input, config: dict[str, Any], adapter: Input, scale: float
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a = parts.get("lora_embedding_A" if embedding else "lora_A")
         b = parts.get("lora_embedding_B" if embedding else "lora_B")
+        magnitude = parts.get("lora_magnitude_vector")
         if a is None or b is None:
-            problems.append(f"{module}: the adapter holds only one of its two LoRA matrices")
+            problems.append(f"{module}: the adapter holds only {'a DoRA magnitude' if a is b else 'one'} of its "
+                            "LoRA matrices")
+            continue
+        if magnitude is not None and not dora:
+            problems.append(f"{module}: the adapter holds a DoRA magnitude vector, but its config has no "
+                            "use_dora: true (a config that does not match its weights)")
+            continue
+        if dora and magnitude is None:
+            problems.append(f"{module}: the config says use_dora, the adapter holds no lora_magnitude_vector "
+                            "for this module")
             continue
         target = prefix(f"{module}.weight")
         if target not in base.specs:
@@ -139,26 +174,35 @@ def _plan_lora(base: Input, config: dict[str, Any], adapter: Input, scale: float
             continue
         rank = int(_pattern_value(config.get("rank_pattern"), module, r_default))
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha_default))
-        a_shape, b_shape = adapter.specs[a][0], adapter.specs[b][0]
-        w_shape = base.specs[target][0]
-        transpose = embedding or bool(config.get("fan_in_fan_out"))
-        want = (b_shape[0], a_shape[-1]) if len(a_shape) == 2 and len(b_shape) == 2 else None
-        if want is None or a_shape[0] != rank or b_shape[1] != rank:
-            problems.append(f"{module}: LoRA shapes A {list(a_shape)}, B {list(b_shape)} do not match rank {rank} "
-                            "(2-D Linear/Embedding/Conv1D LoRA only)")
+        w_shape = tuple(base.specs[target][0])
+        want, problem = _lora_shapes(module, adapter.specs[a][0], adapter.specs[b][0], rank, embedding)
+        if want is None:
+            problems.append(problem)
             continue
+        transpose = embedding or bool(config.get("fan_in_fan_out"))
+        if len(want) > 2:
+            transpose = False
         # peft decides the layout per layer by its type (Conv1D stores in × out) and may rewrite
         # the config's fan_in_fan_out: a non-square weight's shape says which layout it has, a
         # live base model says it by type, a square one on a file follows the config
-        if not embedding and target in layouts:
+        elif not embedding and target in layouts:
             transpose = layouts[target]
         elif not embedding and want[0] != want[1]:
-            transpose = want[::-1] == tuple(w_shape)
-        if (want[::-1] if transpose else want) != tuple(w_shape):
+            transpose = want[::-1] == w_shape
+        if (want[::-1] if transpose else want) != w_shape:
             problems.append(f"{module}: B @ A is {list(want)}, the base weight {target} is {list(w_shape)}")
             continue
+        if magnitude is not None:
+            n = math.prod(adapter.specs[magnitude][0])
+            if n != want[0]:
+                problems.append(f"{module}: the DoRA magnitude has {n} values, the layer {want[0]} outputs "
+                                f"(shape {list(adapter.specs[magnitude][0])})")
+                continue
         s = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        modules.append(_Module(target, a, b, s * scale, rank, transpose))
+        if magnitude is None:
+            modules.append(_Module(target, a, b, s * scale, rank, transpose))
+        else:
+            modules.append(_Module(target, a, b, s, rank, transpose, magnitude, scale))
     replaced: dict[str, str] = {}
     for key, name in plain.items():
         target = prefix(name)
@@ -172,14 +216,56 @@ def _plan_lora(base: Input, config: dict[str, Any], adapter: Input, scale: float
     return modules, replaced
 
 
+def _merged(w: Any, m: _Module, lora: Input) -> Any:
+    """One module's merged weight in float32, computed as peft's ``merge_and_unload()`` does.
+
+    In the layer's (out, in…) view V = W + s·B A; plain LoRA keeps V, DoRA rescales each output
+    row to its trained magnitude: m ⊙ V / ‖V‖ (the norm over everything but the output index,
+    taken of the unmerged weight plus the update, as peft takes it).
+    """
+    w = w.float()
+    a = lora.tensor(m.a).float()
+    b = lora.tensor(m.b).float()
+    view = w.T if m.transpose else w.reshape(w.shape[0], -1)
+    delta = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+    new = view + m.scale * delta
+    if m.magnitude is not None:
+        magnitude = lora.tensor(m.magnitude).float().reshape(-1)
+        new = (magnitude / new.norm(dim=1))[:, None] * new
+        if m.dora_scale != 1.0:  # a fraction of the whole change, as ``scale`` is for plain LoRA
+            new = view + m.dora_scale * (new - view)
+    return new.T if m.transpose else new.reshape(w.shape)
+
+
 def _layouts(model: Any) -> dict[str, bool]:
     """For a live model: weight key -> whether it is stored in × out (transformers' Conv1D)."""
+    return {k: kind == "conv1d_t" for k, kind in _kinds(model).items() if kind in ("linear", "conv1d_t",
+                                                                                    "embedding", "other2d")}
+
+
+def _kinds(model: Any) -> dict[str, str]:
+    """For a live model: weight key -> ``linear``, ``conv1d_t`` (Conv1D, in × out), ``embedding``,
+    ``conv`` (``nn.Conv1d/2d/3d``), ``other2d`` or ``other``."""
     if not hasattr(model, "named_modules"):
         return {}
+    import torch.nn as nn
+
     out = {}
     for name, mod in model.named_modules():
-        if getattr(mod, "weight", None) is not None and getattr(mod.weight, "dim", lambda: 0)() == 2:
-            out[f"{name}.weight" if name else "weight"] = type(mod).__name__ == "Conv1D"
+        weight = getattr(mod, "weight", None)
+        if not hasattr(weight, "dim"):
+            continue
+        key = f"{name}.weight" if name else "weight"
+        if type(mod).__name__ == "Conv1D":
+            out[key] = "conv1d_t"
+        elif isinstance(mod, nn.Linear):
+            out[key] = "linear"
+        elif isinstance(mod, nn.Embedding):
+            out[key] = "embedding"
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            out[key] = "conv"
+        else:
+            out[key] = "other2d" if weight.dim() == 2 else "other"
     return out
 
 
@@ -190,12 +276,15 @@ def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, 
     The same result as peft's ``merge_and_unload()``, without building the model: the base is
     read tensor by tensor from its memory-mapped file and written atomically (or loaded all or
     nothing into an ``nn.Module`` given as ``out``). The product is computed in float32.
+    Linear, Embedding, transformers ``Conv1D`` and ``nn.Conv1d/2d/3d`` layers are merged; a DoRA
+    adapter (``use_dora``) has each output row of W + s·B A rescaled to its trained magnitude,
+    m ⊙ V / ‖V‖, as peft does.
 
     Args:
         base: the base model: a path, a `Checkpoint`, a state dict or a model.
         adapter: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
         out: a path or an ``nn.Module``, as for `merge`.
-        scale: an extra factor on every module's update (1: as trained).
+        scale: an extra factor on every module's change W' − W (1: as trained).
         dtype: the output dtype of floating tensors (default: the base's).
         max_shard_size, trust: as for `merge`.
 
@@ -229,12 +318,7 @@ def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, 
         m = by_target.get(key)
         if m is None:
             return t.to(target) if t.dtype != target else t
-        a = lora.tensor(m.a).float()
-        b = lora.tensor(m.b).float()
-        delta = b @ a
-        if m.transpose:
-            delta = delta.T
-        return (t.float() + m.scale * delta).to(target)
+        return _merged(t, m, lora).to(target)
 
     def release() -> None:
         for inp, key in held:
@@ -253,7 +337,9 @@ def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, 
     finally:
         src.close()
         lora.close()
-    return LoraReport(where, fmt, files, {m.target: {"rank": m.rank, "scale": m.scale} for m in modules},
+    done = {m.target: {"rank": m.rank, "scale": m.scale, **({"dora": True} if m.magnitude else {})}
+            for m in modules}
+    return LoraReport(where, fmt, files, done,
                       len(src.specs), notes=[f"{len(replaced)} tensor(s) replaced by the adapter's own copy"]
                       if replaced else [])
 
