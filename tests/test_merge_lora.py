@@ -237,3 +237,117 @@ def test_magnitudes_without_use_dora_are_refused(tmp_path):
     with pytest.raises(ws.PlanError, match="q: the adapter holds a DoRA magnitude vector"):
         ws.merge_lora(base.state_dict(), tmp_path / "ad", out)
     assert not out.exists()
+
+
+def _low_rank_(weight, rank, scale=0.1):
+    """Add a rank-``rank`` update to a (conv) weight, seen as out × (in · kernel)."""
+    flat = torch.randn(weight.shape[0], rank) @ torch.randn(rank, weight[0].numel())
+    weight += scale * flat.reshape(weight.shape)
+
+
+def test_extract_lora_of_conv_layers_loads_in_peft(tmp_path):
+    torch.manual_seed(20)
+    base = ConvNet()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for mod in (tuned.conv, tuned.seq, tuned.head):
+            _low_rank_(mod.weight, 2)
+    report = ws.extract_lora(base, tuned.state_dict(), tmp_path / "ad", rank=2)
+    assert report.error < 1e-5 and report.skipped == {}
+    assert set(report.modules) == {"conv", "seq", "head"}
+    got = ws.open(tmp_path / "ad" / "adapter_model.safetensors")
+    assert got["base_model.model.conv.lora_A.weight"].shape == (2, 3, 3, 3)   # the layer's kernel
+    assert got["base_model.model.conv.lora_B.weight"].shape == (6, 2, 1, 1)   # a 1×1 conv
+    assert got["base_model.model.seq.lora_A.weight"].shape == (2, 6, 3)
+    assert got["base_model.model.seq.lora_B.weight"].shape == (4, 2, 1)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad")
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(loaded(x), tuned(x), rtol=1e-4, atol=1e-5)
+
+
+def test_extract_lora_of_conv_layers_keeps_the_best_rank_r_part(tmp_path):
+    """Below the difference's rank, peft's merged weight is the truncated SVD: the error the rank leaves."""
+    torch.manual_seed(21)
+    base = ConvNet()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for mod in (tuned.conv, tuned.seq):
+            _low_rank_(mod.weight, 3)
+    report = ws.extract_lora(base.state_dict(), tuned.state_dict(), tmp_path / "ad", rank=1)
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad").merge_and_unload()
+    worst = 0.0
+    for name in ("conv", "seq"):
+        delta = (getattr(tuned, name).weight - getattr(base, name).weight).detach()
+        u, s, vh = torch.linalg.svd(delta.reshape(delta.shape[0], -1))
+        best = (s[0] * u[:, :1] @ vh[:1]).reshape(delta.shape)  # Eckart–Young, computed here
+        got = getattr(merged, name).weight.detach() - getattr(base, name).weight.detach()
+        torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-6)
+        worst = max(worst, float(s[1:].norm() / s.norm()))
+    assert 0.1 < report.error == pytest.approx(worst, rel=1e-4)
+
+
+def test_extract_lora_of_a_full_rank_conv_difference_is_near_exact(tmp_path):
+    torch.manual_seed(22)
+    base = ConvNet()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for mod in (tuned.conv, tuned.seq, tuned.head):
+            mod.weight += 0.1 * torch.randn_like(mod.weight)
+    ws.save(base.state_dict(), tmp_path / "base.safetensors")  # from files: the shapes say conv
+    ws.save(tuned.state_dict(), tmp_path / "tuned.safetensors")
+    report = ws.extract_lora(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "ad", rank=6)
+    assert report.modules == {"conv": {"rank": 6, "scale": 1.0}, "seq": {"rank": 4, "scale": 1.0},
+                              "head": {"rank": 2, "scale": 1.0}}
+    assert report.error < 1e-5
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad")
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(loaded(x), tuned(x), rtol=1e-4, atol=1e-5)
+    ws.merge_lora(tmp_path / "base.safetensors", tmp_path / "ad", tmp_path / "m.safetensors")  # round trip
+    for k, v in ws.open(tmp_path / "m.safetensors").load().items():
+        torch.testing.assert_close(v, tuned.state_dict()[k], rtol=0, atol=1e-5)
+
+
+class Mixed(nn.Module):
+    """Layers whose differences LoRA cannot hold, beside one conv it can."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=2)
+        self.dilated = nn.Conv2d(6, 6, 3, padding=2, dilation=2)
+        self.bn = nn.BatchNorm2d(6)
+
+
+def test_extract_lora_lists_what_it_cannot_express_with_the_reason(tmp_path):
+    torch.manual_seed(23)
+    base = Mixed()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p += 0.1 * torch.randn_like(p)
+    tuned.bn.running_mean += 1
+    tuned.bn.num_batches_tracked += 3
+    report = ws.extract_lora(base, tuned.state_dict(), tmp_path / "ad", rank=2)
+    assert set(report.modules) == {"conv"}
+    why = report.skipped
+    assert set(why) == {"embed.weight", "grouped.weight", "grouped.bias", "dilated.weight", "dilated.bias",
+                        "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.num_batches_tracked"}
+    assert "pass embeddings=" in why["embed.weight"]
+    assert "grouped convolution (groups=2)" in why["grouped.weight"]
+    assert "dilated convolution" in why["dilated.weight"]
+    assert why["bn.weight"].startswith("a 1-D tensor") and why["conv.bias"].startswith("a 1-D tensor")
+    assert "int64 tensor" in why["bn.num_batches_tracked"]
+    assert "skipped embed.weight: an embedding" in str(report)
+    assert report.to_dict()["skipped"] == why
+    # from files the layer types are unknown: the shapes decide, and the same 1-D tensors are listed
+    from_files = ws.extract_lora(base.state_dict(), tuned.state_dict(), tmp_path / "ad2", rank=2)
+    assert "bn.weight" in from_files.skipped and "embed.weight" in from_files.skipped
+    assert "grouped" in from_files.modules  # a file does not say a conv is grouped
+
+
+def test_extract_lora_with_nothing_expressible_says_why(tmp_path):
+    base = {"norm.weight": torch.ones(4)}
+    with pytest.raises(ws.UsageError, match=r"nothing to extract\n  norm.weight: a 1-D tensor"):
+        ws.extract_lora(base, {"norm.weight": torch.full((4,), 2.0)}, tmp_path / "ad", rank=2)
+    assert not (tmp_path / "ad").exists()

@@ -53,6 +53,7 @@ class LoraReport(Result):
         tensors: output keys; ``error``: for extraction, the largest relative Frobenius error
             ‖ΔW − B A‖ / ‖ΔW‖ over the modules (what the rank leaves out).
         notes: what was not captured or kept as it was.
+        skipped: for extraction, each tensor that differs but is not in the adapter -> why.
     """
 
     SCHEMA: ClassVar[str] = "weightsmith.lora/1"
@@ -63,13 +64,15 @@ class LoraReport(Result):
     tensors: int
     error: float | None = None
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def _rich_(self) -> str:
         what = f"{len(self.modules)} LoRA module(s)"
         text = f"wrote {self.format} {self.path}: {what}, {self.tensors} tensors"
         if self.error is not None:
             text += f"; largest relative error of the rank {self.error:.3g}"
-        return "\n".join([text, *(f"note: {n}" for n in self.notes)])
+        lines = [text, *(f"note: {n}" for n in self.notes)]
+        return "\n".join(lines + [f"skipped {k}: {why}" for k, why in self.skipped.items()])
 
 
 # -- merge -------------------------------------------------------------------------------------
@@ -345,30 +348,70 @@ def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, 
 
 
 # -- extract -----------------------------------------------------------------------------------
+_NOT_A_LAYER = ("a {n}-D tensor: peft's LoRA adapts Linear, Embedding and Conv layers' weights, and has no "
+                "low-rank form for a norm, a bias or a vector")
+
+
+def _skip_reason(key: str, shape: tuple[int, ...], kind: str | None, *, picked: bool | None, emb: bool,
+                 embedding_like: bool, layer: Any) -> str | None:
+    """Why a weight that differs cannot (or, by the selectors, should not) go into the adapter.
+
+    ``picked``: True or False by ``target``, None when there is none (every ``*.weight``)."""
+    if picked is False and not emb:
+        return "not selected by target"
+    if len(shape) < 2:
+        return _NOT_A_LAYER.format(n=len(shape))
+    if picked is None and not emb and not key.endswith(".weight"):
+        return "not a layer's weight (the name does not end in .weight); select it with target= to extract it"
+    if len(shape) == 2:
+        if kind in ("conv", "other", "other2d") and not emb:
+            return f"a 2-D weight of a {type(layer).__name__}, a layer peft's LoRA does not adapt"
+        if embedding_like and not emb:
+            return ("an embedding: pass embeddings= (a selector) to store it as lora_embedding_A/B, "
+                    "as peft's LoRA does for nn.Embedding")
+        return None
+    if emb:
+        return f"a {len(shape)}-D tensor cannot be an embedding's weight"
+    if len(shape) > 5:
+        return f"a {len(shape)}-D tensor: peft's LoRA adapts conv layers of 1 to 3 spatial dimensions only"
+    if kind is not None and kind != "conv":
+        return f"a {len(shape)}-D weight of a {type(layer).__name__}, a layer peft's LoRA does not adapt"
+    if layer is not None and getattr(layer, "groups", 1) != 1:
+        return (f"a grouped convolution (groups={layer.groups}): its LoRA is block-diagonal, which a "
+                "low-rank difference of the whole weight does not give, and peft cannot merge it")
+    if layer is not None and any(d != 1 for d in getattr(layer, "dilation", (1,))):
+        return (f"a dilated convolution (dilation={tuple(layer.dilation)}): peft's LoRA applies its A "
+                "without dilation, so the adapter would not reproduce the weight")
+    return None
+
+
 def extract_lora(base: Any, tuned: Any, out: str | Path, *, rank: int, target: Any = None,
                  embeddings: Any = None, transposed: Any = None, trust: bool = False) -> LoraReport:
     """Write a PEFT LoRA adapter folder approximating ``tuned − base`` at ``rank``.
 
-    For each 2-D floating weight that differs, the truncated SVD of the difference,
-    ΔW ≈ U_r S_r V_rᵀ, is split as B = U_r √S_r, A = √S_r V_rᵀ (``lora_alpha = r``, so the
-    scale is 1): the best rank-r approximation (Eckart–Young). peft loads the folder with
-    ``PeftModel.from_pretrained(base_model, out)``.
+    For each floating layer weight that differs, the truncated SVD of the difference (a conv
+    weight's seen as out × (in · kernel)), ΔW ≈ U_r S_r V_rᵀ, is split as B = U_r √S_r,
+    A = √S_r V_rᵀ (``lora_alpha = r``, so the scale is 1): the best rank-r approximation
+    (Eckart–Young). A conv layer's A is stored as a conv with the layer's kernel
+    (r × in × k…) and its B as a 1×1 conv (out × r × 1…), as peft builds LoRA for
+    ``nn.Conv1d/2d/3d``. peft loads the folder with ``PeftModel.from_pretrained(base_model, out)``.
 
     Args:
         base, tuned: the models (paths, checkpoints, state dicts or models); keys are aligned.
         out: the adapter folder, written atomically (config last).
         rank: the LoRA rank (smaller for a module whose weight is smaller).
-        target: a selector of the weight keys to extract (default: every 2-D floating
+        target: a selector of the weight keys to extract (default: every 2- to 5-D floating
             ``*.weight`` that differs, embeddings excluded unless named by ``embeddings``).
         embeddings: a selector of embedding weights (stored as ``lora_embedding_A/B``, which
             peft expects for ``nn.Embedding`` modules).
         transposed: a selector of weights stored in × out (transformers' ``Conv1D``, as in GPT-2),
             whose update peft applies transposed. When ``base`` is a live model its layer types
-            say this, and these two selectors are not needed for Conv1D layers.
+            say this, and these two selectors are not needed for Conv1D layers; its layer types
+            also keep out what peft's LoRA cannot express (grouped or dilated convs, other layers).
 
     Returns:
         a `LoraReport`; ``error`` is the largest relative error left by the rank, and
-        ``notes`` name the tensors that differ but are not in the adapter (biases, norms).
+        ``skipped`` names every tensor that differs but is not in the adapter, with the reason.
     """
     import torch
 
@@ -382,40 +425,58 @@ def extract_lora(base: Any, tuned: Any, out: str | Path, *, rank: int, target: A
     pick = compile_selector(target) if target is not None else None
     emb = compile_selector(embeddings) if embeddings is not None else None
     flip = compile_selector(transposed) if transposed is not None else None
-    layouts = _layouts(base)
+    kinds = _kinds(base)
+    layers = dict(base.named_modules()) if kinds else {}
     tensors: dict[str, Any] = {}
     modules: dict[str, dict[str, Any]] = {}
-    left_out: list[str] = []
+    skipped: dict[str, str] = {k: "in the tuned model, not in the base" for k in t_in.specs
+                               if prefix(k) not in b_in.specs}
     problems = [f"{k}: in the base, not in the tuned model" for k in b_in.specs if k not in mapping]
     worst = 0.0
     for key, (shape, dtype) in b_in.specs.items():
         tk = mapping.get(key)
-        if tk is None or not dtype.startswith(("float", "bfloat")):
+        if tk is None:
             continue
         if t_in.specs[tk][0] != shape:
             problems.append(f"{key}: shape {list(shape)} in the base, {list(t_in.specs[tk][0])} tuned")
             continue
-        is_emb = emb is not None and emb(key)
-        wanted = (pick(key) if pick is not None else key.endswith(".weight") and len(shape) == 2
-                  and "embed" not in key.rsplit(".", 2)[0].rsplit(".", 1)[-1]) or is_emb
         w0, w1 = b_in.tensor(key), t_in.tensor(tk)
+        if not dtype.startswith(("float", "bfloat")):
+            same = w0.shape == w1.shape and w0.dtype == w1.dtype and bool(torch.equal(w0, w1))
+            b_in.release(key)
+            t_in.release(tk)
+            if not same:
+                skipped[key] = f"a {dtype} tensor (a buffer, not a trained weight): a LoRA adapter holds no copy"
+            continue
         delta = w1.float() - w0.float()
         b_in.release(key)
         t_in.release(tk)
         if not bool(delta.any()):
             continue
-        if not wanted or len(shape) != 2:
-            left_out.append(key)
+        module = key.removesuffix(".weight")
+        kind = kinds.get(key)
+        is_emb = emb is not None and emb(key)
+        if kind == "embedding" and (is_emb or (pick is not None and pick(key))):
+            is_emb = True  # a live model says it is one: peft wants lora_embedding_A/B for it
+        picked = bool(pick(key)) if pick is not None else None
+        embedding_like = kind == "embedding" or (kind is None and "embed" in module.rsplit(".", 1)[-1])
+        reason = _skip_reason(key, shape, kind, picked=picked, emb=is_emb,
+                              embedding_like=embedding_like and pick is None, layer=layers.get(module))
+        if reason is not None:
+            skipped[key] = reason
             continue
-        if is_emb or layouts.get(key) or (flip is not None and flip(key)):
+        if len(shape) == 2 and (is_emb or kind == "conv1d_t" or (flip is not None and flip(key))):
             delta = delta.T  # peft applies (B @ A)ᵀ to embeddings and Conv1D weights
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        flat = delta.reshape(delta.shape[0], -1)
+        u, s, vh = torch.linalg.svd(flat, full_matrices=False)
         r = min(rank, s.numel())
         root = s[:r].sqrt()
         b_mat = (u[:, :r] * root).contiguous()
         a_mat = (root[:, None] * vh[:r]).contiguous()
+        if len(shape) > 2:  # conv: A a conv with the layer's kernel, B a 1×1 conv
+            a_mat = a_mat.reshape(r, *shape[1:])
+            b_mat = b_mat.reshape(shape[0], r, *(1,) * (len(shape) - 2))
         worst = max(worst, float(s[r:].norm() / s.norm()) if s.norm() > 0 else 0.0)
-        module = key.removesuffix(".weight")
         if is_emb:
             tensors[f"{_PEFT_PREFIX}{module}.lora_embedding_A"] = a_mat
             tensors[f"{_PEFT_PREFIX}{module}.lora_embedding_B"] = b_mat
@@ -426,7 +487,9 @@ def extract_lora(base: Any, tuned: Any, out: str | Path, *, rank: int, target: A
     if problems:
         raise PlanError(f"{t_in.name} does not fit {b_in.name}:\n  " + "\n  ".join(problems[:20]), problems=problems)
     if not modules:
-        raise UsageError(f"no 2-D weight differs between {b_in.name} and {t_in.name}: nothing to extract")
+        why = "".join(f"\n  {k}: {v}" for k, v in list(skipped.items())[:10])
+        raise UsageError(f"no layer weight that LoRA can express differs between {b_in.name} and {t_in.name}: "
+                         f"nothing to extract{why}")
     ranks = {m: v["rank"] for m, v in modules.items()}
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(modules),
               "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
@@ -445,8 +508,8 @@ def extract_lora(base: Any, tuned: Any, out: str | Path, *, rank: int, target: A
             write_safetensors(f, Entries(list(tensors.items())), file_metadata({}, {}))
         (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     notes = []
-    if left_out:
-        notes.append(f"{len(left_out)} tensor(s) differ but are not in the adapter (not 2-D weights, or not "
-                     f"selected), e.g. {', '.join(left_out[:3])}")
+    if skipped:
+        notes.append(f"{len(skipped)} tensor(s) differ but are not in the adapter (see skipped), e.g. "
+                     + ", ".join(list(skipped)[:3]))
     return LoraReport(str(folder), "peft", [str(folder / WEIGHTS_NAMES[0]), str(folder / CONFIG_NAME)], modules,
-                      len(tensors), error=worst, notes=notes)
+                      len(tensors), error=worst, notes=notes, skipped=skipped)
