@@ -201,3 +201,23 @@ def test_online_only_the_chosen_weight_files_are_requested(monkeypatch, tmp_path
     assert asked == [("org/online", "v2", ["model.safetensors.index.json"]),
                      ("org/online", "v2", sorted(["model.safetensors.index.json", *shards]))]
     assert ckpt.format == "sharded" and set(ckpt) == set(state)
+
+
+def test_merge_lora_takes_a_base_and_an_adapter_from_the_hub(cache, tmp_path):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    torch.manual_seed(7)
+    base = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                                      target_modules=["0", "2"]))
+    model.save_pretrained(tmp_path / "ad")
+    want = model.merge_and_unload().state_dict()
+    cache.add("org/base", _files(tmp_path, base.state_dict(), "model.safetensors"))
+    cache.add("org/lora", {f"run1/{p.name}": p for p in (tmp_path / "ad").iterdir()} | {"README.md": b"#"})
+    ws.merge_lora("hf://org/base", "hf://org/lora/run1", tmp_path / "m.safetensors")
+    got = ws.open(tmp_path / "m.safetensors").load()
+    for k in want:
+        assert float((got[k] - want[k]).abs().max()) <= 1e-6, k
+    with pytest.raises(ws.CheckpointNotFoundError, match="no adapter_config.json there"):
+        ws.merge_lora("hf://org/base", "hf://org/lora", tmp_path / "n.safetensors")

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownFormatError, UsageError
 
-__all__ = ["HubRef", "is_hub", "parse", "resolve", "in_cache_blobs"]
+__all__ = ["HubRef", "is_hub", "parse", "resolve", "fetch", "pick", "in_cache_blobs"]
 
 PREFIX = "hf://"
 _SAFETENSORS_FIRST = ("model.safetensors.index.json", "model.safetensors")
@@ -83,11 +83,7 @@ def resolve(source: str | PurePath) -> Path:
             cached while the Hub cannot be reached.
     """
     ref = parse(source)
-    try:
-        import huggingface_hub as hub
-    except ImportError as e:
-        raise UsageError(f"{ref}: reading from the Hugging Face Hub needs the huggingface_hub package: "
-                         f"{_INSTALL} (or download the files and give their local path)") from e
+    hub = _import(ref)
     files = _listing(hub, ref)
     entry = pick(files, ref)
     folder = _download(hub, ref, [entry])
@@ -95,6 +91,28 @@ def resolve(source: str | PurePath) -> Path:
         shards = _shards(folder / entry, ref)
         folder = _download(hub, ref, [entry, *(posixpath.join(posixpath.dirname(entry), s) for s in shards)])
     return folder / entry
+
+
+def fetch(source: str | PurePath, wanted: tuple[tuple[str, ...], ...]) -> Path:
+    """The local copy of a Hub folder with, of each group of file names, the first it holds.
+
+    E.g. a PEFT adapter: ``((config,), ("adapter_model.safetensors", "adapter_model.bin"))``.
+
+    Raises:
+        CheckpointNotFoundError: the folder holds no file of some group; others as `resolve`.
+    """
+    ref = parse(source)
+    hub = _import(ref)
+    folder = ref.path.strip("/")
+    here = {posixpath.basename(f) for f in _listing(hub, ref) if posixpath.dirname(f) == folder}
+    names = []
+    for group in wanted:
+        name = next((n for n in group if n in here), None)
+        if name is None:
+            raise CheckpointNotFoundError(f"{ref}: no {' or '.join(group)} there"
+                                          + (f" (it holds {', '.join(sorted(here)[:8])})" if here else ""))
+        names.append(posixpath.join(folder, name) if folder else name)
+    return _download(hub, ref, names) / folder
 
 
 def pick(files: list[str], ref: HubRef) -> str:
@@ -144,6 +162,15 @@ def in_cache_blobs(folder: Path, target: Path) -> bool:
 
 
 # -- huggingface_hub calls ----------------------------------------------------------------------
+def _import(ref: HubRef) -> Any:
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise UsageError(f"{ref}: reading from the Hugging Face Hub needs the huggingface_hub package: "
+                         f"{_INSTALL} (or download the files and give their local path)") from e
+    return huggingface_hub
+
+
 def _errors() -> Any:
     import huggingface_hub.errors as errors
 
@@ -192,7 +219,12 @@ def _shards(index: Path, ref: HubRef) -> list[str]:
         raise CorruptCheckpointError(f"{ref}: the index {index.name} is not valid JSON ({e})") from e
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{ref}: the index {index.name} has no 'weight_map' of file names")
-    return sorted(set(weight_map.values()))  # checked against the folder when the index is read
+    shards = sorted(set(weight_map.values()))
+    bad = [n for n in shards if n.startswith("/") or ".." in n.split("/") or "\\" in n]
+    if bad:
+        raise CorruptCheckpointError(f"{ref}: the index {index.name} names shards outside its folder ({bad[0]!r}); "
+                                     "refusing it")
+    return shards  # checked again against the folder when the index is read
 
 
 def _cache_dir() -> str:

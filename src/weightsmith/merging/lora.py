@@ -89,7 +89,9 @@ class _Module:
 
 
 def _read_adapter(adapter: Any) -> tuple[dict[str, Any], Input, Path]:
-    folder = Path(adapter)
+    from ..io import hub
+
+    folder = hub.fetch(adapter, ((CONFIG_NAME,), WEIGHTS_NAMES)) if hub.is_hub(adapter) else Path(adapter)
     if not (folder / CONFIG_NAME).is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME}; give a PEFT LoRA adapter folder (save_pretrained)")
     try:
@@ -285,7 +287,8 @@ def merge_lora(base: Any, adapter: str | Path, out: Any, *, scale: float = 1.0, 
 
     Args:
         base: the base model: a path, a `Checkpoint`, a state dict or a model.
-        adapter: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+        adapter: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), or a
+            Hub source ``hf://ORG/NAME[@REVISION][/SUBFOLDER]`` holding one.
         out: a path or an ``nn.Module``, as for `merge`.
         scale: an extra factor on every module's change W' − W (1: as trained).
         dtype: the output dtype of floating tensors (default: the base's).
