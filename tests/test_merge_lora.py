@@ -155,7 +155,7 @@ def _dora_adapter(tmp_path, base, name, **config):
     return model.merge_and_unload().state_dict()
 
 
-def _close(got, want, base_keys=None):
+def _close(got, want):
     for k in want:
         assert float((got[k] - want[k]).abs().max()) <= 1e-6, k
 
