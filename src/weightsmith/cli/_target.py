@@ -27,8 +27,8 @@ _META_KEY = "weightsmith.target"
 
 
 def is_factory(target: str) -> bool:
-    """Whether ``target`` names a factory (``pkg.mod:fn``) rather than an existing path."""
-    return ":" in target and not Path(target).exists() and not target.startswith(("/", "."))
+    """Whether ``target`` names a factory (``pkg.mod:fn``) rather than an existing path or a Hub source."""
+    return (":" in target and not Path(target).exists() and not target.startswith(("/", ".", "hf:/")))
 
 
 def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,10 +22,14 @@ def detect(path: str | Path) -> tuple[str, Path]:
     """The format of ``path`` and the file or folder to read it from.
 
     Formats: ``safetensors``, ``torch`` (zip or legacy), ``sharded`` (a Hugging Face index),
-    ``dcp`` (a torch.distributed.checkpoint folder).
+    ``dcp`` (a torch.distributed.checkpoint folder). A Hub source, ``hf://ORG/NAME[@REV][/PATH]``,
+    is fetched first (its weight files only) and named by its local copy.
     """
+    from . import hub
     from .safetensors import looks_like_safetensors
 
+    if hub.is_hub(path):
+        path = hub.resolve(path)
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"{p}: no such file or folder")

@@ -10,12 +10,16 @@ from typing import Any
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ._base import Reader, TensorInfo
 from ._detect import INDEX_NAMES, detect
+from .hub import in_cache_blobs
 
 __all__ = ["ShardedReader", "confine", "INDEX_NAMES"]
 
 
 def confine(folder: Path, name: str, *, what: str) -> Path:
-    """``folder / name``, refusing names that lead out of ``folder`` (``..``, absolute, symlinks)."""
+    """``folder / name``, refusing names that lead out of ``folder`` (``..``, absolute, symlinks).
+
+    A link from a Hugging Face cache snapshot to its repository's ``blobs`` is how the cache
+    stores every file, and is followed."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise CorruptCheckpointError(f"{what}: shard name {name!r} is not a file name")
     parts = Path(name).parts
@@ -23,7 +27,7 @@ def confine(folder: Path, name: str, *, what: str) -> Path:
         raise CorruptCheckpointError(f"{what}: shard path {name!r} leads out of {folder}; refusing it")
     real_folder = folder.resolve()
     target = (folder / name).resolve()
-    if real_folder != target and real_folder not in target.parents:
+    if real_folder != target and real_folder not in target.parents and not in_cache_blobs(folder, target):
         raise CorruptCheckpointError(
             f"{what}: shard {name!r} resolves to {target}, outside {real_folder} (symlink?); refusing it")
     return folder / name

@@ -60,14 +60,17 @@ def open_input(source: Any, *, trust: bool = False) -> Input:
     """An `Input` from a path (anything `weightsmith.open` reads), a `Checkpoint`, a state dict or a model."""
     from ..checkpoint import Checkpoint, open as open_checkpoint
 
+    from ..io.hub import is_hub
+
     if isinstance(source, Input):
         return source
     opened = isinstance(source, (str, Path))
+    label = str(source) if opened and is_hub(source) else None  # hf://…, not its place in the cache
     if opened:
         source = open_checkpoint(source, trust=trust)
     if isinstance(source, Checkpoint):
         specs = {k: (tuple(i.shape), i.dtype) for k, i in source.items()}
-        return Input(str(source.path), specs, source.tensor, source.release, source.ties, Path(source.path),
+        return Input(label or str(source.path), specs, source.tensor, source.release, source.ties, Path(source.path),
                      source.close if opened else (lambda: None))
     if hasattr(source, "state_dict") and callable(source.state_dict):
         name, state = f"<{type(source).__name__}>", source.state_dict()
