@@ -39,7 +39,7 @@ import safetensors.torch
 import weightsmith as ws
 import importlib
 for name in ("weightsmith.merging.run", "weightsmith.merging.lora", "weightsmith.checkpoint", "weightsmith.io.safetensors",
-             "weightsmith.io.atomic", "weightsmith.load"):
+             "weightsmith.io.atomic", "weightsmith.warmstart.load"):
     importlib.import_module(name)  # imports are not the merge's memory
 
 def status(field):

@@ -79,8 +79,13 @@ class StreamedFile(io.BufferedWriter):
         return n
 
 
-def new_file(path: Path) -> IO[bytes]:
-    """Open a file that must not exist yet, for writing (a shard inside a staging folder)."""
+def new_file(path: Path, *, direct: bool = False) -> IO[bytes]:
+    """Open a file that must not exist yet, for writing (a shard inside a staging folder);
+    ``direct``: past the page cache (`io.direct.DirectFile`), for large sequential writes."""
+    if direct:
+        from .direct import DirectFile
+
+        return DirectFile(path)  # type: ignore[return-value]  # it buffers by itself, in its blocks
     return StreamedFile(path)
 
 
@@ -139,8 +144,9 @@ def _temp_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """Write ``path`` through a temporary file that replaces it only once complete and durable.
+def atomic_file(path: Path, *, direct: bool = False) -> Iterator[IO[bytes]]:
+    """Write ``path`` through a temporary file that replaces it only once complete and durable
+    (``direct``: written past the page cache, see `new_file`).
 
     On any error the temporary file is removed, the previous file at ``path`` is left as it
     was, and a `SaveError` naming the path is raised.
@@ -154,7 +160,7 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
     tmp = _temp_name(path)
     replaced = False
     try:
-        with StreamedFile(tmp) as f:
+        with new_file(tmp, direct=direct) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

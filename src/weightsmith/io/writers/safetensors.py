@@ -158,7 +158,7 @@ def write_safetensors_file(path: Path, entries: Entries, metadata: dict[str, str
 
     meta = file_metadata(metadata, entries.ties)
     check_storable(path, entries)
-    with atomic_file(path) as f:
+    with atomic_file(path, direct=True) as f:
         write_safetensors(f, entries, meta, checksums=checksums, progress=progress)
         if check is not None:
             f.flush()

@@ -83,7 +83,7 @@ def write_sharded_folder(folder: Path, entries: Entries, metadata: dict[str, str
                 if progress is not None:
                     progress(base + d, total, key)
 
-            with new_file(stage / name) as f:
+            with new_file(stage / name, direct=True) as f:
                 write_safetensors(f, part, file_metadata(metadata, part.ties), checksums=checksums, progress=step)
             done += part.nbytes
         index = {"metadata": {"total_size": total, **metadata},
