@@ -2,7 +2,7 @@
 
 Writing through the page cache first copies every byte into newly allocated cache pages, which
 on a virtual machine can cost a host fault per page, and leaves the disk idle until the final
-fsync. Here data is copied into one of two aligned 8 MB blocks; a full block goes to the disk
+fsync. Here data is copied into one of two aligned 4 MB blocks; a full block goes to the disk
 with ``O_DIRECT`` on a second thread while the next one fills, so producing the data and
 writing it overlap, and the closing fsync has nothing left to wait for but the disk's cache.
 Writes may go back over what was written (a header patched once the checksums are known).
@@ -24,7 +24,7 @@ from typing import Any
 
 __all__ = ["DirectFile", "BLOCK"]
 
-BLOCK = 8 << 20  # bytes per block; two are held
+BLOCK = 4 << 20  # bytes per block; two are held
 _ALIGN = 4096  # offsets, lengths and addresses of direct writes are multiples of this
 
 
