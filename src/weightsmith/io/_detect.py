@@ -6,6 +6,7 @@ so `sharded` and `dcp` may use `detect` and the file names below without importi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import CheckpointNotFoundError, UnknownFormatError
@@ -25,11 +26,13 @@ def detect(path: str | Path) -> tuple[str, Path]:
     ``dcp`` (a torch.distributed.checkpoint folder). A Hub source, ``hf://ORG/NAME[@REV][/PATH]``,
     is fetched first (its weight files only) and named by its local copy.
     """
-    from . import hub
     from .safetensors import looks_like_safetensors
 
-    if hub.is_hub(path):
-        path = hub.resolve(path)
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith("hf:/"):  # hub only when it may be one
+        from . import hub
+
+        if hub.is_hub(path):
+            path = hub.resolve(path)
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
