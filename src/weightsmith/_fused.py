@@ -62,24 +62,27 @@ def _beyond(d, a, atol, rtol):  # type: ignore[no-untyped-def]
     return count
 
 
+@numba.njit(nogil=True, fastmath=_FAST, cache=True, boundscheck=False, inline="always")
+def _block(a, b, d, bits, mask, atol, rtol):  # type: ignore[no-untyped-def]
+    """One block's six results: its sums, the largest |d| (as bits) and the changed count."""
+    dd, aa, bb, ab = _sums(a, b, d)
+    top, nonzero = _largest(bits, mask)
+    changed = nonzero if atol == 0.0 and rtol == 0.0 else _beyond(d, a, atol, rtol)
+    return dd, aa, bb, ab, top, changed
+
+
 @numba.njit(nogil=True, fastmath=_FAST, cache=True, boundscheck=False)
 def _compare(a, b, d, bits, mask, atol, rtol):  # type: ignore[no-untyped-def]
     dd = aa = bb = ab = 0.0
     top = mask ^ mask
     changed = 0
-    exact = atol == 0.0 and rtol == 0.0
     n = a.size
     for start in range(0, n, BLOCK):
-        stop = min(n, start + BLOCK)
-        m = stop - start
-        s = _sums(a[start:stop], b[start:stop], d[:m])
-        dd += s[0]
-        aa += s[1]
-        bb += s[2]
-        ab += s[3]
-        t, nonzero = _largest(bits[:m], mask)
-        top = max(top, t)
-        changed += nonzero if exact else _beyond(d[:m], a[start:stop], atol, rtol)
+        m = min(n, start + BLOCK) - start
+        r = _block(a[start:start + m], b[start:start + m], d[:m], bits[:m], mask, atol, rtol)
+        dd, aa, bb, ab = dd + r[0], aa + r[1], bb + r[2], ab + r[3]
+        top = max(top, r[4])
+        changed += r[5]
     return dd, aa, bb, ab, top, changed
 
 
@@ -90,23 +93,17 @@ def _compare_bfloat16(a, b, wa, wb, d, atol, rtol):  # type: ignore[no-untyped-d
     mask = np.uint32(0x7FFF_FFFF)
     top = np.uint32(0)
     changed = 0
-    exact = atol == 0.0 and rtol == 0.0
     fa, fb, bits = wa.view(np.float32), wb.view(np.float32), d.view(np.uint32)
     n = a.size
     for start in range(0, n, BLOCK):
-        stop = min(n, start + BLOCK)
-        m = stop - start
+        m = min(n, start + BLOCK) - start
         for i in range(m):
             wa[i] = np.uint32(a[start + i]) << 16
             wb[i] = np.uint32(b[start + i]) << 16
-        s = _sums(fa[:m], fb[:m], d[:m])
-        dd += s[0]
-        aa += s[1]
-        bb += s[2]
-        ab += s[3]
-        t, nonzero = _largest(bits[:m], mask)
-        top = max(top, t)
-        changed += nonzero if exact else _beyond(d[:m], fa[:m], atol, rtol)
+        r = _block(fa[:m], fb[:m], d[:m], bits[:m], mask, atol, rtol)
+        dd, aa, bb, ab = dd + r[0], aa + r[1], bb + r[2], ab + r[3]
+        top = max(top, r[4])
+        changed += r[5]
     return dd, aa, bb, ab, top, changed
 
 
