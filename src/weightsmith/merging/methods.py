@@ -236,7 +236,7 @@ def _elect(xs: list[torch.Tensor], base: torch.Tensor, p: Params, out: torch.Ten
     E · Σ max(d·E, 0), so no stacked copy of the inputs is needed.
     """
     numel = out.numel()
-    chunk = min(chunk, CHUNK // 2)  # ten buffers a chunk long: 20 MB of them in all
+    chunk = min(chunk, CHUNK // 4)  # ten buffers a chunk long: 10 MB of them in all
     work = _Work(min(chunk, max(numel, 1)), acc, len(xs))
 
     def base_chunk(sl: slice) -> torch.Tensor:
