@@ -2,9 +2,10 @@
 
 Writing through the page cache first copies every byte into newly allocated cache pages, which
 on a virtual machine can cost a host fault per page, and leaves the disk idle until the final
-fsync. Here data is copied into one of two aligned 4 MB blocks; a full block goes to the disk
-with ``O_DIRECT`` on a second thread while the next one fills, so producing the data and
-writing it overlap, and the closing fsync has nothing left to wait for but the disk's cache.
+fsync. Here data is copied into one of four aligned 4 MB blocks; a full block goes to the disk
+with ``O_DIRECT`` on a second thread while the next ones fill, so producing the data and
+writing it overlap (three blocks in flight keep the disk busy while the next tensor is being
+computed), and the closing fsync has nothing left to wait for but the disk's cache.
 Writes may go back over what was written (a header patched once the checksums are known).
 
 Where ``O_DIRECT`` is refused (tmpfs, some network filesystems) the file is written through
@@ -22,9 +23,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DirectFile", "BLOCK"]
+__all__ = ["DirectFile", "BLOCK", "BLOCKS"]
 
-BLOCK = 4 << 20  # bytes per block; two are held
+BLOCK = 4 << 20  # bytes per block
+BLOCKS = 4  # blocks held: one filling while the others are written
 _ALIGN = 4096  # offsets, lengths and addresses of direct writes are multiples of this
 
 
@@ -48,8 +50,8 @@ class DirectFile(io.RawIOBase):
                 raise
             self._direct = False  # refused at open (tmpfs): through the page cache
             self._fd = os.open(path, flags, 0o644)
-        self._blocks = [mmap.mmap(-1, BLOCK), mmap.mmap(-1, BLOCK)]  # page-aligned anonymous memory
-        self._pending: list[Future[None] | None] = [None, None]
+        self._blocks = [mmap.mmap(-1, BLOCK) for _ in range(BLOCKS)]  # page-aligned anonymous memory
+        self._pending: list[Future[None] | None] = [None] * BLOCKS
         self._current = 0
         self._start = 0  # file offset of the current block
         self._fill = 0  # bytes of the current block holding data
@@ -106,7 +108,7 @@ class DirectFile(io.RawIOBase):
             padded = -(-self._fill // _ALIGN) * _ALIGN
             self._wait(self._current)
             self._pwrite(memoryview(self._blocks[self._current])[:padded], self._start)
-        for i in (0, 1):
+        for i in range(BLOCKS):
             self._wait(i)
         os.ftruncate(self._fd, self._start + self._fill)
         if self._patches:
@@ -140,10 +142,10 @@ class DirectFile(io.RawIOBase):
             self._patches.append((offset, bytes(view)))
 
     def _send(self) -> None:
-        """Hand the full current block to the writing thread and start filling the other one."""
+        """Hand the full current block to the writing thread and start filling the next one."""
         block, offset = self._current, self._start
         self._pending[block] = self._pool.submit(self._pwrite, memoryview(self._blocks[block]), offset)
-        self._current = 1 - block
+        self._current = (block + 1) % BLOCKS
         self._start += BLOCK
         self._fill = 0
         self._wait(self._current)  # its previous write must be done before it is filled again
