@@ -58,9 +58,11 @@ def test_one_changed_tensor_is_reported_with_reference_metrics(tmp_path, mlp, ml
     assert all(u.identical for u in d.tensors if u.key != "0.weight")
 
 
-def test_metrics_over_many_chunks_and_threads_match_the_reference(tmp_path, monkeypatch):
-    """Small chunks force the threaded, chunked path; a transposed (strided) tensor from a torch
-    file is compared piece by piece against a contiguous one."""
+@pytest.mark.parametrize("kernel", ["numpy", "compiled"])
+def test_metrics_over_many_chunks_and_threads_match_the_reference(tmp_path, monkeypatch, kernel):
+    """Small chunks force the chunked path (threaded with the compiled kernel); a transposed
+    (strided) tensor from a torch file is compared piece by piece against a contiguous one."""
+    monkeypatch.setenv("WEIGHTSMITH_KERNEL", kernel)
     monkeypatch.setattr(diff_module, "CHUNK_ELEMENTS", 37)
     monkeypatch.setattr(diff_module, "_WORKERS", 2)
     torch.manual_seed(0)

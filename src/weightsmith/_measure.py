@@ -318,7 +318,7 @@ def _compare_numpy(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scrat
         if max_abs <= atol:
             changed = 0
         elif atol == 0.0 and rtol == 0.0:  # exact: every nonzero difference is a change
-            changed = int(np.count_nonzero(d))
+            changed = int(np.count_nonzero(np.not_equal(d, 0, out=scratch.get("flags", m, np.bool_))))
         else:
             # tolerances compared in float64, as the compiled kernel does
             absd = np.abs(d, out=d)

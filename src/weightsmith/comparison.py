@@ -554,7 +554,9 @@ def _compare(side_a: _Side, side_b: _Side, plan: _Plan, atol: float, rtol: float
     total = sum(side_a.specs[ka][2] + side_b.specs[kb][2] for ka, kb in todo)
     done = 0
     known: dict[tuple[Any, Any], TensorDiff] = {}  # tied pairs are read once
-    with _Pool(_WORKERS, fused=_measure.fused_wanted(total)) as pool:
+    fused = _measure.fused_wanted(total)
+    # numpy's kernel holds the GIL between its many short passes: a second thread only slows it
+    with _Pool(_WORKERS if fused else 1, fused=fused) as pool:
         for ka, kb in todo:
             shape, dtype_a, nbytes_a = side_a.specs[ka]
             dtype_b, nbytes_b = side_b.specs[kb][1:]
