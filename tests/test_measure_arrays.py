@@ -157,3 +157,17 @@ def test_read_commands_on_files_never_import_torch(tmp_path, name):
     for args in (["check", str(a)], ["check", "--verify", str(a)], ["diff", str(a), str(b)],
                  ["inspect", str(a)], ["report", str(a), "-o", str(tmp_path / "r.html"), "--compare", str(b)]):
         assert "torch" not in _imported(args), args
+
+
+def test_inspect_into_a_pipe_imports_no_rich_and_prints_what_rich_would(tmp_path, monkeypatch):
+    """Piped, the listing is plain rows that need no rich; with rich deciding (its own variable
+    set) the same rows come out, so skipping the import changes nothing but the time."""
+    a = _write(_state(0), tmp_path / "a.safetensors")
+    assert "rich" not in _imported(["inspect", str(a)])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    quick = subprocess.run([sys.executable, "-m", "weightsmith", "inspect", str(a)], capture_output=True,
+                           text=True, env=env, timeout=120)
+    decided = subprocess.run([sys.executable, "-m", "weightsmith", "inspect", str(a)], capture_output=True,
+                             text=True, env={**env, "TTY_COMPATIBLE": "0"}, timeout=120)
+    assert quick.returncode == decided.returncode == 0
+    assert quick.stdout == decided.stdout and "f32" in quick.stdout

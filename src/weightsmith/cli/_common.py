@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -45,11 +46,14 @@ def emit(result: Any, *, as_json: bool) -> None:
     if as_json:
         click.echo(result.to_json())
         return
+    plain = getattr(result, "plain", None)
+    if callable(plain) and _piped():  # rich is not even imported: a script's call stays quick
+        click.echo(cli_hints(plain()))
+        return
     from rich.console import Console
 
     console = Console()
     if not console.is_terminal:
-        plain = getattr(result, "plain", None)
         if callable(plain):
             click.echo(cli_hints(plain()))
             return
@@ -58,6 +62,14 @@ def emit(result: Any, *, as_json: bool) -> None:
         console.print(result)
     sys.stdout.write(cli_hints(captured.get()))
     sys.stdout.flush()
+
+
+def _piped() -> bool:
+    """Whether stdout is surely not a terminal: not a tty, and no variable that makes rich treat
+    it as one (where one is set, rich decides)."""
+    if any(name in os.environ for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")):
+        return False
+    return not sys.stdout.isatty()
 
 
 def note_ignored_root(ckpt: Any, root: str | None) -> None:
