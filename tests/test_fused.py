@@ -152,3 +152,55 @@ def test_bfloat16_with_a_nan_falls_back_to_the_numpy_kernel():
     b[50] = bfloat16_bits(np.array([np.nan], np.float32))[0]
     assert _measure.compare_bfloat16(a, b, 0.0, 0.0, _measure.Scratch()) is None
     assert _measure.compare_bfloat16(a, a, 0.0, 0.0, _measure.Scratch()).changed == 0
+
+
+# -- moments (stats) ---------------------------------------------------------------------------
+def moments_reference(x: np.ndarray) -> tuple:
+    w = x.astype(np.float64)
+    return len(w), w.mean(), float(((w - w.mean()) ** 2).sum()), float(w.min()), float(w.max()), int((w == 0).sum())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 7, _fused.MOMENTS_BLOCK, _fused.MOMENTS_BLOCK + 1, 3 * _fused.MOMENTS_BLOCK + 5])
+def test_compiled_moments_match_a_float64_reference(dtype, n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 3 - 1).astype(dtype)
+    x[::9] = 0
+    x[1::11] = -0.0
+    got, want = _fused.moments(x), moments_reference(x)
+    assert got[0] == want[0] and got[3:] == want[3:]  # count, min, max, zeros exact
+    assert got[1:3] == pytest.approx(want[1:3], rel=1e-12, abs=1e-12)
+
+
+def test_compiled_moments_of_a_constant_have_no_spread_and_a_nan_falls_back():
+    assert _fused.moments(np.full(3 * _fused.MOMENTS_BLOCK, 0.1, np.float32))[2] == 0.0
+    x = np.ones(2 * _fused.MOMENTS_BLOCK, np.float32)
+    for bad in (np.nan, np.inf):
+        x[_fused.MOMENTS_BLOCK + 3] = bad
+        assert _fused.moments(x) is None
+
+
+def test_compiled_moments_of_bfloat16_bits():
+    x = (np.random.default_rng(3).standard_normal(2 * _fused.MOMENTS_BLOCK + 9) * 2 - 0.5).astype(np.float32)
+    bits = bfloat16_bits(x)
+    wide = torch.from_numpy(bits).view(torch.bfloat16).float().numpy()
+    got = _fused.moments_bfloat16(bits, np.empty(_fused.MOMENTS_BLOCK, np.float32))
+    want = moments_reference(wide)
+    assert got[0] == want[0] and got[3:] == want[3:]
+    assert got[1:3] == pytest.approx(want[1:3], rel=1e-12)
+
+
+def test_stats_give_the_same_numbers_with_either_kernel(tmp_path, monkeypatch):
+    a, _ = _pairs(tmp_path)
+    results = {}
+    for kernel in ("numpy", "compiled"):
+        monkeypatch.setenv(_measure.KERNEL_ENV, kernel)
+        results[kernel] = {t.key: t for t in weightsmith.stats(a, chunk_bytes=4096).tensors}
+    assert results["numpy"].keys() == results["compiled"].keys() == {"w", "t", "h", "d", "bad"}
+    for key, x in results["numpy"].items():
+        y = results["compiled"][key]
+        assert (x.numel, x.min, x.max, x.nan_count, x.inf_count, x.zero_fraction) == \
+               (y.numel, y.min, y.max, y.nan_count, y.inf_count, y.zero_fraction), key
+        assert x.mean == pytest.approx(y.mean, rel=1e-5, abs=1e-7), key
+        assert x.std == pytest.approx(y.std, rel=1e-5), key
+    assert results["compiled"]["bad"].nan_count == 1

@@ -54,8 +54,10 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: ckpt.tensor(k) for k in ckpt.keys()}
 
 
+@pytest.mark.parametrize("kernel", ["numpy", "compiled"])
 @pytest.mark.parametrize("name", ["a.safetensors", "a.pt"])
-def test_stats_from_a_file_equal_the_torch_path(tmp_path, name):
+def test_stats_from_a_file_equal_the_torch_path(tmp_path, monkeypatch, name, kernel):
+    monkeypatch.setenv("WEIGHTSMITH_KERNEL", kernel)
     path = _write(_state(0), tmp_path / name)
     from_file, from_tensors = stats(path), stats(_tensors(path))
     assert [s.key for s in from_file] == [s.key for s in from_tensors]

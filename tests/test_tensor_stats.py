@@ -220,7 +220,8 @@ def test_a_sharded_dtensor_without_its_process_group_is_skipped_and_a_whole_one_
 
 def test_device_branch_agrees_with_the_cpu_one():
     # tensors off the CPU are measured with torch ops instead of numpy: same contributions
-    from weightsmith.tensor_stats import _as_numpy, _numpy_chunk, _Scratch, _torch_chunk
+    from weightsmith._measure import moments
+    from weightsmith.tensor_stats import _as_numpy, _Scratch, _torch_chunk
 
     torch.manual_seed(0)
     shifted = torch.randn(5000) * 1e-3 + 1  # mean-dominated: takes the shifted path
@@ -229,7 +230,7 @@ def test_device_branch_agrees_with_the_cpu_one():
     scratch = _Scratch()
     for w in (shifted, broken, torch.full((9,), 2.0), torch.randn(777).to(torch.bfloat16)):
         on_device = _torch_chunk(w, scratch)
-        on_cpu = _numpy_chunk(_as_numpy(w, scratch), scratch)
+        on_cpu = moments(_as_numpy(w, scratch), scratch)
         assert on_device[:1] == on_cpu[:1] and on_device[3:] == on_cpu[3:]  # counts, min, max
         assert on_device.mean == pytest.approx(on_cpu.mean, rel=1e-6, abs=1e-9)
         assert on_device.m2 == pytest.approx(on_cpu.m2, rel=1e-4)

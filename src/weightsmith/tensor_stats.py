@@ -191,10 +191,12 @@ def stats(
             seen.add(key)
     report = StatsReport(source, [])
     torch = sys.modules.get("torch")  # set when the target holds torch tensors
-    workers = workers or min(torch.get_num_threads() if torch else os.cpu_count() or 1, MAX_WORKERS)
     done = 0
     sharded: list[tuple[int, _Tensor]] = []
-    with torch.no_grad() if torch else contextlib.nullcontext(), _Runner(workers, chunk_bytes) as run:
+    fused = _measure.fused_wanted(total)
+    # numpy's kernel holds the GIL between its short passes: more threads only slow it
+    workers = workers or (min(torch.get_num_threads() if torch else os.cpu_count() or 1, MAX_WORKERS) if fused else 1)
+    with torch.no_grad() if torch else contextlib.nullcontext(), _Runner(workers, chunk_bytes, fused) as run:
         for tensor, nbytes in run(_load(items, report)):
             if nbytes is None:  # the tensor's last chunk is in
                 if tensor.sharded:
@@ -452,8 +454,8 @@ class _Runner:
     non-contiguous tensors stay bounded.
     """
 
-    def __init__(self, workers: int, chunk_bytes: int) -> None:
-        self.workers, self.chunk_bytes = workers, chunk_bytes
+    def __init__(self, workers: int, chunk_bytes: int, fused: bool = False) -> None:
+        self.workers, self.chunk_bytes, self.fused = workers, chunk_bytes, fused
         self.scratch = _Scratch()
         self.pool: ThreadPoolExecutor | None = None
 
@@ -490,9 +492,9 @@ class _Runner:
 
     def _submit(self, tensor: _Tensor, piece: Any) -> Future[tuple[int, _Chunk]]:
         if self.pool is not None:
-            return self.pool.submit(_measure_chunk, piece, self.scratch, tensor.dtype)
+            return self.pool.submit(_measure_chunk, piece, self.scratch, tensor.dtype, self.fused)
         done: Future[tuple[int, _Chunk]] = Future()
-        done.set_result(_measure_chunk(piece, self.scratch, tensor.dtype))
+        done.set_result(_measure_chunk(piece, self.scratch, tensor.dtype, self.fused))
         return done
 
     @staticmethod
@@ -505,13 +507,13 @@ class _Runner:
         return tensor, nbytes
 
 
-def _measure_chunk(piece: Any, scratch: _Scratch, dtype: str = "") -> tuple[int, _Chunk]:
+def _measure_chunk(piece: Any, scratch: _Scratch, dtype: str = "", fused: bool = False) -> tuple[int, _Chunk]:
     """``(bytes read, contribution)`` of one 1-D piece (numpy stored elements, or torch)."""
     if isinstance(piece, np.ndarray):
-        return piece.nbytes, _measure.moments(piece, scratch, dtype=dtype)
+        return piece.nbytes, _measure.moments(piece, scratch, dtype=dtype, fused=fused)
     nbytes = piece.numel() * piece.element_size()
     if piece.device.type == "cpu":
-        return nbytes, _numpy_chunk(_as_numpy(piece, scratch), scratch)
+        return nbytes, _measure.moments(_as_numpy(piece, scratch), scratch, fused=fused)
     return nbytes, _torch_chunk(piece, scratch)
 
 
@@ -548,10 +550,6 @@ def _as_numpy(piece: torch.Tensor, scratch: _Scratch) -> np.ndarray:
     else:  # float8 and other kinds numpy lacks
         torch.from_numpy(buf).copy_(piece)
     return buf
-
-
-def _numpy_chunk(a: np.ndarray, scratch: Scratch) -> _Chunk:
-    return _measure.moments(a, scratch)
 
 
 def _torch_chunk(w: torch.Tensor, scratch: _Scratch) -> _Chunk:

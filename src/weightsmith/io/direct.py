@@ -19,6 +19,7 @@ import fcntl
 import io
 import mmap
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class DirectFile(io.RawIOBase):
         self._pos = 0
         self._patches: list[tuple[int, bytes]] = []  # writes over bytes already sent to disk
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-write")
+        self._switch = threading.Lock()
 
     # -- the file interface --------------------------------------------------------------------
     def writable(self) -> bool:
@@ -158,16 +160,19 @@ class DirectFile(io.RawIOBase):
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         while view.nbytes:
+            direct = self._direct  # the mode this attempt is made in (two threads write)
             try:
                 n = os.pwrite(self._fd, view, offset)
             except OSError as e:
-                if e.errno != errno.EINVAL or not self._direct:
+                if e.errno != errno.EINVAL or not direct:
                     raise
                 self._buffered()  # the filesystem takes no direct writes: go through the page cache
                 continue
             view, offset = view[n:], offset + n
 
     def _buffered(self) -> None:
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-        self._direct = False
+        with self._switch:
+            if self._direct:
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                self._direct = False
