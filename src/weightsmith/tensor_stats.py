@@ -182,7 +182,7 @@ def stats(
         problems.append(f"progress must be callable, got {type(progress).__name__}")
     if problems:
         raise UsageError("; ".join(problems))
-    source, items = _items(target, select)
+    source, items, release = _items(target, select)
     seen: set[Any] = set()
     total = 0
     for _, key, _, nbytes in items:  # each tied tensor is read once
@@ -203,6 +203,7 @@ def stats(
                     sharded.append((len(report.tensors), tensor))
                 report.tensors.append(tensor.result())
                 report.nbytes += tensor.nbytes
+                release(tensor.name)
                 continue
             done += nbytes
             if progress is not None:
@@ -254,11 +255,14 @@ def _is_checkpoint(target: Any) -> bool:
             and not _is_tensor(target) and not _is_module(target))
 
 
-def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
-    """``(source, items)``: what to measure, in order, each loadable on its own."""
+def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item], Callable[[str], None]]:
+    """``(source, items, release)``: what to measure, in order, each loadable on its own; and
+    what to call once a tensor is measured (a checkpoint's pages are dropped from memory)."""
+    keep: Callable[[str], None] = lambda _name: None  # noqa: E731
     if _is_tensor(target):
-        return "tensor", [("", None, _const(target), _nbytes(target))]
-    if isinstance(target, (str, os.PathLike)):
+        return "tensor", [("", None, _const(target), _nbytes(target))], keep
+    opened = isinstance(target, (str, os.PathLike))
+    if opened:
         from .checkpoint import open as open_checkpoint
 
         target = open_checkpoint(target)
@@ -269,7 +273,7 @@ def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
         items = [(full, storage_key(t), _const(t), _nbytes(t))
                  for full, *_, t, _is_param in module_tensors(target)
                  if wanted is None or full in wanted]
-        return type(target).__name__, items
+        return type(target).__name__, items, keep
     if _is_checkpoint(target):
         from .io._arrays import MappedArrays
 
@@ -281,7 +285,13 @@ def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
                 storage = getattr(info, "storage", None)
                 items.append((name, None if storage is None else ("storage", storage),
                               _lazy(target, arrays, name), int(getattr(info, "nbytes", 0))))
-        return str(getattr(target, "path", None) or type(target).__name__), items
+
+        def release(name: str, ckpt: Any = target) -> None:
+            arrays.release(name)  # our own map of the file
+            if opened:  # tensors of a checkpoint the caller holds may have been written to: kept
+                ckpt.release(name)
+
+        return str(getattr(target, "path", None) or type(target).__name__), items, release
     if isinstance(target, Mapping):
         bad = [f"{k!r} is {type(v).__name__}" for k, v in target.items() if not _is_tensor(v)]
         if bad:
@@ -290,7 +300,7 @@ def _items(target: Any, selector: Selector | None) -> tuple[str, list[_Item]]:
         from .tables import storage_key
 
         return "state dict", [(k, storage_key(v), _const(v), _nbytes(v))
-                              for k, v in target.items() if wanted is None or k in wanted]
+                              for k, v in target.items() if wanted is None or k in wanted], keep
     raise UsageError(f"stats() takes an nn.Module, a mapping of tensors, a checkpoint or a tensor, "
                     f"not {type(target).__name__}")
 
