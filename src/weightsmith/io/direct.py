@@ -45,12 +45,12 @@ class DirectFile(io.RawIOBase):
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         self._direct = hasattr(os, "O_DIRECT")
         try:
-            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
+            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o666)  # less the umask, as open() does
         except OSError as e:
             if e.errno != errno.EINVAL or not self._direct:
                 raise
             self._direct = False  # refused at open (tmpfs): through the page cache
-            self._fd = os.open(path, flags, 0o644)
+            self._fd = os.open(path, flags, 0o666)
         self._blocks = [mmap.mmap(-1, BLOCK) for _ in range(BLOCKS)]  # page-aligned anonymous memory
         self._pending: list[Future[None] | None] = [None] * BLOCKS
         self._current = 0
