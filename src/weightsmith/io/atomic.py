@@ -51,7 +51,7 @@ def _start_writeback(fd: int) -> None:
             fn = ctypes.CDLL(None, use_errno=True).sync_file_range
             fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
             _sync_file_range = fn
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # no libc to load (Windows), or no such call
             _sync_file_range = False
     if _sync_file_range:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a hint: the closing fsync checks
@@ -82,7 +82,7 @@ class StreamedFile(io.BufferedWriter):
 def new_file(path: Path, *, direct: bool = False) -> IO[bytes]:
     """Open a file that must not exist yet, for writing (a shard inside a staging folder);
     ``direct``: past the page cache (`io.direct.DirectFile`), for large sequential writes."""
-    if direct:
+    if direct and hasattr(os, "O_DIRECT"):  # Linux; elsewhere through the page cache
         from .direct import DirectFile
 
         return DirectFile(path)  # type: ignore[return-value]  # it buffers by itself, in its blocks

@@ -15,7 +15,6 @@ the page cache instead, with the same results.
 from __future__ import annotations
 
 import errno
-import fcntl
 import io
 import mmap
 import os
@@ -171,6 +170,8 @@ class DirectFile(io.RawIOBase):
             view, offset = view[n:], offset + n
 
     def _buffered(self) -> None:
+        import fcntl  # only reached where O_DIRECT exists (Linux); not importable on Windows
+
         with self._switch:
             if self._direct:
                 flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
