@@ -5,6 +5,10 @@ over each. Values are first widened to a working dtype (float32, or float64 for 
 32-bit integer kinds whose digits float32 cannot hold); dtypes numpy lacks (bfloat16, float8,
 float4) are widened by a shift or a 256-entry table built with ml_dtypes. Sums are taken with
 BLAS dot products and combined across chunks in float64.
+
+Where the compiled kernels of `_fused` are chosen (`fused_wanted`: large work, already loaded,
+or ``WEIGHTSMITH_KERNEL``), float32, float64 and bfloat16 chunks go through them instead, in one
+pass without the GIL; the numbers agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -254,7 +258,7 @@ KERNEL_ENV = "WEIGHTSMITH_KERNEL"  # "auto" (default), "numpy" or "compiled"
 
 
 def fused_wanted(nbytes: int) -> bool:
-    """Whether to compare ``nbytes`` with the compiled kernel: by the ``WEIGHTSMITH_KERNEL``
+    """Whether to measure ``nbytes`` with the compiled kernels: by the ``WEIGHTSMITH_KERNEL``
     environment variable, else when it is loaded already or the work is large enough to pay
     for loading it."""
     choice = os.environ.get(KERNEL_ENV, "auto")
@@ -268,7 +272,7 @@ def fused_wanted(nbytes: int) -> bool:
 
 
 def fused_available() -> bool:
-    """Whether the compiled single-pass comparison (numba, the ``fast`` extra) can be used."""
+    """Whether the compiled kernels (numba, the ``fast`` extra) can be used; loads them."""
     global _fused
     if _fused is None:
         try:
@@ -281,7 +285,7 @@ def fused_available() -> bool:
 
 
 def fused_loaded() -> bool:
-    """Whether the compiled comparison is already loaded in this process (so using it is free)."""
+    """Whether the compiled kernels are already loaded in this process (so using them is free)."""
     return _fused not in (None, False)
 
 
