@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -111,3 +112,14 @@ def model_arguments(doc: str | None) -> Any:
     if args.quick:
         args.layers, args.width, args.repeat = 4, 2048, 1
     return args
+
+
+def kernel(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with ``WEIGHTSMITH_KERNEL=name`` (``numpy`` or ``compiled``)."""
+    def run() -> Any:
+        os.environ["WEIGHTSMITH_KERNEL"] = name
+        try:
+            return fn()
+        finally:
+            del os.environ["WEIGHTSMITH_KERNEL"]
+    return run

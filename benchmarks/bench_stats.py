@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import proc_status, reset_peak, PY, medians, table, timed
+from _common import kernel, proc_status, reset_peak, PY, medians, table, timed
 
 MB = 2**20
 
@@ -108,15 +108,6 @@ def main() -> None:
             for k in keys:
                 t = ckpt.tensor(k)
                 dst[:t.numel()].copy_(t.view(-1))
-
-        def kernel(name: str, fn):  # type: ignore[no-untyped-def]
-            def run():  # type: ignore[no-untyped-def]
-                os.environ["WEIGHTSMITH_KERNEL"] = name
-                try:
-                    return fn()
-                finally:
-                    del os.environ["WEIGHTSMITH_KERNEL"]
-            return run
 
         # first-call costs (imports, allocator, loading the compiled kernel) out of the timings
         kernel("compiled", lambda: weightsmith.stats(data))()
