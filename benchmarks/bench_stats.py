@@ -140,9 +140,9 @@ def main() -> None:
     print(table(rows))
     print(f"peak memory growth during stats: over resident tensors {peaks['dict'] / MB:.1f} MB (claim: <= 64 MB); "
           f"over a pre-mapped checkpoint {peaks['mapped'] / MB:.1f} MB, freshly opened "
-          f"{peaks['file'] / MB:.1f} MB: the file pages of the tensor being measured and of the next "
-          f"one, read in ahead ({largest / MB:.0f} MB each; every page is dropped once its tensor is "
-          f"measured; page cache {nbytes / MB:.0f} MB in all)")
+          f"{peaks['file'] / MB:.1f} MB: the next tensor's file pages, read in ahead ({largest / MB:.0f} MB "
+          f"each), and the pieces in flight; every piece's pages are dropped once measured (page cache "
+          f"{nbytes / MB:.0f} MB in all)")
 
 
 if __name__ == "__main__":

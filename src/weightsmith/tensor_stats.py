@@ -332,6 +332,7 @@ class _Stored(NamedTuple):
     array: np.ndarray
     dtype: str  # the torch dtype name
     shape: tuple[int, ...]
+    arrays: Any  # the `MappedArrays` it came from (whose pages may be dropped once read)
 
 
 def _lazy(ckpt: Any, arrays: Any, name: str) -> Callable[[], Any]:
@@ -340,7 +341,7 @@ def _lazy(ckpt: Any, arrays: Any, name: str) -> Callable[[], Any]:
         if array is None:  # not one mapped run: torch reads it
             return ckpt.tensor(name)
         info = ckpt[name]
-        return _Stored(array, info.dtype, tuple(info.shape))
+        return _Stored(array, info.dtype, tuple(info.shape), arrays)
     return load
 
 
@@ -399,8 +400,10 @@ class _Tensor:
 
     def __init__(self, name: str, t: Any) -> None:
         self.moments = _measure.Moments()
+        self.release_piece: Callable[[Any], None] | None = None  # drops a measured piece's pages
         if isinstance(t, _Stored):  # numpy: the stored elements of a checkpoint tensor
             self.name, self.shape, self.dtype = name, t.shape, t.dtype
+            self.release_piece = t.arrays.release_view
             self.numel, self.nbytes, self.sharded = t.array.size, t.array.nbytes, False
             data = t.array
             if data.dtype.kind == "c":  # real and imaginary parts
@@ -480,9 +483,9 @@ class _Runner:
         self.scratch = _Scratch()  # let the buffers go
 
     def __call__(self, tensors: Iterable[tuple[str, Any]]) -> Iterator[tuple[_Tensor, int | None]]:
-        pending: deque[tuple[_Tensor, Future[tuple[int, _Chunk]] | None]] = deque()
+        pending: deque[tuple[_Tensor, Future[tuple[int, _Chunk]] | None, Any]] = deque()
         for tensor, piece in self._chunks(tensors):
-            pending.append((tensor, None if piece is None else self._submit(tensor, piece)))
+            pending.append((tensor, None if piece is None else self._submit(tensor, piece), piece))
             while pending and (len(pending) > 2 * self.workers or pending[0][1] is None):
                 yield self._finish(*pending.popleft())
         while pending:
@@ -508,12 +511,14 @@ class _Runner:
         return done
 
     @staticmethod
-    def _finish(tensor: _Tensor, outcome: Future[tuple[int, _Chunk]] | None
+    def _finish(tensor: _Tensor, outcome: Future[tuple[int, _Chunk]] | None, piece: Any
                 ) -> tuple[_Tensor, int | None]:
         if outcome is None:
             return tensor, None
         nbytes, chunk = outcome.result()
         tensor.add(chunk)
+        if tensor.release_piece is not None:  # read: its pages may go (they are read back if touched)
+            tensor.release_piece(piece)
         return tensor, nbytes
 
 

@@ -39,6 +39,7 @@ class MappedArrays:
     def __init__(self, checkpoint: Any) -> None:
         self._reader = getattr(checkpoint, "reader", checkpoint)
         self._maps: dict[str, mmap.mmap] = {}
+        self._starts: dict[str, int] = {}  # the address each map starts at
 
     def _locate(self, key: str) -> tuple[Any, tuple[int, int]] | None:
         reader = self._reader
@@ -82,6 +83,7 @@ class MappedArrays:
         buf = self._maps.get(str(reader.path))
         if buf is None:
             buf = self._maps[str(reader.path)] = map_file(reader.path)
+            self._starts[str(reader.path)] = np.frombuffer(buf, np.uint8, count=1).__array_interface__["data"][0]
         check_bytes(buf, reader.path, reader.stamp, key, offset, offset + nbytes)
         _populate(buf, reader.path, key, offset, nbytes)
         base = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)[first:]
@@ -97,9 +99,23 @@ class MappedArrays:
             if buf is not None:
                 release_pages(buf, offset, nbytes)
 
+    def release_view(self, view: np.ndarray) -> None:
+        """Drop the pages wholly under ``view``, a contiguous piece of an array from `get`, once
+        read (streaming through a large tensor then keeps only the pieces in flight resident);
+        for a copy, nothing."""
+        if not (view.flags.c_contiguous and view.nbytes):
+            return
+        address = view.__array_interface__["data"][0]
+        for path, start in self._starts.items():
+            buf = self._maps.get(path)
+            if buf is not None and start <= address and address + view.nbytes <= start + len(buf):
+                release_pages(buf, address - start, view.nbytes)
+                return
+
     def close(self) -> None:
         """Let go of the maps; arrays already handed out keep theirs alive."""
         self._maps = {}
+        self._starts = {}
 
 
 _MADV_POPULATE_READ = 22  # Linux >= 5.14
