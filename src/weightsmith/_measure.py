@@ -301,11 +301,10 @@ def compare(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scratch: Scr
     data still in cache. A NaN or Inf anywhere (or an overflow) makes a sum non-finite, and only
     then is the pair taken apart element by element, in float64.
     """
-    if fused and fused_available() and a.flags.c_contiguous and b.flags.c_contiguous:
-        dd, aa, bb, ab, max_abs, changed = _fused.compare(
-            a, b, scratch.get("fused", _fused.BLOCK, a.dtype), atol, rtol)
-        if math.isfinite(dd) and math.isfinite(aa) and math.isfinite(bb):
-            return Part(dd, aa, bb, ab, max_abs, changed, 0, 0, max_abs > 0)
+    if fused and fused_loaded() and a.flags.c_contiguous and b.flags.c_contiguous:
+        part = _fused_part(_fused.compare(a, b, scratch.get("fused", _fused.BLOCK, a.dtype), atol, rtol))
+        if part is not None:
+            return part
     return _compare_numpy(a, b, atol, rtol, scratch)
 
 
@@ -314,8 +313,14 @@ def compare_bfloat16(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scr
     ``None`` when that kernel is not loaded, a piece is not contiguous or holds a NaN or Inf."""
     if not (fused_loaded() and a.flags.c_contiguous and b.flags.c_contiguous):
         return None
-    dd, aa, bb, ab, max_abs, changed = _fused.compare_bfloat16(
-        a, b, scratch.get("fused16", 3 * _fused.BLOCK, np.float32), atol, rtol)
+    return _fused_part(_fused.compare_bfloat16(a, b, scratch.get("fused16", 3 * _fused.BLOCK, np.float32),
+                                               atol, rtol))
+
+
+def _fused_part(out: tuple[float, float, float, float, float, int]) -> Part | None:
+    """The compiled kernel's six results as a `Part`; ``None`` when a sum is not finite (a NaN or
+    Inf in the data, to be taken apart element by element)."""
+    dd, aa, bb, ab, max_abs, changed = out
     if math.isfinite(dd) and math.isfinite(aa) and math.isfinite(bb):
         return Part(dd, aa, bb, ab, max_abs, changed, 0, 0, max_abs > 0)
     return None
